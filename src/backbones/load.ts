@@ -1,0 +1,263 @@
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import * as mobilenet from '@tensorflow-models/mobilenet';
+import * as tf from '@tensorflow/tfjs';
+import { FinetuneError } from '../errors.js';
+import { concatBuffers, fileLoadHandler, sha256 } from '../io/files.js';
+import { type BackboneSpec, type Preprocessing, resolveBackboneSpec } from './registry.js';
+import { editTopology } from './topology.js';
+
+/** A loaded backbone: raw RGB pixels (NHWC, 0–255) in, a feature vector out. */
+export interface Backbone {
+  readonly spec: BackboneSpec;
+  readonly format: 'layers' | 'graph';
+  readonly inputSize: number;
+  readonly featureSize: number;
+  readonly preprocessing: Preprocessing;
+  /** sha256 over the body's topology and weights: keys embedding caches and lowered models. */
+  readonly weightsHash: string;
+  /**
+   * Layers format only: the body as one functional model (normalisation inside, cut,
+   * pooled). Frozen (`trainable = false`) as loaded.
+   */
+  readonly model: tf.LayersModel | null;
+  /** Features for a batch of raw pixels; the caller disposes the result. */
+  embed(pixels: tf.Tensor4D): tf.Tensor2D;
+  dispose(): void;
+}
+
+export interface LoadBackboneOptions {
+  /** Square input size; default the backbone's native size. */
+  inputSize?: number;
+  /** For tfjs-models MobileNets: width multiplier. */
+  alpha?: number;
+  /** For model.json backbones: where to cut (default: the last layer with a 4-D output). */
+  featureLayer?: string;
+}
+
+const require = createRequire(import.meta.url);
+
+interface Artifacts {
+  modelTopology: unknown;
+  weightSpecs: tf.io.WeightsManifestEntry[];
+  weightData: ArrayBuffer;
+  userDefinedMetadata?: Record<string, unknown>;
+}
+
+/** Reads the nsfwjs MobileNetV2 (topology and uint8 weights live base64 inside JS modules). */
+export function nsfwjsArtifacts(model: 'mobilenet_v2'): Artifacts {
+  let dir: string;
+  try {
+    dir = path.join(path.dirname(require.resolve('nsfwjs')), '..', 'models', model);
+  } catch (err) {
+    throw new FinetuneError('The default backbone needs the npm package nsfwjs: run npm install', { cause: err });
+  }
+  const json = require(path.join(dir, 'model.min.js')) as tf.io.ModelJSON;
+  const shards: Buffer[] = [];
+  const groups = json.weightsManifest ?? [];
+  const n = groups.reduce((k, g) => k + g.paths.length, 0);
+  for (let i = 1; i <= n; i++) {
+    shards.push(Buffer.from(require(path.join(dir, `group1-shard${i}of${n}.min.js`)) as string, 'base64'));
+  }
+  return {
+    modelTopology: json.modelTopology,
+    weightSpecs: groups.flatMap((g) => g.weights),
+    weightData: concatBuffers(shards),
+  };
+}
+
+async function modelJsonArtifacts(location: string): Promise<Artifacts & { format?: string }> {
+  if (/^https?:\/\//i.test(location)) {
+    let a: tf.io.ModelArtifacts | undefined;
+    try {
+      a = await tf.io.http(location).load!();
+    } catch (err) {
+      throw new FinetuneError(
+        `Could not download the backbone at ${location} (${(err as Error).message}). Offline, copy the model into models/ and pass --backbone models/NAME/model.json`,
+        { cause: err },
+      );
+    }
+    return toArtifacts(a);
+  }
+  return toArtifacts(await fileLoadHandler(location).load!());
+}
+
+function toArtifacts(a: tf.io.ModelArtifacts): Artifacts & { format?: string } {
+  return {
+    modelTopology: a.modelTopology,
+    weightSpecs: a.weightSpecs ?? [],
+    weightData: a.weightData ? tf.io.concatenateArrayBuffers(a.weightData as ArrayBuffer | ArrayBuffer[]) : new ArrayBuffer(0),
+    ...(a.userDefinedMetadata ? { userDefinedMetadata: a.userDefinedMetadata as Record<string, unknown> } : {}),
+    ...(a.format ? { format: a.format } : {}),
+  };
+}
+
+function rescaleFor(p: Preprocessing): { scale: number; offset: number } {
+  const [m0, m1, m2] = p.mean;
+  const [s0, s1, s2] = p.std;
+  if (m0 !== m1 || m1 !== m2 || s0 !== s1 || s1 !== s2) {
+    throw new FinetuneError(
+      'Expected the same mean and std for every channel in preprocessing (per-channel normalisation is not supported yet)',
+    );
+  }
+  // (p/255 - mean)/std == p * scale + offset
+  return { scale: 1 / (255 * s0), offset: -m0 / s0 };
+}
+
+/** Builds the layers body from artifacts: cut, resized, normalisation inside, pooled. */
+async function layersBody(
+  spec: BackboneSpec,
+  a: Artifacts,
+  inputSize: number | undefined,
+  featureLayer: string,
+): Promise<{ model: tf.LayersModel; topology: unknown }> {
+  const topology = editTopology(a.modelTopology, {
+    cutAt: featureLayer,
+    ...(inputSize !== undefined ? { inputSize } : {}),
+    rescale: rescaleFor(spec.preprocessing),
+  });
+  const cut = await tf.loadLayersModel(
+    { load: async () => ({ modelTopology: topology as object, weightSpecs: a.weightSpecs, weightData: a.weightData }) },
+    { strict: false },
+  );
+  const out = cut.outputs[0]!;
+  let model = cut;
+  if (out.shape.length === 4) {
+    const pooled = tf.layers.globalAveragePooling2d({ name: 'backbone_pool' }).apply(out) as tf.SymbolicTensor;
+    model = tf.model({ inputs: cut.inputs, outputs: pooled, name: 'backbone' });
+  } else if (out.shape.length !== 2) {
+    throw new FinetuneError(`Expected the feature layer '${featureLayer}' to output a 2-D or 4-D tensor but its shape is [${out.shape.join(', ')}]`);
+  }
+  model.trainable = false;
+  return { model, topology };
+}
+
+function layersBackbone(spec: BackboneSpec, model: tf.LayersModel, hash: string): Backbone {
+  const shape = model.inputs[0]!.shape;
+  return {
+    spec,
+    format: 'layers',
+    inputSize: shape[1] as number,
+    featureSize: model.outputs[0]!.shape[1] as number,
+    preprocessing: spec.preprocessing,
+    weightsHash: hash,
+    model,
+    embed: (pixels) => model.predict(pixels) as tf.Tensor2D,
+    dispose: () => model.dispose(),
+  };
+}
+
+/** The last layer with a 4-D output: the conv trunk's end, before any pooling or classifier. */
+function defaultFeatureLayer(model: tf.LayersModel): string {
+  for (let i = model.layers.length - 1; i >= 0; i--) {
+    const l = model.layers[i]!;
+    const shape = l.outputShape as number[];
+    if (Array.isArray(shape) && shape.length === 4 && l.getClassName() !== 'InputLayer') return l.name;
+  }
+  throw new FinetuneError('Expected the backbone to have a layer with a 4-D output; pass --feature-layer NAME');
+}
+
+/**
+ * Loads a backbone by registry id or model.json path/URL.
+ *
+ * @example
+ *   const bb = await loadBackbone('nsfwjs_mobilenet_v2');        // offline default
+ *   const bb = await loadBackbone('models/my_net/model.json', { featureLayer: 'conv5' });
+ */
+export async function loadBackbone(
+  backbone: string | BackboneSpec = 'nsfwjs_mobilenet_v2',
+  options: LoadBackboneOptions = {},
+): Promise<Backbone> {
+  const spec = typeof backbone === 'string' ? resolveBackboneSpec(backbone, options) : backbone;
+  const src = spec.source;
+  if (src.kind === 'nsfwjs') {
+    const a = nsfwjsArtifacts(src.model);
+    const size = options.inputSize ?? spec.inputSize;
+    const { model, topology } = await layersBody(spec, a, size, spec.featureLayer!);
+    return layersBackbone(spec, model, sha256(JSON.stringify(topology), new Uint8Array(a.weightData)));
+  }
+  if (src.kind === 'tfjs-models-mobilenet') return hubBackbone(spec, src.version, src.alpha, options.inputSize);
+  return modelJsonBackbone(spec, src.location, options);
+}
+
+async function modelJsonBackbone(spec: BackboneSpec, location: string, options: LoadBackboneOptions): Promise<Backbone> {
+  const a = await modelJsonArtifacts(location);
+  const meta = a.userDefinedMetadata?.['preprocessing'] as Preprocessing | undefined;
+  const isGraph = a.format === 'graph-model' || (a.modelTopology as { node?: unknown })?.node !== undefined;
+  if (isGraph) {
+    const resolved: BackboneSpec = { ...spec, format: 'graph', ...(meta ? { preprocessing: meta } : {}) };
+    return graphBackbone(resolved, a, options);
+  }
+  let featureLayer = options.featureLayer ?? spec.featureLayer;
+  if (!featureLayer) {
+    const full = await tf.loadLayersModel({ load: async () => a as tf.io.ModelArtifacts });
+    featureLayer = defaultFeatureLayer(full);
+    full.dispose();
+  }
+  const resolved: BackboneSpec = { ...spec, format: 'layers', featureLayer, ...(meta ? { preprocessing: meta } : {}) };
+  const { model, topology } = await layersBody(resolved, a, options.inputSize, featureLayer);
+  const size = model.inputs[0]!.shape[1] as number;
+  return layersBackbone({ ...resolved, inputSize: size }, model, sha256(JSON.stringify(topology), new Uint8Array(a.weightData)));
+}
+
+async function graphBackbone(spec: BackboneSpec, a: Artifacts, options: LoadBackboneOptions): Promise<Backbone> {
+  const graph = await tf.loadGraphModel({ load: async () => a as tf.io.ModelArtifacts });
+  const inShape = graph.inputs[0]?.shape ?? [];
+  const native = typeof inShape[1] === 'number' && inShape[1] > 0 ? inShape[1] : 224;
+  const inputSize = options.inputSize ?? native;
+  const { scale, offset } = rescaleFor(spec.preprocessing);
+  const output = options.featureLayer ?? spec.featureLayer;
+  const run = (pixels: tf.Tensor4D): tf.Tensor2D =>
+    tf.tidy(() => {
+      const x = pixels.mul(scale).add(offset);
+      let y = (output ? graph.execute(x, output) : graph.predict(x)) as tf.Tensor;
+      if (y.rank === 4) y = y.mean([1, 2]);
+      return y.reshape([pixels.shape[0], -1]) as tf.Tensor2D;
+    });
+  const probe = tf.tidy(() => run(tf.zeros([1, inputSize, inputSize, 3])));
+  const featureSize = probe.shape[1];
+  probe.dispose();
+  return {
+    spec: { ...spec, inputSize },
+    format: 'graph',
+    inputSize,
+    featureSize,
+    preprocessing: spec.preprocessing,
+    weightsHash: sha256(JSON.stringify(a.modelTopology), new Uint8Array(a.weightData), output ?? ''),
+    model: null,
+    embed: run,
+    dispose: () => graph.dispose(),
+  };
+}
+
+async function hubBackbone(spec: BackboneSpec, version: 1 | 2, alpha: number, inputSize?: number): Promise<Backbone> {
+  if (inputSize !== undefined && inputSize !== 224) {
+    throw new FinetuneError(`Expected input size 224 for ${spec.id} (TF Hub MobileNets resize internally) but received ${inputSize}`);
+  }
+  let net: mobilenet.MobileNet;
+  try {
+    net = await mobilenet.load({ version, alpha: alpha as mobilenet.MobileNetAlpha });
+  } catch (err) {
+    throw new FinetuneError(
+      `Could not download backbone ${spec.id} from TF Hub (${(err as Error).message}). ` +
+        'Without network access use the offline default (--backbone nsfwjs_mobilenet_v2) ' +
+        'or a local model (--backbone models/NAME/model.json; see models/README.md)',
+      { cause: err },
+    );
+  }
+  const embed = (pixels: tf.Tensor4D): tf.Tensor2D => tf.tidy(() => net.infer(pixels, true) as tf.Tensor2D);
+  const probe = embed(tf.zeros([1, 224, 224, 3]));
+  const featureSize = probe.shape[1];
+  probe.dispose();
+  return {
+    spec,
+    format: 'graph',
+    inputSize: 224,
+    featureSize,
+    preprocessing: spec.preprocessing,
+    weightsHash: sha256(`tfhub:mobilenet_v${version}_${alpha}`),
+    model: null,
+    embed,
+    dispose: () => undefined,
+  };
+}
