@@ -1,0 +1,46 @@
+import type { Argv } from 'yargs';
+import { BACKEND_OPTIONS, ENGINE_OPTIONS, type EvaluateOptions, evaluate } from '../index.js';
+import { createOutput, table } from './output.js';
+
+export const command = 'evaluate';
+export const describe = 'Accuracy, per-class precision/recall/F1 and confusion matrix on a labelled folder';
+
+export function builder(y: Argv) {
+  return y
+    .option('model', { type: 'string', demandOption: true, describe: 'Run folder from finetune train (or its model.json)' })
+    .option('data', { type: 'string', demandOption: true, describe: 'Folder of class folders named like the labels' })
+    .option('json', { type: 'boolean', describe: 'Print the report as JSON' })
+    .option('backend', { type: 'string', choices: BACKEND_OPTIONS, describe: '[default: auto]' })
+    .option('engine', { type: 'string', choices: ENGINE_OPTIONS, describe: '[default: auto]' })
+    .option('threads', { type: 'number', describe: 'ONNX Runtime threads [default: all cores]' })
+    .option('batch-size', { type: 'number', describe: '[default: 16]' })
+    .option('quiet', { type: 'boolean', describe: 'No warnings on stderr' });
+}
+
+type Args = Awaited<ReturnType<ReturnType<typeof builder>['parseAsync']>>;
+
+export async function handler(argv: Args): Promise<void> {
+  const out = createOutput({ quiet: argv.quiet, json: argv.json });
+  const options: EvaluateOptions = { model: argv.model, data: argv.data };
+  if (argv.backend !== undefined) options.backend = argv.backend as EvaluateOptions['backend'];
+  if (argv.engine !== undefined) options.engine = argv.engine as EvaluateOptions['engine'];
+  if (argv.threads !== undefined) options.threads = argv.threads;
+  if (argv.batchSize !== undefined) options.batchSize = argv.batchSize;
+  const r = await evaluate(options);
+  for (const s of r.skipped) out.warn(`skipped ${s.path}: ${s.reason}`);
+  if (argv.json) {
+    out.result(JSON.stringify(r, null, 2));
+    return;
+  }
+  const lines = [`accuracy ${r.accuracy.toFixed(4)} on ${r.count} images (engine ${r.engine})`, ''];
+  lines.push(
+    table([
+      ['class', 'precision', 'recall', 'f1', 'support'],
+      ...r.perClass.map((m) => [m.label, m.precision.toFixed(4), m.recall.toFixed(4), m.f1.toFixed(4), String(m.support)]),
+      ['macro avg', r.macro.precision.toFixed(4), r.macro.recall.toFixed(4), r.macro.f1.toFixed(4), String(r.count)],
+    ]),
+  );
+  lines.push('', 'confusion (rows: true, columns: predicted)');
+  lines.push(table([['', ...r.labels.map((_, i) => String(i))], ...r.confusion.map((row, i) => [`${i} ${r.labels[i]}`, ...row.map(String)])]));
+  out.result(lines.join('\n'));
+}

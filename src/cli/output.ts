@@ -1,0 +1,85 @@
+import type { Writable } from 'node:stream';
+
+/** Where the CLI writes: results on stdout, progress and warnings on stderr. */
+export interface Output {
+  readonly quiet: boolean;
+  readonly json: boolean;
+  /** Progress and notices (stderr); silent with --quiet or --json. */
+  info(line: string): void;
+  /** Warnings and skipped files (stderr); silent only with --quiet. */
+  warn(line: string): void;
+  /** Results (stdout). */
+  result(text: string): void;
+  progress(label: string, done: number, total: number): void;
+  endProgress(): void;
+}
+
+function formatSeconds(s: number): string {
+  if (!Number.isFinite(s)) return '--:--';
+  const m = Math.floor(s / 60);
+  return `${m}:${String(Math.round(s % 60)).padStart(2, '0')}`;
+}
+
+export function createOutput(options: { quiet?: boolean; json?: boolean }, stderr: Writable = process.stderr): Output {
+  const quiet = Boolean(options.quiet);
+  const json = Boolean(options.json);
+  const tty = Boolean((stderr as { isTTY?: boolean }).isTTY);
+  let started = 0;
+  let lastLabel = '';
+  let lastPrinted = -1;
+  let open = false;
+  return {
+    quiet,
+    json,
+    info(line) {
+      if (!quiet && !json) stderr.write(`${line}\n`);
+    },
+    warn(line) {
+      if (quiet) return;
+      if (open && tty) stderr.write('\n');
+      open = false;
+      stderr.write(`${line}\n`);
+    },
+    result(text) {
+      process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
+    },
+    progress(label, done, total) {
+      if (quiet || json) return;
+      if (label !== lastLabel) {
+        started = performance.now();
+        lastLabel = label;
+        lastPrinted = -1;
+      }
+      const elapsed = (performance.now() - started) / 1000;
+      const rate = done / Math.max(elapsed, 1e-9);
+      const eta = done ? (total - done) / rate : Number.NaN;
+      const pct = total ? Math.floor((100 * done) / total) : 100;
+      if (tty) {
+        const width = 28;
+        const filled = Math.round((width * pct) / 100);
+        stderr.write(
+          `\r${label} [${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${done}/${total} ${rate.toFixed(0)}/s ETA ${formatSeconds(eta)}  `,
+        );
+        open = true;
+      } else if (Math.floor(pct / 10) !== lastPrinted || done === total) {
+        // Without a terminal, a line per 10% keeps logs short.
+        lastPrinted = Math.floor(pct / 10);
+        stderr.write(`${label} ${done}/${total} (${pct}%) ${rate.toFixed(0)}/s ETA ${formatSeconds(eta)}\n`);
+      }
+    },
+    endProgress() {
+      if (open && tty) stderr.write('\n');
+      open = false;
+    },
+  };
+}
+
+/** A plain text table with left-aligned columns. */
+export function table(rows: readonly (readonly string[])[]): string {
+  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
+  return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
+}
+
+export function csvCell(value: string): string {
+  return /[",\n]/.test(value) ? `"${value.replace(/"/g, '""')}"` : value;
+}

@@ -1,0 +1,48 @@
+import type { Argv } from 'yargs';
+import { BACKEND_OPTIONS, ENGINE_OPTIONS, type PredictOptions, predict } from '../index.js';
+import { createOutput, csvCell, table } from './output.js';
+
+export const command = 'predict <inputs..>';
+export const describe = 'Top-k labels for image files and folders';
+
+export function builder(y: Argv) {
+  return y
+    .positional('inputs', { type: 'string', array: true, demandOption: true, describe: 'Image files and folders' })
+    .option('model', { type: 'string', demandOption: true, describe: 'Run folder from finetune train (or its model.json)' })
+    .option('top-k', { type: 'number', describe: 'Labels per image [default: 3]' })
+    .option('format', { type: 'string', choices: ['table', 'json', 'csv'] as const, default: 'table' as const, describe: 'Output format' })
+    .option('backend', { type: 'string', choices: BACKEND_OPTIONS, describe: '[default: auto]' })
+    .option('engine', { type: 'string', choices: ENGINE_OPTIONS, describe: '[default: auto]' })
+    .option('threads', { type: 'number', describe: 'ONNX Runtime threads [default: all cores]' })
+    .option('batch-size', { type: 'number', describe: '[default: 16]' })
+    .option('quiet', { type: 'boolean', describe: 'No warnings on stderr' });
+}
+
+type Args = Awaited<ReturnType<ReturnType<typeof builder>['parseAsync']>>;
+
+export async function handler(argv: Args): Promise<void> {
+  const out = createOutput({ quiet: argv.quiet, json: argv.format !== 'table' });
+  const options: PredictOptions = { model: argv.model, inputs: argv.inputs as string[] };
+  if (argv.topK !== undefined) options.topK = argv.topK;
+  if (argv.backend !== undefined) options.backend = argv.backend as PredictOptions['backend'];
+  if (argv.engine !== undefined) options.engine = argv.engine as PredictOptions['engine'];
+  if (argv.threads !== undefined) options.threads = argv.threads;
+  if (argv.batchSize !== undefined) options.batchSize = argv.batchSize;
+  const result = await predict(options);
+  for (const s of result.skipped) out.warn(`skipped ${s.path}: ${s.reason}`);
+  if (argv.format === 'json') {
+    out.result(JSON.stringify({ predictions: result.predictions, skipped: result.skipped, engine: result.engine }, null, 2));
+  } else if (argv.format === 'csv') {
+    const k = Math.max(0, ...result.predictions.map((p) => p.top.length));
+    const header = ['path', ...Array.from({ length: k }, (_, i) => [`label_${i + 1}`, `probability_${i + 1}`]).flat()];
+    const rows = result.predictions.map((p) => [p.path, ...p.top.flatMap((t) => [t.label, t.probability.toFixed(6)])]);
+    out.result([header, ...rows].map((r) => r.map(csvCell).join(',')).join('\n'));
+  } else {
+    const rows = [['file', 'prediction', 'probability', 'next']];
+    for (const p of result.predictions) {
+      const [best, ...rest] = p.top;
+      rows.push([p.path, best!.label, best!.probability.toFixed(4), rest.map((t) => `${t.label} ${t.probability.toFixed(3)}`).join(', ')]);
+    }
+    out.result(table(rows));
+  }
+}

@@ -1,0 +1,84 @@
+import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import type * as tf from '@tensorflow/tfjs';
+import type { BackendInfo } from '../backend/index.js';
+import { FinetuneError } from '../errors.js';
+import { oneOfValues } from '../util/is.js';
+import { canLowerToOnnx, lowerToOnnx } from './onnx/lower.js';
+import { OnnxFrozenModel } from './onnx/session.js';
+import { TfjsFrozenModel } from './tfjs.js';
+import type { EngineName, FrozenModel } from './types.js';
+
+export type EngineOption = 'auto' | EngineName;
+export const ENGINE_OPTIONS: readonly EngineOption[] = ['auto', 'onnx', 'tfjs'];
+
+/** A frozen model to run, which engine runs it, and why when auto passed onnx over. */
+export interface EngineChoice {
+  readonly model: FrozenModel;
+  readonly engine: EngineName;
+  readonly reason: string | null;
+}
+
+export interface FrozenModelSource {
+  /** A layers model (raw NHWC pixels in) that can be lowered to ONNX; null for graph models. */
+  readonly layersModel: tf.LayersModel | null;
+  readonly inputSize: number;
+  readonly outputSize: number;
+  /** The tfjs forward pass (the fallback). */
+  readonly forward: (pixels: tf.Tensor4D) => tf.Tensor;
+  /** Keys the lowered-model cache; null disables it. */
+  readonly hash: string | null;
+}
+
+export interface EngineOptions {
+  engine?: EngineOption;
+  backend: BackendInfo;
+  /** ONNX Runtime intra-op threads; default all cores. */
+  threads?: number;
+  /** Where lowered models are cached (`<dir>/onnx/<hash>.onnx`); null for no cache. */
+  cacheDir?: string | null;
+}
+
+/**
+ * Picks the engine for a frozen forward pass. `auto` lowers to ONNX Runtime unless the
+ * model cannot be lowered or the tfjs backend is a GPU one (then tfjs, with the reason).
+ */
+export async function createFrozenModel(source: FrozenModelSource, options: EngineOptions): Promise<EngineChoice> {
+  const requested = oneOfValues('engine', options.engine ?? 'auto', ENGINE_OPTIONS);
+  const tfjs = (): FrozenModel => new TfjsFrozenModel(source.inputSize, source.outputSize, source.forward);
+  if (requested === 'tfjs') return { model: tfjs(), engine: 'tfjs', reason: null };
+  let why: string | null = null;
+  if (requested === 'auto' && options.backend.gpu) why = 'the tfjs backend runs on a GPU';
+  else if (!source.layersModel) why = 'graph models cannot be lowered to ONNX';
+  else {
+    const check = canLowerToOnnx(source.layersModel);
+    if (!check.ok) why = check.reason;
+  }
+  if (why) {
+    if (requested === 'onnx') throw new FinetuneError(`Cannot use --engine onnx: ${why}`);
+    return { model: tfjs(), engine: 'tfjs', reason: why };
+  }
+  const bytes = await loweredBytes(source.layersModel!, source.hash, options.cacheDir ?? null);
+  const model = await OnnxFrozenModel.create(bytes, {
+    inputSize: source.inputSize,
+    ...(options.threads !== undefined ? { threads: options.threads } : {}),
+  });
+  return { model, engine: 'onnx', reason: null };
+}
+
+/** Lowers once per machine: the ONNX bytes are kept beside the embedding cache, keyed by the weights' hash. */
+async function loweredBytes(model: tf.LayersModel, hash: string | null, cacheDir: string | null): Promise<Uint8Array> {
+  if (!hash || !cacheDir) return lowerToOnnx(model);
+  const file = path.join(cacheDir, 'onnx', `${hash}.onnx`);
+  try {
+    return new Uint8Array(await readFile(file));
+  } catch {
+    // not cached yet
+  }
+  const bytes = lowerToOnnx(model);
+  await mkdir(path.dirname(file), { recursive: true });
+  const tmp = `${file}.${process.pid}.${Date.now()}.tmp`;
+  await writeFile(tmp, bytes);
+  await rename(tmp, file);
+  return bytes;
+}

@@ -1,0 +1,57 @@
+import * as tf from '@tensorflow/tfjs';
+
+export interface HeadOptions {
+  /** Units of an optional hidden Dense+ReLU layer; 0 (the default) means none. */
+  hidden?: number;
+  /** Dropout before the classifier (and after the hidden layer). Default 0.2. */
+  dropout?: number;
+  /** Seed of the kernel initialisers. */
+  seed?: number;
+}
+
+/** Layer names the rest of the toolkit relies on. */
+export const HEAD_LOGITS = 'head_logits';
+export const HEAD_PROBS = 'head_probs';
+
+/**
+ * Applies the classification head to `input`: [Dense(hidden, relu)] → Dropout → Dense
+ * (logits) → Softmax. Returns both the logits (what training differentiates, so the
+ * loss can use the numerically stable softmax cross-entropy) and the probabilities
+ * (what the exported model outputs).
+ */
+export function applyHead(
+  input: tf.SymbolicTensor,
+  numClasses: number,
+  options: HeadOptions = {},
+): { logits: tf.SymbolicTensor; probs: tf.SymbolicTensor } {
+  const { hidden = 0, dropout = 0.2, seed = 42 } = options;
+  let x = input;
+  if (hidden > 0) {
+    x = tf.layers
+      .dense({
+        units: hidden,
+        activation: 'relu',
+        name: 'head_hidden',
+        kernelInitializer: tf.initializers.heNormal({ seed }),
+      })
+      .apply(x) as tf.SymbolicTensor;
+  }
+  if (dropout > 0) x = tf.layers.dropout({ rate: dropout, name: 'head_dropout', seed }).apply(x) as tf.SymbolicTensor;
+  const logits = tf.layers
+    .dense({ units: numClasses, name: HEAD_LOGITS, kernelInitializer: tf.initializers.glorotUniform({ seed: seed + 1 }) })
+    .apply(x) as tf.SymbolicTensor;
+  const probs = tf.layers.activation({ activation: 'softmax', name: HEAD_PROBS }).apply(logits) as tf.SymbolicTensor;
+  return { logits, probs };
+}
+
+/** A head on its own: features [N, featureSize] in, probabilities out. */
+export function buildHead(featureSize: number, numClasses: number, options: HeadOptions = {}): tf.LayersModel {
+  const input = tf.input({ shape: [featureSize], name: 'features' });
+  const { probs } = applyHead(input, numClasses, options);
+  return tf.model({ inputs: input, outputs: probs, name: 'head' });
+}
+
+/** The same model with its logits as output (shares every layer and variable). */
+export function logitsView(model: tf.LayersModel): tf.LayersModel {
+  return tf.model({ inputs: model.inputs, outputs: model.getLayer(HEAD_LOGITS).output as tf.SymbolicTensor });
+}

@@ -1,0 +1,13 @@
+import type { EpochLogs, TrainingCallback } from '../train/callbacks.js';
+import type { WeightAverager } from './averager.js';
+import { isSnapshotEpoch, type SwaSchedule } from './schedule.js';
+
+/** Takes a snapshot at the end of every snapshot epoch and records the count in the logs. */
+export function swaCallback(averager: WeightAverager, schedule: SwaSchedule): TrainingCallback {
+  return {
+    onEpochEnd(epoch: number, logs: EpochLogs) {
+      if (isSnapshotEpoch(schedule, epoch)) averager.update();
+      logs.snapshots = averager.count;
+    },
+  };
+}
