@@ -65,7 +65,8 @@ export async function initBackend(requested: BackendOption = 'auto'): Promise<Ba
       tfBackend = await LOADERS[option]();
       if (!(await tf.setBackend(tfBackend))) throw new Error(`tf.setBackend('${tfBackend}') returned false`);
     } catch (err) {
-      const reason = `${option}: ${firstLine(err)}`;
+      const missing = (err as { code?: string })?.code === 'ERR_MODULE_NOT_FOUND';
+      const reason = `${option}: ${missing ? 'not installed' : firstLine(err)}`;
       if (requested !== 'auto') {
         throw new FinetuneError(`Backend ${option} could not be loaded (${firstLine(err)})${hint(option)}`, { cause: err });
       }

@@ -33,7 +33,8 @@ export function builder(y: Argv) {
     .option('swa-anneal-epochs', { type: 'number', describe: 'Epochs of cosine annealing to --swa-lr [default: 0]' })
     .option('embed-batch-size', { type: 'number', describe: 'Images per frozen-pass batch [default: 16]' })
     .option('decode-concurrency', { type: 'number', describe: 'Images decoded at once [default: 4]' })
-    .option('quiet', { type: 'boolean', describe: 'Print only warnings-free results' })
+    .option('max-pixels', { type: 'number', describe: 'Skip images with more pixels than this [default: 100000000]' })
+    .option('quiet', { type: 'boolean', describe: 'No progress, warnings or summary line' })
     .option('json', { type: 'boolean', describe: 'Print only the summary JSON on stdout' });
 }
 
@@ -74,6 +75,7 @@ export async function handler(argv: Args): Promise<void> {
       swaAnnealEpochs: argv.swaAnnealEpochs,
       embedBatchSize: argv.embedBatchSize,
       decodeConcurrency: argv.decodeConcurrency,
+      maxPixels: argv.maxPixels,
     }),
     onEvent(e) {
       switch (e.type) {

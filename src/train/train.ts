@@ -71,8 +71,10 @@ export interface TrainOptions {
   swaAnnealEpochs?: number;
   /** Images per frozen-pass batch. Default 16. */
   embedBatchSize?: number;
-  /** Images decoded at once. Default min(4, cores), at least 2. */
+  /** Images decoded at once. Default 4. */
   decodeConcurrency?: number;
+  /** Larger images (width × height) are skipped as unusable. Default 100,000,000. */
+  maxPixels?: number;
   /** Progress and results as they happen; the library itself prints nothing. */
   onEvent?: (event: TrainEvent) => void;
 }
@@ -148,6 +150,7 @@ export function resolveTrainOptions(o: TrainOptions): ResolvedTrainOptions {
     swaAnnealEpochs: is.nonNegativeInteger('swaAnnealEpochs', o.swaAnnealEpochs ?? 0),
     embedBatchSize: is.positiveInteger('embedBatchSize', o.embedBatchSize ?? 16),
     decodeConcurrency: is.positiveInteger('decodeConcurrency', o.decodeConcurrency ?? 4),
+    maxPixels: is.positiveInteger('maxPixels', o.maxPixels ?? 100_000_000),
   };
   if (o.alpha !== undefined) r.alpha = is.positiveNumber('alpha', o.alpha);
   if (o.featureLayer !== undefined) r.featureLayer = is.nonEmptyString('featureLayer', o.featureLayer);
@@ -367,6 +370,7 @@ async function embedSplits(
       {
         batchSize: o.embedBatchSize,
         concurrency: o.decodeConcurrency,
+        maxPixels: o.maxPixels,
         onProgress: (progress) => emit({ type: 'embed-progress', progress }),
       },
     );

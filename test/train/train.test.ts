@@ -1,0 +1,119 @@
+import assert from 'node:assert/strict';
+import { readFile, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import * as tf from '@tensorflow/tfjs';
+import sharp from 'sharp';
+import { initBackend } from '../../src/backend/index.js';
+import { fileLoadHandler } from '../../src/io/files.js';
+import { resolveTrainOptions, train } from '../../src/train/train.js';
+import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
+
+let dir: string;
+let cleanup: () => Promise<void>;
+let backbone: string;
+let data: string;
+
+before(async () => {
+  await initBackend('wasm');
+  ({ dir, cleanup } = await tempDir('train'));
+  backbone = await writeTinyBackbone(dir);
+  data = path.join(dir, 'data');
+  await writeColourDataset(data, 10, { red: [220, 30, 30], green: [30, 200, 40], blue: [20, 40, 230] });
+  // every kind of unusable file, inside class folders
+  const good = await readFile(path.join(data, 'red', '0.png'));
+  await writeFile(path.join(data, 'red', 'corrupt.png'), Buffer.concat([good.subarray(0, 40), Buffer.alloc(200, 7)]));
+  const jpeg = await sharp({ create: { width: 64, height: 64, channels: 3, background: '#808080', noise: { type: 'gaussian', mean: 128, sigma: 40 } } }).jpeg().toBuffer();
+  await writeFile(path.join(data, 'green', 'truncated.jpg'), jpeg.subarray(0, Math.floor(jpeg.length / 2)));
+  await writeFile(path.join(data, 'green', 'empty.jpg'), Buffer.alloc(0));
+  await writeFile(path.join(data, 'blue', 'notes.txt'), 'not an image');
+  await writeFile(
+    path.join(data, 'blue', 'huge.png'),
+    await sharp({ create: { width: 300, height: 300, channels: 3, background: '#123456' } }).png().toBuffer(),
+  );
+});
+after(async () => {
+  await cleanup();
+});
+
+async function weightsOf(modelJson: string): Promise<Map<string, Float32Array>> {
+  const m = await tf.loadLayersModel(fileLoadHandler(modelJson));
+  const out = new Map<string, Float32Array>();
+  for (const w of m.weights) out.set(w.originalName, w.read().dataSync() as Float32Array);
+  m.dispose();
+  return out;
+}
+
+for (const engine of ['onnx', 'tfjs'] as const) {
+  test(`train (${engine}): skips and lists bad files, keeps the backbone bit-identical, frees every tensor`, async () => {
+    const before = tf.memory().numTensors;
+    const out = path.join(dir, `run-${engine}`);
+    const events: string[] = [];
+    const summary = await train({
+      data,
+      out,
+      backbone,
+      engine,
+      epochs: 20,
+      batchSize: 8,
+      lr: 0.05,
+      valSplit: 0.2,
+      maxPixels: 50_000,
+      onEvent: (e) => events.push(e.type),
+    });
+    assert.equal(tf.memory().numTensors, before);
+    assert.equal(summary.engine, engine);
+    assert.equal(summary.backend, 'wasm');
+    const skipped = Object.fromEntries(summary.skipped.map((s) => [path.relative(data, s.path), s.reason]));
+    assert.deepEqual(Object.keys(skipped).sort(), ['blue/huge.png', 'blue/notes.txt', 'green/empty.jpg', 'green/truncated.jpg', 'red/corrupt.png']);
+    assert.match(skipped['green/empty.jpg']!, /^empty file/);
+    assert.match(skipped['blue/notes.txt']!, /^not an image/);
+    assert.match(skipped['blue/huge.png']!, /^too many pixels/);
+    assert.match(skipped['green/truncated.jpg']!, /truncated|corrupt/);
+    assert.match(skipped['red/corrupt.png']!, /corrupt|truncated/);
+    assert.ok(summary.val && summary.val.acc >= 0.8, `val acc ${summary.val?.acc}`);
+    assert.equal(summary.stages['head']!.snapshots, 5);
+    assert.ok(events.includes('skipped') && events.includes('epoch'));
+
+    const onDisk = JSON.parse(await readFile(path.join(out, 'summary.json'), 'utf8'));
+    assert.equal(onDisk.skipped.length, 5);
+    const labels = JSON.parse(await readFile(path.join(out, 'labels.json'), 'utf8'));
+    assert.deepEqual(labels, ['blue', 'green', 'red']);
+    const config = JSON.parse(await readFile(path.join(out, 'config.json'), 'utf8'));
+    assert.equal(config.epochs, 20);
+    assert.equal(config.backendInfo.option, 'wasm');
+    const metrics = (await readFile(path.join(out, 'metrics.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l));
+    assert.equal(metrics.length, 20);
+    assert.deepEqual(Object.keys(metrics[19]).sort(), ['acc', 'epoch', 'loss', 'lr', 'seconds', 'snapshots', 'stage', 'val_acc', 'val_loss']);
+
+    // frozen: every backbone weight in the export equals the original file, bit for bit
+    const original = await weightsOf(backbone);
+    const exported = await weightsOf(path.join(out, 'model', 'model.json'));
+    assert.ok(original.size >= 8);
+    for (const [name, values] of original) {
+      const got = exported.get(name);
+      assert.ok(got, `exported model lacks ${name}`);
+      assert.deepEqual(Buffer.from(got.buffer, got.byteOffset, got.byteLength), Buffer.from(values.buffer, values.byteOffset, values.byteLength), name);
+    }
+  });
+}
+
+test('same data, seed and backend give identical summary metrics', async () => {
+  const run = (name: string) => train({ data, out: path.join(dir, name), backbone, epochs: 6, batchSize: 8, maxPixels: 50_000 });
+  const a = await run('repeat-a');
+  const b = await run('repeat-b');
+  assert.deepEqual(a.stages, b.stages);
+  assert.deepEqual(a.val, b.val);
+});
+
+test('options are checked before any work, in one wording', () => {
+  assert.throws(() => resolveTrainOptions({ data: 'x', epochs: -1 }), { message: 'Expected a positive integer for epochs but received -1' });
+  assert.throws(() => resolveTrainOptions({ data: 'x', optimizer: 'rmsprop' as never }), {
+    message: "Expected one of adam, sgd, momentum for optimizer but received 'rmsprop'",
+  });
+  assert.throws(() => resolveTrainOptions({ data: 'x', epochs: 10, swaStart: 10 }), {
+    message: 'Expected an epoch from 1 to 9 or a fraction of the epochs below 1 for swaStart but received 10',
+  });
+  assert.throws(() => resolveTrainOptions({ data: 'x', swa: false, swaLr: 0.1 }), { message: 'swaLr cannot be used with swa turned off' });
+  assert.equal(resolveTrainOptions({ data: 'x', lr: 0.01 }).swaLr, 0.005);
+});
