@@ -16,7 +16,8 @@ export class FinetuneError extends Error {
 /** Formats a received value the same way in every message. */
 export function describeValue(value: unknown): string {
   if (typeof value === 'string') return `'${value}'`;
-  if (typeof value === 'number' || typeof value === 'boolean' || value == null) return String(value);
+  if (typeof value === 'number' || typeof value === 'boolean' || value == null)
+    return String(value);
   if (Array.isArray(value)) return `[${value.map(describeValue).join(', ')}]`;
   try {
     return JSON.stringify(value);
@@ -27,7 +28,9 @@ export function describeValue(value: unknown): string {
 
 /** `Expected a positive integer for epochs but received -1` */
 export function invalidOption(name: string, expected: string, received: unknown): FinetuneError {
-  return new FinetuneError(`Expected ${expected} for ${name} but received ${describeValue(received)}`);
+  return new FinetuneError(
+    `Expected ${expected} for ${name} but received ${describeValue(received)}`,
+  );
 }
 
 /** An error about one file: the path always comes first. */

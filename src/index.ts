@@ -1,7 +1,49 @@
 // The public API of tfjs-finetune. Named exports only; the CLI uses nothing else.
 
-// Running a whole job
-export { type ResolvedTrainOptions, resolveTrainOptions, type TrainEvent, type TrainOptions, type TrainSummary, train } from './train/train.js';
+// Backbones
+export { type Backbone, type LoadBackboneOptions, loadBackbone } from './backbones/load.js';
+export {
+  BACKBONES,
+  type BackboneSpec,
+  DEFAULT_BACKBONE,
+  type Preprocessing,
+  resolveBackboneSpec,
+} from './backbones/registry.js';
+
+// Backends and engines
+export {
+  BACKEND_OPTIONS,
+  type BackendInfo,
+  type BackendOption,
+  initBackend,
+} from './backend/index.js';
+// Data
+export { type DecodeResult, decodeImage, sniffImageType } from './data/decode.js';
+export { type EmbedOptions, type EmbedResult, embedFiles, type SkippedFile } from './data/embed.js';
+export {
+  type LabelledFile,
+  listFiles,
+  loadSplits,
+  type SplitOptions,
+  type Splits,
+  stratifiedSplit,
+} from './data/scan.js';
+export {
+  createFrozenModel,
+  ENGINE_OPTIONS,
+  type EngineChoice,
+  type EngineOption,
+} from './engine/index.js';
+export { canLowerToOnnx, lowerToOnnx, UnsupportedLayerError } from './engine/onnx/lower.js';
+export type { EngineName, FrozenModel } from './engine/types.js';
+export { FinetuneError } from './errors.js';
+// Results
+export {
+  type ClassificationReport,
+  type ClassMetrics,
+  classificationReport,
+} from './export/metrics.js';
+export { type ClassifierMetadata, loadClassifierModel } from './export/model-dir.js';
 export {
   type Classifier,
   type ClassifierRunOptions,
@@ -15,39 +57,26 @@ export {
   type PredictResult,
   predict,
 } from './export/predict.js';
-
-// Backends and engines
-export { BACKEND_OPTIONS, type BackendInfo, type BackendOption, initBackend } from './backend/index.js';
-export { createFrozenModel, ENGINE_OPTIONS, type EngineChoice, type EngineOption } from './engine/index.js';
-export type { EngineName, FrozenModel } from './engine/types.js';
-export { canLowerToOnnx, lowerToOnnx, UnsupportedLayerError } from './engine/onnx/lower.js';
-
-// Backbones
-export { type Backbone, type LoadBackboneOptions, loadBackbone } from './backbones/load.js';
-export {
-  BACKBONES,
-  type BackboneSpec,
-  DEFAULT_BACKBONE,
-  type Preprocessing,
-  resolveBackboneSpec,
-} from './backbones/registry.js';
-
-// Data
-export { decodeImage, type DecodeResult, sniffImageType } from './data/decode.js';
-export { type EmbedOptions, type EmbedResult, embedFiles, type SkippedFile } from './data/embed.js';
-export { type LabelledFile, listFiles, loadSplits, type SplitOptions, type Splits, stratifiedSplit } from './data/scan.js';
-
 // Heads, training loop, SWA
 export { applyHead, buildHead, type HeadOptions } from './head/build.js';
+export { type AveragerKind, type AveragerState, WeightAverager } from './swa/averager.js';
+export {
+  isSnapshotEpoch,
+  resolveSwaStart,
+  type SwaSchedule,
+  swaLearningRate,
+} from './swa/schedule.js';
 export type { BatchLogs, EpochLogs, TrainingCallback } from './train/callbacks.js';
 export { ArrayBatches, type Batches, evaluateBatches, type FitOptions, fit } from './train/fit.js';
-export { runStage, type StageOptions, type StageResult, type SwaSettings } from './train/stage.js';
 export { createOptimizer, OPTIMIZERS, type OptimizerName } from './train/optimizers.js';
-export { type AveragerKind, type AveragerState, WeightAverager } from './swa/averager.js';
-export { isSnapshotEpoch, resolveSwaStart, type SwaSchedule, swaLearningRate } from './swa/schedule.js';
-
-// Results
-export { type ClassificationReport, type ClassMetrics, classificationReport } from './export/metrics.js';
-export { type ClassifierMetadata, loadClassifierModel } from './export/model-dir.js';
-export { FinetuneError } from './errors.js';
+export { runStage, type StageOptions, type StageResult, type SwaSettings } from './train/stage.js';
+// Running a whole job
+export {
+  type ResolvedTrainOptions,
+  resolveTrainOptions,
+  type TrainEvent,
+  type TrainOptions,
+  type TrainSummary,
+  train,
+} from './train/train.js';
 export { VERSION, versions } from './version.js';

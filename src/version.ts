@@ -10,7 +10,9 @@ function packageVersion(): string {
   // dist/src/version.js and src/version.ts both sit two levels below package.json's folder or one.
   for (const rel of ['../../package.json', '../package.json']) {
     try {
-      const pkg = JSON.parse(readFileSync(fileURLToPath(new URL(rel, import.meta.url)), 'utf8')) as { name?: string; version?: string };
+      const pkg = JSON.parse(
+        readFileSync(fileURLToPath(new URL(rel, import.meta.url)), 'utf8'),
+      ) as { name?: string; version?: string };
       if (pkg.name === 'tfjs-finetune') return pkg.version ?? '0.0.0';
     } catch {
       // try the next
@@ -26,7 +28,10 @@ function dependencyVersion(name: string): string | null {
     for (let i = 0; i < 6; i++) {
       dir = dir.slice(0, dir.lastIndexOf('/'));
       try {
-        const pkg = JSON.parse(readFileSync(`${dir}/package.json`, 'utf8')) as { name?: string; version?: string };
+        const pkg = JSON.parse(readFileSync(`${dir}/package.json`, 'utf8')) as {
+          name?: string;
+          version?: string;
+        };
         if (pkg.name === name) return pkg.version ?? null;
       } catch {
         // keep climbing

@@ -12,7 +12,9 @@ export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '
 export const SAMPLE = path.join(ROOT, 'datasets', 'fashion-mnist-mini');
 export const CLI = path.join(ROOT, 'dist', 'src', 'cli', 'main.js');
 
-export async function tempDir(prefix: string): Promise<{ dir: string; cleanup: () => Promise<void> }> {
+export async function tempDir(
+  prefix: string,
+): Promise<{ dir: string; cleanup: () => Promise<void> }> {
   const dir = await mkdtemp(path.join(tmpdir(), `finetune-${prefix}-`));
   return { dir, cleanup: () => rm(dir, { recursive: true, force: true }) };
 }
@@ -26,14 +28,29 @@ export async function writeImage(
   const size = options.size ?? 32;
   const v = options.variant ?? 0;
   await mkdir(path.dirname(file), { recursive: true });
-  const square = await sharp({ create: { width: 8, height: 8, channels: 3, background: { r: 255 - rgb[0], g: 255 - rgb[1], b: 255 - rgb[2] } } })
+  const square = await sharp({
+    create: {
+      width: 8,
+      height: 8,
+      channels: 3,
+      background: { r: 255 - rgb[0], g: 255 - rgb[1], b: 255 - rgb[2] },
+    },
+  })
     .png()
     .toBuffer();
-  const img = sharp({ create: { width: size, height: size, channels: 3, background: { r: rgb[0], g: rgb[1], b: rgb[2] } } }).composite([
-    { input: square, left: (v * 5) % (size - 8), top: (v * 3) % (size - 8) },
-  ]);
+  const img = sharp({
+    create: {
+      width: size,
+      height: size,
+      channels: 3,
+      background: { r: rgb[0], g: rgb[1], b: rgb[2] },
+    },
+  }).composite([{ input: square, left: (v * 5) % (size - 8), top: (v * 3) % (size - 8) }]);
   const format = options.format ?? 'png';
-  await writeFile(file, await (format === 'png' ? img.png() : format === 'jpeg' ? img.jpeg() : img.webp()).toBuffer());
+  await writeFile(
+    file,
+    await (format === 'png' ? img.png() : format === 'jpeg' ? img.jpeg() : img.webp()).toBuffer(),
+  );
 }
 
 /**
@@ -42,11 +59,35 @@ export async function writeImage(
  */
 export async function writeTinyBackbone(dir: string, seed = 1): Promise<string> {
   const input = tf.input({ shape: [32, 32, 3], name: 'image' });
-  let x = tf.layers.conv2d({ filters: 8, kernelSize: 3, strides: 2, padding: 'same', name: 'conv1', kernelInitializer: tf.initializers.glorotUniform({ seed }) }).apply(input) as tf.SymbolicTensor;
+  let x = tf.layers
+    .conv2d({
+      filters: 8,
+      kernelSize: 3,
+      strides: 2,
+      padding: 'same',
+      name: 'conv1',
+      kernelInitializer: tf.initializers.glorotUniform({ seed }),
+    })
+    .apply(input) as tf.SymbolicTensor;
   x = tf.layers.batchNormalization({ name: 'bn1' }).apply(x) as tf.SymbolicTensor;
   x = tf.layers.reLU({ maxValue: 6, name: 'relu1' }).apply(x) as tf.SymbolicTensor;
-  x = tf.layers.depthwiseConv2d({ kernelSize: 3, padding: 'same', name: 'dw1', depthwiseInitializer: tf.initializers.glorotUniform({ seed: seed + 1 }) }).apply(x) as tf.SymbolicTensor;
-  x = tf.layers.conv2d({ filters: 16, kernelSize: 1, activation: 'relu', name: 'conv2', kernelInitializer: tf.initializers.glorotUniform({ seed: seed + 2 }) }).apply(x) as tf.SymbolicTensor;
+  x = tf.layers
+    .depthwiseConv2d({
+      kernelSize: 3,
+      padding: 'same',
+      name: 'dw1',
+      depthwiseInitializer: tf.initializers.glorotUniform({ seed: seed + 1 }),
+    })
+    .apply(x) as tf.SymbolicTensor;
+  x = tf.layers
+    .conv2d({
+      filters: 16,
+      kernelSize: 1,
+      activation: 'relu',
+      name: 'conv2',
+      kernelInitializer: tf.initializers.glorotUniform({ seed: seed + 2 }),
+    })
+    .apply(x) as tf.SymbolicTensor;
   const model = tf.model({ inputs: input, outputs: x, name: 'tiny' });
   const file = path.join(dir, 'tiny-backbone');
   await model.save(fileSaveHandler(file));
@@ -55,9 +96,14 @@ export async function writeTinyBackbone(dir: string, seed = 1): Promise<string> 
 }
 
 /** A two-or-more-class folder of distinct solid-colour images. */
-export async function writeColourDataset(dir: string, perClass: number, colours: Record<string, [number, number, number]>): Promise<void> {
+export async function writeColourDataset(
+  dir: string,
+  perClass: number,
+  colours: Record<string, [number, number, number]>,
+): Promise<void> {
   for (const [name, rgb] of Object.entries(colours)) {
-    for (let i = 0; i < perClass; i++) await writeImage(path.join(dir, name, `${i}.png`), rgb, { variant: i });
+    for (let i = 0; i < perClass; i++)
+      await writeImage(path.join(dir, name, `${i}.png`), rgb, { variant: i });
   }
 }
 
@@ -70,7 +116,10 @@ export interface Run {
 /** Runs the real CLI in `cwd`. */
 export function runCli(args: readonly string[], cwd: string): Promise<Run> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], { cwd, env: { ...process.env, FINETUNE_DEBUG: '' } });
+    const child = spawn(process.execPath, [CLI, ...args], {
+      cwd,
+      env: { ...process.env, FINETUNE_DEBUG: '' },
+    });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (d) => (stdout += d));

@@ -1,7 +1,7 @@
 import { createRequire } from 'node:module';
 import path from 'node:path';
-import * as mobilenet from '@tensorflow-models/mobilenet';
 import * as tf from '@tensorflow/tfjs';
+import * as mobilenet from '@tensorflow-models/mobilenet';
 import { FinetuneError } from '../errors.js';
 import { concatBuffers, fileLoadHandler, sha256 } from '../io/files.js';
 import { type BackboneSpec, type Preprocessing, resolveBackboneSpec } from './registry.js';
@@ -50,14 +50,18 @@ export function nsfwjsArtifacts(model: 'mobilenet_v2'): Artifacts {
   try {
     dir = path.join(path.dirname(require.resolve('nsfwjs')), '..', 'models', model);
   } catch (err) {
-    throw new FinetuneError('The default backbone needs the npm package nsfwjs: run npm install', { cause: err });
+    throw new FinetuneError('The default backbone needs the npm package nsfwjs: run npm install', {
+      cause: err,
+    });
   }
   const json = require(path.join(dir, 'model.min.js')) as tf.io.ModelJSON;
   const shards: Buffer[] = [];
   const groups = json.weightsManifest ?? [];
   const n = groups.reduce((k, g) => k + g.paths.length, 0);
   for (let i = 1; i <= n; i++) {
-    shards.push(Buffer.from(require(path.join(dir, `group1-shard${i}of${n}.min.js`)) as string, 'base64'));
+    shards.push(
+      Buffer.from(require(path.join(dir, `group1-shard${i}of${n}.min.js`)) as string, 'base64'),
+    );
   }
   return {
     modelTopology: json.modelTopology,
@@ -86,8 +90,12 @@ function toArtifacts(a: tf.io.ModelArtifacts): Artifacts & { format?: string } {
   return {
     modelTopology: a.modelTopology,
     weightSpecs: a.weightSpecs ?? [],
-    weightData: a.weightData ? tf.io.concatenateArrayBuffers(a.weightData as ArrayBuffer | ArrayBuffer[]) : new ArrayBuffer(0),
-    ...(a.userDefinedMetadata ? { userDefinedMetadata: a.userDefinedMetadata as Record<string, unknown> } : {}),
+    weightData: a.weightData
+      ? tf.io.concatenateArrayBuffers(a.weightData as ArrayBuffer | ArrayBuffer[])
+      : new ArrayBuffer(0),
+    ...(a.userDefinedMetadata
+      ? { userDefinedMetadata: a.userDefinedMetadata as Record<string, unknown> }
+      : {}),
     ...(a.format ? { format: a.format } : {}),
   };
 }
@@ -117,16 +125,26 @@ async function layersBody(
     rescale: rescaleFor(spec.preprocessing),
   });
   const cut = await tf.loadLayersModel(
-    { load: async () => ({ modelTopology: topology as object, weightSpecs: a.weightSpecs, weightData: a.weightData }) },
+    {
+      load: async () => ({
+        modelTopology: topology as object,
+        weightSpecs: a.weightSpecs,
+        weightData: a.weightData,
+      }),
+    },
     { strict: false },
   );
   const out = cut.outputs[0]!;
   let model = cut;
   if (out.shape.length === 4) {
-    const pooled = tf.layers.globalAveragePooling2d({ name: 'backbone_pool' }).apply(out) as tf.SymbolicTensor;
+    const pooled = tf.layers
+      .globalAveragePooling2d({ name: 'backbone_pool' })
+      .apply(out) as tf.SymbolicTensor;
     model = tf.model({ inputs: cut.inputs, outputs: pooled, name: 'backbone' });
   } else if (out.shape.length !== 2) {
-    throw new FinetuneError(`Expected the feature layer '${featureLayer}' to output a 2-D or 4-D tensor but its shape is [${out.shape.join(', ')}]`);
+    throw new FinetuneError(
+      `Expected the feature layer '${featureLayer}' to output a 2-D or 4-D tensor but its shape is [${out.shape.join(', ')}]`,
+    );
   }
   model.trainable = false;
   return { model, topology };
@@ -152,9 +170,12 @@ function defaultFeatureLayer(model: tf.LayersModel): string {
   for (let i = model.layers.length - 1; i >= 0; i--) {
     const l = model.layers[i]!;
     const shape = l.outputShape as number[];
-    if (Array.isArray(shape) && shape.length === 4 && l.getClassName() !== 'InputLayer') return l.name;
+    if (Array.isArray(shape) && shape.length === 4 && l.getClassName() !== 'InputLayer')
+      return l.name;
   }
-  throw new FinetuneError('Expected the backbone to have a layer with a 4-D output; pass --feature-layer NAME');
+  throw new FinetuneError(
+    'Expected the backbone to have a layer with a 4-D output; pass --feature-layer NAME',
+  );
 }
 
 /**
@@ -174,18 +195,32 @@ export async function loadBackbone(
     const a = nsfwjsArtifacts(src.model);
     const size = options.inputSize ?? spec.inputSize;
     const { model, topology } = await layersBody(spec, a, size, spec.featureLayer!);
-    return layersBackbone(spec, model, sha256(JSON.stringify(topology), new Uint8Array(a.weightData)));
+    return layersBackbone(
+      spec,
+      model,
+      sha256(JSON.stringify(topology), new Uint8Array(a.weightData)),
+    );
   }
-  if (src.kind === 'tfjs-models-mobilenet') return hubBackbone(spec, src.version, src.alpha, options.inputSize);
+  if (src.kind === 'tfjs-models-mobilenet')
+    return hubBackbone(spec, src.version, src.alpha, options.inputSize);
   return modelJsonBackbone(spec, src.location, options);
 }
 
-async function modelJsonBackbone(spec: BackboneSpec, location: string, options: LoadBackboneOptions): Promise<Backbone> {
+async function modelJsonBackbone(
+  spec: BackboneSpec,
+  location: string,
+  options: LoadBackboneOptions,
+): Promise<Backbone> {
   const a = await modelJsonArtifacts(location);
   const meta = a.userDefinedMetadata?.['preprocessing'] as Preprocessing | undefined;
-  const isGraph = a.format === 'graph-model' || (a.modelTopology as { node?: unknown })?.node !== undefined;
+  const isGraph =
+    a.format === 'graph-model' || (a.modelTopology as { node?: unknown })?.node !== undefined;
   if (isGraph) {
-    const resolved: BackboneSpec = { ...spec, format: 'graph', ...(meta ? { preprocessing: meta } : {}) };
+    const resolved: BackboneSpec = {
+      ...spec,
+      format: 'graph',
+      ...(meta ? { preprocessing: meta } : {}),
+    };
     return graphBackbone(resolved, a, options);
   }
   let featureLayer = options.featureLayer ?? spec.featureLayer;
@@ -194,13 +229,26 @@ async function modelJsonBackbone(spec: BackboneSpec, location: string, options: 
     featureLayer = defaultFeatureLayer(full);
     full.dispose();
   }
-  const resolved: BackboneSpec = { ...spec, format: 'layers', featureLayer, ...(meta ? { preprocessing: meta } : {}) };
+  const resolved: BackboneSpec = {
+    ...spec,
+    format: 'layers',
+    featureLayer,
+    ...(meta ? { preprocessing: meta } : {}),
+  };
   const { model, topology } = await layersBody(resolved, a, options.inputSize, featureLayer);
   const size = model.inputs[0]!.shape[1] as number;
-  return layersBackbone({ ...resolved, inputSize: size }, model, sha256(JSON.stringify(topology), new Uint8Array(a.weightData)));
+  return layersBackbone(
+    { ...resolved, inputSize: size },
+    model,
+    sha256(JSON.stringify(topology), new Uint8Array(a.weightData)),
+  );
 }
 
-async function graphBackbone(spec: BackboneSpec, a: Artifacts, options: LoadBackboneOptions): Promise<Backbone> {
+async function graphBackbone(
+  spec: BackboneSpec,
+  a: Artifacts,
+  options: LoadBackboneOptions,
+): Promise<Backbone> {
   const graph = await tf.loadGraphModel({ load: async () => a as tf.io.ModelArtifacts });
   const inShape = graph.inputs[0]?.shape ?? [];
   const native = typeof inShape[1] === 'number' && inShape[1] > 0 ? inShape[1] : 224;
@@ -223,16 +271,27 @@ async function graphBackbone(spec: BackboneSpec, a: Artifacts, options: LoadBack
     inputSize,
     featureSize,
     preprocessing: spec.preprocessing,
-    weightsHash: sha256(JSON.stringify(a.modelTopology), new Uint8Array(a.weightData), output ?? ''),
+    weightsHash: sha256(
+      JSON.stringify(a.modelTopology),
+      new Uint8Array(a.weightData),
+      output ?? '',
+    ),
     model: null,
     embed: run,
     dispose: () => graph.dispose(),
   };
 }
 
-async function hubBackbone(spec: BackboneSpec, version: 1 | 2, alpha: number, inputSize?: number): Promise<Backbone> {
+async function hubBackbone(
+  spec: BackboneSpec,
+  version: 1 | 2,
+  alpha: number,
+  inputSize?: number,
+): Promise<Backbone> {
   if (inputSize !== undefined && inputSize !== 224) {
-    throw new FinetuneError(`Expected input size 224 for ${spec.id} (TF Hub MobileNets resize internally) but received ${inputSize}`);
+    throw new FinetuneError(
+      `Expected input size 224 for ${spec.id} (TF Hub MobileNets resize internally) but received ${inputSize}`,
+    );
   }
   let net: mobilenet.MobileNet;
   try {
@@ -245,7 +304,8 @@ async function hubBackbone(spec: BackboneSpec, version: 1 | 2, alpha: number, in
       { cause: err },
     );
   }
-  const embed = (pixels: tf.Tensor4D): tf.Tensor2D => tf.tidy(() => net.infer(pixels, true) as tf.Tensor2D);
+  const embed = (pixels: tf.Tensor4D): tf.Tensor2D =>
+    tf.tidy(() => net.infer(pixels, true) as tf.Tensor2D);
   const probe = embed(tf.zeros([1, 224, 224, 3]));
   const featureSize = probe.shape[1];
   probe.dispose();

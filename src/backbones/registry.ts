@@ -48,7 +48,11 @@ export interface BackboneSpec {
 
 const RANGE_0_1: Preprocessing = { mean: [0, 0, 0], std: [1, 1, 1], resize: 'fill' };
 /** @tensorflow-models/mobilenet takes raw pixels and normalises inside its graph. */
-const RANGE_0_255: Preprocessing = { mean: [0, 0, 0], std: [1 / 255, 1 / 255, 1 / 255], resize: 'fill' };
+const RANGE_0_255: Preprocessing = {
+  mean: [0, 0, 0],
+  std: [1 / 255, 1 / 255, 1 / 255],
+  resize: 'fill',
+};
 
 const MOBILENET_V2_BLOCKS: readonly string[] = [
   'expanded_conv_depthwise',
@@ -102,7 +106,10 @@ export const DEFAULT_BACKBONE = 'nsfwjs_mobilenet_v2';
  * Resolves `--backbone` (+ `--alpha`) to a spec: a registered id, or a path/URL
  * ending in model.json.
  */
-export function resolveBackboneSpec(backbone: string, options: { alpha?: number; featureLayer?: string } = {}): BackboneSpec {
+export function resolveBackboneSpec(
+  backbone: string,
+  options: { alpha?: number; featureLayer?: string } = {},
+): BackboneSpec {
   if (/model\.json$/i.test(backbone) || /^https?:\/\//i.test(backbone)) {
     return {
       id: backbone,
@@ -125,11 +132,15 @@ export function resolveBackboneSpec(backbone: string, options: { alpha?: number;
   }
   if (options.alpha !== undefined && options.alpha !== 1) {
     if (spec.source.kind !== 'tfjs-models-mobilenet') {
-      throw new FinetuneError(`Expected no alpha for backbone ${spec.id} (only mobilenet_v1 and mobilenet_v2 take one) but received ${options.alpha}`);
+      throw new FinetuneError(
+        `Expected no alpha for backbone ${spec.id} (only mobilenet_v1 and mobilenet_v2 take one) but received ${options.alpha}`,
+      );
     }
     const allowed = HUB_ALPHAS[spec.source.version];
     if (!allowed.includes(options.alpha)) {
-      throw new FinetuneError(`Expected one of ${allowed.join(', ')} for alpha of ${spec.id} but received ${options.alpha}`);
+      throw new FinetuneError(
+        `Expected one of ${allowed.join(', ')} for alpha of ${spec.id} but received ${options.alpha}`,
+      );
     }
     return hubMobileNet(spec.source.version, options.alpha);
   }

@@ -39,24 +39,36 @@ export function functionalConfig(modelTopology: unknown): {
   const inner = (topo['model_config'] ?? topo) as { class_name: string; config: unknown };
   const wrap = (c: FunctionalConfig): unknown => {
     const modelConfig = { class_name: 'Model', config: c };
-    return topo['model_config'] ? { ...topo, model_config: modelConfig } : { ...topo, ...modelConfig };
+    return topo['model_config']
+      ? { ...topo, model_config: modelConfig }
+      : { ...topo, ...modelConfig };
   };
-  if (inner.class_name === 'Sequential') return { className: 'Sequential', config: sequentialToFunctional(inner.config), wrap };
+  if (inner.class_name === 'Sequential')
+    return { className: 'Sequential', config: sequentialToFunctional(inner.config), wrap };
   if (inner.class_name !== 'Model' && inner.class_name !== 'Functional') {
-    throw new FinetuneError(`Expected a Keras Model, Functional or Sequential topology but received '${inner.class_name}'`);
+    throw new FinetuneError(
+      `Expected a Keras Model, Functional or Sequential topology but received '${inner.class_name}'`,
+    );
   }
   return { className: inner.class_name, config: inner.config as FunctionalConfig, wrap };
 }
 
 function sequentialToFunctional(config: unknown): FunctionalConfig {
-  const layers = (Array.isArray(config) ? config : (config as { layers: LayerJSON[] }).layers) as LayerJSON[];
+  const layers = (
+    Array.isArray(config) ? config : (config as { layers: LayerJSON[] }).layers
+  ) as LayerJSON[];
   const first = layers[0];
   const shape = first?.config['batch_input_shape'];
   if (!first || !Array.isArray(shape)) {
     throw new FinetuneError('Expected a Sequential model whose first layer has batch_input_shape');
   }
   const out: LayerJSON[] = [
-    { class_name: 'InputLayer', name: 'input', config: { name: 'input', batch_input_shape: shape, dtype: 'float32' }, inbound_nodes: [] },
+    {
+      class_name: 'InputLayer',
+      name: 'input',
+      config: { name: 'input', batch_input_shape: shape, dtype: 'float32' },
+      inbound_nodes: [],
+    },
   ];
   let prev = 'input';
   for (const l of layers) {
@@ -81,14 +93,18 @@ function inboundNames(layer: LayerJSON): string[] {
 export function editTopology(modelTopology: unknown, edit: TopologyEdit): unknown {
   const { config, wrap } = functionalConfig(modelTopology);
   if (config.input_layers.length !== 1) {
-    throw new FinetuneError(`Expected a backbone with one input but it has ${config.input_layers.length}`);
+    throw new FinetuneError(
+      `Expected a backbone with one input but it has ${config.input_layers.length}`,
+    );
   }
   let layers = config.layers;
   const byName = new Map(layers.map((l) => [l.name, l]));
   const inputName = config.input_layers[0]![0];
   if (edit.cutAt !== undefined) {
     if (!byName.has(edit.cutAt)) {
-      throw new FinetuneError(`Expected the name of a layer of the backbone for feature layer but received '${edit.cutAt}'`);
+      throw new FinetuneError(
+        `Expected the name of a layer of the backbone for feature layer but received '${edit.cutAt}'`,
+      );
     }
     const keep = new Set<string>();
     const stack = [edit.cutAt];
@@ -119,7 +135,13 @@ export function editTopology(modelTopology: unknown, edit: TopologyEdit): unknow
     layers.splice(at, 0, {
       class_name: 'Rescaling',
       name,
-      config: { name, trainable: false, dtype: 'float32', scale: edit.rescale.scale, offset: edit.rescale.offset },
+      config: {
+        name,
+        trainable: false,
+        dtype: 'float32',
+        scale: edit.rescale.scale,
+        offset: edit.rescale.offset,
+      },
       inbound_nodes: [[[inputName, 0, 0, {}]]],
     });
   }

@@ -3,7 +3,13 @@ import { FinetuneError } from '../errors.js';
 import { oneOfValues } from '../util/is.js';
 
 export type BackendOption = 'auto' | 'node-gpu' | 'node' | 'wasm' | 'cpu';
-export const BACKEND_OPTIONS: readonly BackendOption[] = ['auto', 'node-gpu', 'node', 'wasm', 'cpu'];
+export const BACKEND_OPTIONS: readonly BackendOption[] = [
+  'auto',
+  'node-gpu',
+  'node',
+  'wasm',
+  'cpu',
+];
 
 /** What trains: recorded in every run. */
 export interface BackendInfo {
@@ -26,23 +32,24 @@ const importOptional = (name: string): Promise<unknown> => import(name);
  * CPU), then wasm; the pure-JS cpu backend is ~17× slower than wasm and never chosen
  * by `auto`.
  */
-const LOADERS: Readonly<Record<Exclude<BackendOption, 'auto'>, () => Promise<string>>> = Object.freeze({
-  'node-gpu': async () => {
-    await importOptional('@tensorflow/tfjs-node-gpu');
-    return 'tensorflow';
-  },
-  node: async () => {
-    await importOptional('@tensorflow/tfjs-node');
-    return 'tensorflow';
-  },
-  wasm: async () => {
-    await import('@tensorflow/tfjs-backend-wasm');
-    const { registerWasmGradientKernels } = await import('./wasm-grad-kernels.js');
-    registerWasmGradientKernels();
-    return 'wasm';
-  },
-  cpu: async () => 'cpu',
-});
+const LOADERS: Readonly<Record<Exclude<BackendOption, 'auto'>, () => Promise<string>>> =
+  Object.freeze({
+    'node-gpu': async () => {
+      await importOptional('@tensorflow/tfjs-node-gpu');
+      return 'tensorflow';
+    },
+    node: async () => {
+      await importOptional('@tensorflow/tfjs-node');
+      return 'tensorflow';
+    },
+    wasm: async () => {
+      await import('@tensorflow/tfjs-backend-wasm');
+      const { registerWasmGradientKernels } = await import('./wasm-grad-kernels.js');
+      registerWasmGradientKernels();
+      return 'wasm';
+    },
+    cpu: async () => 'cpu',
+  });
 
 const AUTO_ORDER: readonly Exclude<BackendOption, 'auto'>[] = ['node-gpu', 'node', 'wasm'];
 
@@ -63,12 +70,16 @@ export async function initBackend(requested: BackendOption = 'auto'): Promise<Ba
     let tfBackend: string;
     try {
       tfBackend = await LOADERS[option]();
-      if (!(await tf.setBackend(tfBackend))) throw new Error(`tf.setBackend('${tfBackend}') returned false`);
+      if (!(await tf.setBackend(tfBackend)))
+        throw new Error(`tf.setBackend('${tfBackend}') returned false`);
     } catch (err) {
       const missing = (err as { code?: string })?.code === 'ERR_MODULE_NOT_FOUND';
       const reason = `${option}: ${missing ? 'not installed' : firstLine(err)}`;
       if (requested !== 'auto') {
-        throw new FinetuneError(`Backend ${option} could not be loaded (${firstLine(err)})${hint(option)}`, { cause: err });
+        throw new FinetuneError(
+          `Backend ${option} could not be loaded (${firstLine(err)})${hint(option)}`,
+          { cause: err },
+        );
       }
       skipped.push(reason);
       continue;

@@ -3,12 +3,21 @@ import { BACKEND_OPTIONS, ENGINE_OPTIONS, type EvaluateOptions, evaluate } from 
 import { createOutput, table } from './output.js';
 
 export const command = 'evaluate';
-export const describe = 'Accuracy, per-class precision/recall/F1 and confusion matrix on a labelled folder';
+export const describe =
+  'Accuracy, per-class precision/recall/F1 and confusion matrix on a labelled folder';
 
 export function builder(y: Argv) {
   return y
-    .option('model', { type: 'string', demandOption: true, describe: 'Run folder from finetune train (or its model.json)' })
-    .option('data', { type: 'string', demandOption: true, describe: 'Folder of class folders named like the labels' })
+    .option('model', {
+      type: 'string',
+      demandOption: true,
+      describe: 'Run folder from finetune train (or its model.json)',
+    })
+    .option('data', {
+      type: 'string',
+      demandOption: true,
+      describe: 'Folder of class folders named like the labels',
+    })
     .option('json', { type: 'boolean', describe: 'Print the report as JSON' })
     .option('backend', { type: 'string', choices: BACKEND_OPTIONS, describe: '[default: auto]' })
     .option('engine', { type: 'string', choices: ENGINE_OPTIONS, describe: '[default: auto]' })
@@ -36,11 +45,28 @@ export async function handler(argv: Args): Promise<void> {
   lines.push(
     table([
       ['class', 'precision', 'recall', 'f1', 'support'],
-      ...r.perClass.map((m) => [m.label, m.precision.toFixed(4), m.recall.toFixed(4), m.f1.toFixed(4), String(m.support)]),
-      ['macro avg', r.macro.precision.toFixed(4), r.macro.recall.toFixed(4), r.macro.f1.toFixed(4), String(r.count)],
+      ...r.perClass.map((m) => [
+        m.label,
+        m.precision.toFixed(4),
+        m.recall.toFixed(4),
+        m.f1.toFixed(4),
+        String(m.support),
+      ]),
+      [
+        'macro avg',
+        r.macro.precision.toFixed(4),
+        r.macro.recall.toFixed(4),
+        r.macro.f1.toFixed(4),
+        String(r.count),
+      ],
     ]),
   );
   lines.push('', 'confusion (rows: true, columns: predicted)');
-  lines.push(table([['', ...r.labels.map((_, i) => String(i))], ...r.confusion.map((row, i) => [`${i} ${r.labels[i]}`, ...row.map(String)])]));
+  lines.push(
+    table([
+      ['', ...r.labels.map((_, i) => String(i))],
+      ...r.confusion.map((row, i) => [`${i} ${r.labels[i]}`, ...row.map(String)]),
+    ]),
+  );
   out.result(lines.join('\n'));
 }

@@ -28,24 +28,34 @@ function suggest(msg: string, known: readonly string[]): string {
       .map((k) => [k, distance(bad, k)] as const)
       .filter(([, d]) => d <= Math.max(2, Math.floor(bad.length / 3)))
       .sort((a, b) => a[1] - b[1])[0];
-    return best ? [`--${best[0]} for ${bad}`] : [];
+    return best ? [{ bad, hint: `--${best[0]}` }] : [];
   });
-  return hints.length ? `; did you mean ${hints.join(', ')}?` : '';
+  if (!hints.length) return '';
+  if (hints.length === 1) return `; did you mean ${hints[0]!.hint}?`;
+  return `; did you mean ${hints.map((h) => `${h.hint} (for ${h.bad})`).join(', ')}?`;
 }
 
 function distance(a: string, b: string): number {
-  const d = Array.from({ length: a.length + 1 }, (_, i) => [i, ...new Array<number>(b.length).fill(0)]);
+  const d = Array.from({ length: a.length + 1 }, (_, i) => [
+    i,
+    ...new Array<number>(b.length).fill(0),
+  ]);
   for (let j = 1; j <= b.length; j++) d[0]![j] = j;
   for (let i = 1; i <= a.length; i++) {
     for (let j = 1; j <= b.length; j++) {
-      d[i]![j] = Math.min(d[i - 1]![j]! + 1, d[i]![j - 1]! + 1, d[i - 1]![j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+      d[i]![j] = Math.min(
+        d[i - 1]![j]! + 1,
+        d[i]![j - 1]! + 1,
+        d[i - 1]![j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1),
+      );
     }
   }
   return d[a.length]![b.length]!;
 }
 
 async function main(): Promise<void> {
-  await yargs(hideBin(process.argv))
+  const cli = yargs(hideBin(process.argv));
+  await cli
     .scriptName('finetune')
     .version(VERSION)
     // biome-ignore lint/suspicious/noExplicitAny: yargs' command-module typing cannot express these builders
@@ -60,10 +70,14 @@ async function main(): Promise<void> {
     .recommendCommands()
     .strict()
     .wrap(Math.min(110, process.stdout.columns ?? 100))
-    .fail((msg, err, y) => {
+    .fail((msg, err) => {
       if (err) report(err);
-      const known = Object.keys((y as unknown as { getOptions(): { key: Record<string, unknown> } }).getOptions().key);
-      process.stderr.write(`finetune: ${msg}${suggest(msg, known)}\nRun finetune --help (or finetune COMMAND --help) for usage.\n`);
+      const known = Object.keys(
+        (cli as unknown as { getOptions(): { key: Record<string, unknown> } }).getOptions().key,
+      );
+      process.stderr.write(
+        `finetune: ${msg}${suggest(msg, known)}\nRun finetune --help (or finetune COMMAND --help) for usage.\n`,
+      );
       process.exit(2);
     })
     .parseAsync();

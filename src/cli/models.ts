@@ -21,7 +21,14 @@ export async function handler(argv: Args): Promise<void> {
   out.result(
     table([
       ['id', 'format', 'input', 'offline', 'licence', 'description'],
-      ...specs.map((s) => [s.id, s.format, String(s.inputSize), s.offline ? 'yes' : 'no', s.licence, s.description]),
+      ...specs.map((s) => [
+        s.id,
+        s.format,
+        String(s.inputSize),
+        s.offline ? 'yes' : 'no',
+        s.licence,
+        s.description,
+      ]),
     ]),
   );
 }

@@ -20,7 +20,10 @@ function formatSeconds(s: number): string {
   return `${m}:${String(Math.round(s % 60)).padStart(2, '0')}`;
 }
 
-export function createOutput(options: { quiet?: boolean; json?: boolean }, stderr: Writable = process.stderr): Output {
+export function createOutput(
+  options: { quiet?: boolean; json?: boolean },
+  stderr: Writable = process.stderr,
+): Output {
   const quiet = Boolean(options.quiet);
   const json = Boolean(options.json);
   const tty = Boolean((stderr as { isTTY?: boolean }).isTTY);
@@ -64,7 +67,9 @@ export function createOutput(options: { quiet?: boolean; json?: boolean }, stder
       } else if (Math.floor(pct / 10) !== lastPrinted || done === total) {
         // Without a terminal, a line per 10% keeps logs short.
         lastPrinted = Math.floor(pct / 10);
-        stderr.write(`${label} ${done}/${total} (${pct}%) ${rate.toFixed(0)}/s ETA ${formatSeconds(eta)}\n`);
+        stderr.write(
+          `${label} ${done}/${total} (${pct}%) ${rate.toFixed(0)}/s ETA ${formatSeconds(eta)}\n`,
+        );
       }
     },
     endProgress() {
@@ -77,7 +82,14 @@ export function createOutput(options: { quiet?: boolean; json?: boolean }, stder
 /** A plain text table with left-aligned columns. */
 export function table(rows: readonly (readonly string[])[]): string {
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
-  return rows.map((r) => r.map((cell, c) => cell.padEnd(widths[c]!)).join('  ').trimEnd()).join('\n');
+  return rows
+    .map((r) =>
+      r
+        .map((cell, c) => cell.padEnd(widths[c]!))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
 }
 
 export function csvCell(value: string): string {

@@ -7,10 +7,24 @@ export const describe = 'Top-k labels for image files and folders';
 
 export function builder(y: Argv) {
   return y
-    .positional('inputs', { type: 'string', array: true, demandOption: true, describe: 'Image files and folders' })
-    .option('model', { type: 'string', demandOption: true, describe: 'Run folder from finetune train (or its model.json)' })
+    .positional('inputs', {
+      type: 'string',
+      array: true,
+      demandOption: true,
+      describe: 'Image files and folders',
+    })
+    .option('model', {
+      type: 'string',
+      demandOption: true,
+      describe: 'Run folder from finetune train (or its model.json)',
+    })
     .option('top-k', { type: 'number', describe: 'Labels per image [default: 3]' })
-    .option('format', { type: 'string', choices: ['table', 'json', 'csv'] as const, default: 'table' as const, describe: 'Output format' })
+    .option('format', {
+      type: 'string',
+      choices: ['table', 'json', 'csv'] as const,
+      default: 'table' as const,
+      describe: 'Output format',
+    })
     .option('backend', { type: 'string', choices: BACKEND_OPTIONS, describe: '[default: auto]' })
     .option('engine', { type: 'string', choices: ENGINE_OPTIONS, describe: '[default: auto]' })
     .option('threads', { type: 'number', describe: 'ONNX Runtime threads [default: all cores]' })
@@ -31,17 +45,34 @@ export async function handler(argv: Args): Promise<void> {
   const result = await predict(options);
   for (const s of result.skipped) out.warn(`skipped ${s.path}: ${s.reason}`);
   if (argv.format === 'json') {
-    out.result(JSON.stringify({ predictions: result.predictions, skipped: result.skipped, engine: result.engine }, null, 2));
+    out.result(
+      JSON.stringify(
+        { predictions: result.predictions, skipped: result.skipped, engine: result.engine },
+        null,
+        2,
+      ),
+    );
   } else if (argv.format === 'csv') {
     const k = Math.max(0, ...result.predictions.map((p) => p.top.length));
-    const header = ['path', ...Array.from({ length: k }, (_, i) => [`label_${i + 1}`, `probability_${i + 1}`]).flat()];
-    const rows = result.predictions.map((p) => [p.path, ...p.top.flatMap((t) => [t.label, t.probability.toFixed(6)])]);
+    const header = [
+      'path',
+      ...Array.from({ length: k }, (_, i) => [`label_${i + 1}`, `probability_${i + 1}`]).flat(),
+    ];
+    const rows = result.predictions.map((p) => [
+      p.path,
+      ...p.top.flatMap((t) => [t.label, t.probability.toFixed(6)]),
+    ]);
     out.result([header, ...rows].map((r) => r.map(csvCell).join(',')).join('\n'));
   } else {
     const rows = [['file', 'prediction', 'probability', 'next']];
     for (const p of result.predictions) {
       const [best, ...rest] = p.top;
-      rows.push([p.path, best!.label, best!.probability.toFixed(4), rest.map((t) => `${t.label} ${t.probability.toFixed(3)}`).join(', ')]);
+      rows.push([
+        p.path,
+        best!.label,
+        best!.probability.toFixed(4),
+        rest.map((t) => `${t.label} ${t.probability.toFixed(3)}`).join(', '),
+      ]);
     }
     out.result(table(rows));
   }

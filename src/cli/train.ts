@@ -7,33 +7,87 @@ export const describe = 'Train a classifier on a folder of images (frozen backbo
 
 export function builder(y: Argv) {
   return y
-    .option('data', { type: 'string', demandOption: true, describe: 'Folder of class folders, or with train/ val/ test/' })
+    .option('data', {
+      type: 'string',
+      demandOption: true,
+      describe: 'Folder of class folders, or with train/ val/ test/',
+    })
     .option('out', { type: 'string', describe: 'Run folder [default: runs/<timestamp>]' })
-    .option('backbone', { type: 'string', describe: 'Registry id (finetune models) or path/URL of a model.json [default: nsfwjs_mobilenet_v2]' })
+    .option('backbone', {
+      type: 'string',
+      describe:
+        'Registry id (finetune models) or path/URL of a model.json [default: nsfwjs_mobilenet_v2]',
+    })
     .option('alpha', { type: 'number', describe: 'Width multiplier of mobilenet_v1/v2 (TF Hub)' })
-    .option('feature-layer', { type: 'string', describe: 'Layer where a model.json backbone is cut' })
-    .option('input-size', { type: 'number', describe: 'Square input size [default: the backbone’s]' })
-    .option('backend', { type: 'string', choices: BACKEND_OPTIONS, describe: 'tfjs backend for training [default: auto]' })
-    .option('engine', { type: 'string', choices: ENGINE_OPTIONS, describe: 'Engine of frozen passes [default: auto]' })
+    .option('feature-layer', {
+      type: 'string',
+      describe: 'Layer where a model.json backbone is cut',
+    })
+    .option('input-size', {
+      type: 'number',
+      describe: 'Square input size [default: the backbone’s]',
+    })
+    .option('backend', {
+      type: 'string',
+      choices: BACKEND_OPTIONS,
+      describe: 'tfjs backend for training [default: auto]',
+    })
+    .option('engine', {
+      type: 'string',
+      choices: ENGINE_OPTIONS,
+      describe: 'Engine of frozen passes [default: auto]',
+    })
     .option('threads', { type: 'number', describe: 'ONNX Runtime threads [default: all cores]' })
     .option('val-split', { type: 'number', describe: 'Held-out fraction per class [default: 0.2]' })
-    .option('seed', { type: 'number', describe: 'Seed of split, shuffles, init, dropout [default: 42]' })
+    .option('seed', {
+      type: 'number',
+      describe: 'Seed of split, shuffles, init, dropout [default: 42]',
+    })
     .option('epochs', { type: 'number', describe: 'Head-stage epochs [default: 40]' })
     .option('batch-size', { type: 'number', describe: '[default: 32]' })
-    .option('optimizer', { type: 'string', choices: Object.keys(OPTIMIZERS), describe: '[default: adam]' })
+    .option('optimizer', {
+      type: 'string',
+      choices: Object.keys(OPTIMIZERS),
+      describe: '[default: adam]',
+    })
     .option('lr', { type: 'number', describe: 'Learning rate [default: 0.001]' })
     .option('label-smoothing', { type: 'number', describe: '[default: 0.1]' })
-    .option('class-weights', { type: 'string', choices: ['balanced', 'none'], describe: '[default: none]' })
-    .option('hidden', { type: 'number', describe: 'Units of a hidden layer in the head, 0 for none [default: 0]' })
+    .option('class-weights', {
+      type: 'string',
+      choices: ['balanced', 'none'],
+      describe: '[default: none]',
+    })
+    .option('hidden', {
+      type: 'number',
+      describe: 'Units of a hidden layer in the head, 0 for none [default: 0]',
+    })
     .option('dropout', { type: 'number', describe: 'Dropout in the head [default: 0.2]' })
-    .option('swa', { type: 'boolean', describe: 'Stochastic Weight Averaging of the head (--no-swa to turn off) [default: true]' })
-    .option('swa-start', { type: 'number', describe: 'Epoch, or fraction of --epochs, where SWA starts [default: 0.75]' })
+    .option('swa', {
+      type: 'boolean',
+      describe: 'Stochastic Weight Averaging of the head (--no-swa to turn off) [default: true]',
+    })
+    .option('swa-start', {
+      type: 'number',
+      describe: 'Epoch, or fraction of --epochs, where SWA starts [default: 0.75]',
+    })
     .option('swa-freq', { type: 'number', describe: 'Epochs between SWA snapshots [default: 1]' })
     .option('swa-lr', { type: 'number', describe: 'Constant LR once SWA starts [default: lr/2]' })
-    .option('swa-anneal-epochs', { type: 'number', describe: 'Epochs of cosine annealing to --swa-lr [default: 0]' })
-    .option('embed-batch-size', { type: 'number', describe: 'Images per frozen-pass batch [default: 16]' })
-    .option('decode-concurrency', { type: 'number', describe: 'Images decoded at once [default: 4]' })
-    .option('max-pixels', { type: 'number', describe: 'Skip images with more pixels than this [default: 100000000]' })
+    .option('swa-anneal-epochs', {
+      type: 'number',
+      describe: 'Epochs of cosine annealing to --swa-lr [default: 0]',
+    })
+    .option('embed-batch-size', {
+      type: 'number',
+      describe: 'Images per frozen-pass batch [default: 16]',
+    })
+    .option('decode-concurrency', {
+      type: 'number',
+      describe: 'Images decoded at once [default: 4]',
+    })
+    .option('max-pixels', {
+      type: 'number',
+      describe: 'Skip images with more pixels than this [default: 100000000]',
+    })
     .option('quiet', { type: 'boolean', describe: 'No progress, warnings or summary line' })
     .option('json', { type: 'boolean', describe: 'Print only the summary JSON on stdout' });
 }
@@ -80,7 +134,9 @@ export async function handler(argv: Args): Promise<void> {
     onEvent(e) {
       switch (e.type) {
         case 'backend':
-          out.info(`backend: ${e.backend.option} (tfjs '${e.backend.tfBackend}')${e.backend.skipped.length ? `; passed over ${e.backend.skipped.join('; ')}` : ''}`);
+          out.info(
+            `backend: ${e.backend.option} (tfjs '${e.backend.tfBackend}')${e.backend.skipped.length ? `; passed over ${e.backend.skipped.join('; ')}` : ''}`,
+          );
           break;
         case 'backbone':
           out.info(`backbone: ${e.id} (${e.inputSize}×${e.inputSize} → ${e.featureSize}-d)`);
@@ -89,7 +145,9 @@ export async function handler(argv: Args): Promise<void> {
           out.info(`engine: ${e.engine}${e.reason ? ` (${e.reason})` : ''}`);
           break;
         case 'data':
-          out.info(`classes: ${e.classes.length} (${e.classes.map((c) => `${c} ${e.counts[c]}`).join(', ')})`);
+          out.info(
+            `classes: ${e.classes.length} (${e.classes.map((c) => `${c} ${e.counts[c]}`).join(', ')})`,
+          );
           break;
         case 'warning':
           out.warn(`warning: ${e.message}`);
@@ -103,13 +161,20 @@ export async function handler(argv: Args): Promise<void> {
           break;
         case 'epoch': {
           const l = e.logs;
-          const val = l.val_acc !== undefined ? ` val_loss ${l.val_loss!.toFixed(4)} val_acc ${l.val_acc.toFixed(4)}` : '';
+          const val =
+            l.val_acc !== undefined
+              ? ` val_loss ${l.val_loss!.toFixed(4)} val_acc ${l.val_acc.toFixed(4)}`
+              : '';
           const swa = l.snapshots ? ` swa ${l.snapshots}` : '';
-          out.info(`${l.stage} epoch ${l.epoch}/${e.epochs} loss ${l.loss.toFixed(4)} acc ${l.acc.toFixed(4)}${val} lr ${l.lr.toPrecision(3)}${swa} (${l.seconds.toFixed(2)} s)`);
+          out.info(
+            `${l.stage} epoch ${l.epoch}/${e.epochs} loss ${l.loss.toFixed(4)} acc ${l.acc.toFixed(4)}${val} lr ${l.lr.toPrecision(3)}${swa} (${l.seconds.toFixed(2)} s)`,
+          );
           break;
         }
         case 'stage-end':
-          out.info(`${e.stage} stage val acc: raw ${fmt(e.raw)}${e.swa !== null ? `, swa ${fmt(e.swa)}` : ''}`);
+          out.info(
+            `${e.stage} stage val acc: raw ${fmt(e.raw)}${e.swa !== null ? `, swa ${fmt(e.swa)}` : ''}`,
+          );
           break;
         case 'done':
           break;
@@ -123,7 +188,9 @@ export async function handler(argv: Args): Promise<void> {
   }
   if (!out.quiet) {
     const t = summary.test ? `, test acc ${summary.test.acc.toFixed(4)}` : '';
-    out.result(`exported ${summary.exported} weights to ${summary.out}/model (val acc ${fmt(summary.val?.acc ?? null)}${t}; ${summary.skipped.length} files skipped; ${summary.seconds['total']!.toFixed(1)} s)`);
+    out.result(
+      `exported ${summary.exported} weights to ${summary.out}/model (val acc ${fmt(summary.val?.acc ?? null)}${t}; ${summary.skipped.length} files skipped; ${summary.seconds['total']!.toFixed(1)} s)`,
+    );
   }
 }
 

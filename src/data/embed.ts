@@ -42,7 +42,11 @@ const RAW = { mean: [0, 0, 0], std: [1 / 255, 1 / 255, 1 / 255] } as const;
  * so memory does not grow with the number of images. Files that cannot be decoded are
  * skipped and listed, never thrown.
  */
-export async function embedFiles(files: readonly string[], model: FrozenModel, options: EmbedOptions = {}): Promise<EmbedResult> {
+export async function embedFiles(
+  files: readonly string[],
+  model: FrozenModel,
+  options: EmbedOptions = {},
+): Promise<EmbedResult> {
   const batchSize = options.batchSize ?? 16;
   const size = model.inputSize;
   const imageLength = size * size * 3;
@@ -50,7 +54,10 @@ export async function embedFiles(files: readonly string[], model: FrozenModel, o
   const rows: number[] = [];
   const skipped: SkippedFile[] = [];
   // Two buffers: one being filled while the engine reads the other.
-  const buffers = [new Float32Array(batchSize * imageLength), new Float32Array(batchSize * imageLength)];
+  const buffers = [
+    new Float32Array(batchSize * imageLength),
+    new Float32Array(batchSize * imageLength),
+  ];
   let current = 0;
   let batchRows: number[] = [];
   let inFlight: Promise<void> | null = null;
@@ -59,7 +66,10 @@ export async function embedFiles(files: readonly string[], model: FrozenModel, o
   const dispatch = (buffer: Float32Array, indices: number[]): Promise<void> =>
     model.run(buffer, indices.length).then((out) => {
       for (let i = 0; i < indices.length; i++) {
-        features.set(out.subarray(i * model.outputSize, (i + 1) * model.outputSize), rows.length * model.outputSize);
+        features.set(
+          out.subarray(i * model.outputSize, (i + 1) * model.outputSize),
+          rows.length * model.outputSize,
+        );
         rows.push(indices[i]!);
       }
       done += indices.length;
@@ -71,7 +81,9 @@ export async function embedFiles(files: readonly string[], model: FrozenModel, o
     height: size,
     ...(options.maxPixels !== undefined ? { maxPixels: options.maxPixels } : {}),
   };
-  const decoded = mapConcurrent(files, options.concurrency ?? DEFAULT_DECODE_CONCURRENCY, (file) => decodeImage(file, decodeOptions));
+  const decoded = mapConcurrent(files, options.concurrency ?? DEFAULT_DECODE_CONCURRENCY, (file) =>
+    decodeImage(file, decodeOptions),
+  );
   let index = 0;
   for await (const result of decoded) {
     const i = index++;
@@ -81,7 +93,13 @@ export async function embedFiles(files: readonly string[], model: FrozenModel, o
       options.onProgress?.({ done, total: files.length, skipped: skipped.length });
       continue;
     }
-    toModelInput(result.pixels, RAW, model.layout, buffers[current]!, batchRows.length * imageLength);
+    toModelInput(
+      result.pixels,
+      RAW,
+      model.layout,
+      buffers[current]!,
+      batchRows.length * imageLength,
+    );
     batchRows.push(i);
     if (batchRows.length === batchSize) {
       if (inFlight) await inFlight;

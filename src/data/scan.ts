@@ -66,7 +66,8 @@ export async function scanClassFolders(
   dir: string,
   classes?: readonly string[],
 ): Promise<{ classes: string[]; files: Map<string, string[]>; warnings: string[] }> {
-  if (!(await isDirectory(dir))) throw new FinetuneError(`${dir}: data directory not found or not a directory`);
+  if (!(await isDirectory(dir)))
+    throw new FinetuneError(`${dir}: data directory not found or not a directory`);
   const entries = await readdir(dir, { withFileTypes: true });
   const folders = entries
     .filter((e) => !isHidden(e.name) && (e.isDirectory() || e.isSymbolicLink()))
@@ -78,7 +79,9 @@ export async function scanClassFolders(
     const p = path.join(dir, name);
     if (!(await isDirectory(p))) continue;
     if (classes && !classes.includes(name)) {
-      throw new FinetuneError(`${p}: class '${name}' is not one of the training classes (${classes.join(', ')})`);
+      throw new FinetuneError(
+        `${p}: class '${name}' is not one of the training classes (${classes.join(', ')})`,
+      );
     }
     const list = await listFiles(p);
     if (list.length === 0) {
@@ -102,11 +105,16 @@ export async function scanClassFolders(
 export async function loadSplits(dataDir: string, options: SplitOptions = {}): Promise<Splits> {
   const valSplit = options.valSplit ?? 0.2;
   const seed = options.seed ?? 42;
-  if (!(await isDirectory(dataDir))) throw new FinetuneError(`${dataDir}: data directory not found or not a directory`);
-  const entries = (await readdir(dataDir, { withFileTypes: true })).filter((e) => !isHidden(e.name) && e.isDirectory());
+  if (!(await isDirectory(dataDir)))
+    throw new FinetuneError(`${dataDir}: data directory not found or not a directory`);
+  const entries = (await readdir(dataDir, { withFileTypes: true })).filter(
+    (e) => !isHidden(e.name) && e.isDirectory(),
+  );
   const names = new Set(entries.map((e) => e.name));
   const splitLayout =
-    names.has('train') && (names.has('val') || names.has('validation') || names.has('test')) && [...names].every((n) => SPLIT_NAMES.has(n));
+    names.has('train') &&
+    (names.has('val') || names.has('validation') || names.has('test')) &&
+    [...names].every((n) => SPLIT_NAMES.has(n));
 
   const trainDir = splitLayout ? path.join(dataDir, 'train') : dataDir;
   const scanned = await scanClassFolders(trainDir);
@@ -131,10 +139,24 @@ export async function loadSplits(dataDir: string, options: SplitOptions = {}): P
   const givenVal = (await readSplit('val')) ?? (await readSplit('validation'));
   const test = (await readSplit('test')) ?? [];
   if (givenVal) {
-    return { classes, train: labelled(scanned.files), val: givenVal, test, layout: 'split-folders', warnings };
+    return {
+      classes,
+      train: labelled(scanned.files),
+      val: givenVal,
+      test,
+      layout: 'split-folders',
+      warnings,
+    };
   }
   const { train, val } = stratifiedSplit(scanned.files, classes, valSplit, seed);
-  return { classes, train, val, test, layout: splitLayout ? 'split-folders' : 'class-folders', warnings };
+  return {
+    classes,
+    train,
+    val,
+    test,
+    layout: splitLayout ? 'split-folders' : 'class-folders',
+    warnings,
+  };
 }
 
 /**
@@ -155,8 +177,11 @@ export function stratifiedSplit(
     let k = Math.round(list.length * fraction);
     if (fraction > 0 && k === 0 && list.length >= 2) k = 1;
     if (k >= list.length) k = list.length - 1;
-    list.forEach((p, i) => (i < k ? val : train).push({ path: p, label }));
+    list.forEach((p, i) => {
+      (i < k ? val : train).push({ path: p, label });
+    });
   });
-  const byPath = (a: LabelledFile, b: LabelledFile): number => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0);
+  const byPath = (a: LabelledFile, b: LabelledFile): number =>
+    a.path < b.path ? -1 : a.path > b.path ? 1 : 0;
   return { train: train.sort(byPath), val: val.sort(byPath) };
 }

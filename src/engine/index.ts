@@ -43,9 +43,13 @@ export interface EngineOptions {
  * Picks the engine for a frozen forward pass. `auto` lowers to ONNX Runtime unless the
  * model cannot be lowered or the tfjs backend is a GPU one (then tfjs, with the reason).
  */
-export async function createFrozenModel(source: FrozenModelSource, options: EngineOptions): Promise<EngineChoice> {
+export async function createFrozenModel(
+  source: FrozenModelSource,
+  options: EngineOptions,
+): Promise<EngineChoice> {
   const requested = oneOfValues('engine', options.engine ?? 'auto', ENGINE_OPTIONS);
-  const tfjs = (): FrozenModel => new TfjsFrozenModel(source.inputSize, source.outputSize, source.forward);
+  const tfjs = (): FrozenModel =>
+    new TfjsFrozenModel(source.inputSize, source.outputSize, source.forward);
   if (requested === 'tfjs') return { model: tfjs(), engine: 'tfjs', reason: null };
   let why: string | null = null;
   if (requested === 'auto' && options.backend.gpu) why = 'the tfjs backend runs on a GPU';
@@ -67,7 +71,11 @@ export async function createFrozenModel(source: FrozenModelSource, options: Engi
 }
 
 /** Lowers once per machine: the ONNX bytes are kept beside the embedding cache, keyed by the weights' hash. */
-async function loweredBytes(model: tf.LayersModel, hash: string | null, cacheDir: string | null): Promise<Uint8Array> {
+async function loweredBytes(
+  model: tf.LayersModel,
+  hash: string | null,
+  cacheDir: string | null,
+): Promise<Uint8Array> {
   if (!hash || !cacheDir) return lowerToOnnx(model);
   const file = path.join(cacheDir, 'onnx', `${hash}.onnx`);
   try {

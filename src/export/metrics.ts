@@ -52,7 +52,11 @@ export function classificationReport(
     accuracy: truth.length ? correct / truth.length : 0,
     count: truth.length,
     perClass,
-    macro: { precision: mean((m) => m.precision), recall: mean((m) => m.recall), f1: mean((m) => m.f1) },
+    macro: {
+      precision: mean((m) => m.precision),
+      recall: mean((m) => m.recall),
+      f1: mean((m) => m.f1),
+    },
     confusion,
     labels,
   };

@@ -19,7 +19,12 @@ export interface ClassifierMetadata {
   readonly preprocessing: Preprocessing;
   /** 'full': backbone + head in this model; 'head': features in, the backbone is `backbone`. */
   readonly contents: 'full' | 'head';
-  readonly backbone: { readonly id: string; readonly source: unknown; readonly inputSize: number; readonly featureLayer?: string };
+  readonly backbone: {
+    readonly id: string;
+    readonly source: unknown;
+    readonly inputSize: number;
+    readonly featureLayer?: string;
+  };
   /** Which weights were exported (the last stage's SWA average, its raw weights, …). */
   readonly weights: string;
 }
@@ -27,7 +32,11 @@ export interface ClassifierMetadata {
 export const MODEL_DIR = 'model';
 
 /** Saves a classifier into `outDir/model/` (model.json + weights.bin) with its metadata. */
-export async function saveClassifier(model: tf.LayersModel, outDir: string, metadata: ClassifierMetadata): Promise<string> {
+export async function saveClassifier(
+  model: tf.LayersModel,
+  outDir: string,
+  metadata: ClassifierMetadata,
+): Promise<string> {
   const dir = path.join(outDir, MODEL_DIR);
   model.setUserDefinedMetadata(metadata as unknown as Record<string, unknown>);
   await model.save(fileSaveHandler(dir));
@@ -50,15 +59,20 @@ export async function locateModelJson(location: string): Promise<string> {
       // try the next
     }
   }
-  throw fileError(location, 'no model found (expected a run folder from finetune train, its model/ folder or a model.json)');
+  throw fileError(
+    location,
+    'no model found (expected a run folder from finetune train, its model/ folder or a model.json)',
+  );
 }
 
 /** Loads a classifier saved by `saveClassifier` and its metadata. */
-export async function loadClassifierModel(location: string): Promise<{ model: tf.LayersModel; metadata: ClassifierMetadata; file: string }> {
+export async function loadClassifierModel(
+  location: string,
+): Promise<{ model: tf.LayersModel; metadata: ClassifierMetadata; file: string }> {
   const file = await locateModelJson(location);
   const model = await tf.loadLayersModel(fileLoadHandler(file));
   const metadata = model.getUserDefinedMetadata() as ClassifierMetadata | undefined;
-  if (!metadata || metadata.toolkit !== 'tfjs-finetune' || !Array.isArray(metadata.labels)) {
+  if (metadata?.toolkit !== 'tfjs-finetune' || !Array.isArray(metadata.labels)) {
     model.dispose();
     throw fileError(file, 'is not a tfjs-finetune classifier (no labels in its metadata)');
   }
@@ -68,4 +82,3 @@ export async function loadClassifierModel(location: string): Promise<{ model: tf
 export async function writeJson(file: string, value: unknown): Promise<void> {
   await writeFile(file, `${JSON.stringify(value, null, 2)}\n`);
 }
-

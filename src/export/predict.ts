@@ -1,15 +1,15 @@
 import { stat } from 'node:fs/promises';
 import * as tf from '@tensorflow/tfjs';
-import { type BackendOption, initBackend } from '../backend/index.js';
 import { type Backbone, loadBackbone } from '../backbones/load.js';
 import type { BackboneSpec } from '../backbones/registry.js';
+import { type BackendOption, initBackend } from '../backend/index.js';
 import { embedFiles, type SkippedFile } from '../data/embed.js';
 import { listFiles, scanClassFolders } from '../data/scan.js';
 import { createFrozenModel, type EngineOption } from '../engine/index.js';
 import type { FrozenModel } from '../engine/types.js';
 import { FinetuneError, fileError } from '../errors.js';
-import * as is from '../util/is.js';
 import { argmax } from '../train/fit.js';
+import * as is from '../util/is.js';
 import { type ClassificationReport, classificationReport } from './metrics.js';
 import { type ClassifierMetadata, loadClassifierModel } from './model-dir.js';
 
@@ -49,8 +49,18 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
     : (x: tf.Tensor4D) => model.predict(x) as tf.Tensor;
   try {
     const choice = await createFrozenModel(
-      { layersModel: bb ? null : model, inputSize: metadata.input.size, outputSize: metadata.labels.length, forward, hash: null },
-      { engine: options.engine ?? 'auto', backend, ...(options.threads !== undefined ? { threads: options.threads } : {}) },
+      {
+        layersModel: bb ? null : model,
+        inputSize: metadata.input.size,
+        outputSize: metadata.labels.length,
+        forward,
+        hash: null,
+      },
+      {
+        engine: options.engine ?? 'auto',
+        backend,
+        ...(options.threads !== undefined ? { threads: options.threads } : {}),
+      },
     );
     return {
       labels: metadata.labels,
@@ -73,7 +83,8 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
 function specFromMetadata(m: ClassifierMetadata): BackboneSpec | string {
   const src = m.backbone.source as BackboneSpec['source'];
   if (src.kind === 'model-json') return src.location;
-  if (src.kind === 'tfjs-models-mobilenet') return src.version === 1 ? 'mobilenet_v1' : 'mobilenet_v2';
+  if (src.kind === 'tfjs-models-mobilenet')
+    return src.version === 1 ? 'mobilenet_v1' : 'mobilenet_v2';
   return m.backbone.id;
 }
 
@@ -119,21 +130,33 @@ export async function expandInputs(inputs: readonly string[]): Promise<string[]>
  */
 export async function predict(options: PredictOptions): Promise<PredictResult> {
   const topK = is.positiveInteger('topK', options.topK ?? 3);
-  if (!options.inputs?.length) throw new FinetuneError('Expected at least one image file or folder for inputs but received none');
+  if (!options.inputs?.length)
+    throw new FinetuneError(
+      'Expected at least one image file or folder for inputs but received none',
+    );
   const files = await expandInputs(options.inputs);
   const classifier = await loadClassifier(options);
   try {
     const k = classifier.labels.length;
-    const result = await embedFiles(files, classifier.frozen, { batchSize: options.batchSize ?? 16 });
+    const result = await embedFiles(files, classifier.frozen, {
+      batchSize: options.batchSize ?? 16,
+    });
     const predictions = result.rows.map((r, i) => {
       const probs = Array.from(result.features.subarray(i * k, (i + 1) * k));
       const order = probs.map((p, c) => [p, c] as const).sort((a, b) => b[0] - a[0]);
       return {
         path: files[r]!,
-        top: order.slice(0, Math.min(topK, k)).map(([p, c]) => ({ label: classifier.labels[c]!, probability: p })),
+        top: order
+          .slice(0, Math.min(topK, k))
+          .map(([p, c]) => ({ label: classifier.labels[c]!, probability: p })),
       };
     });
-    return { predictions, skipped: result.skipped, engine: classifier.frozen.engine, labels: classifier.labels };
+    return {
+      predictions,
+      skipped: result.skipped,
+      engine: classifier.frozen.engine,
+      labels: classifier.labels,
+    };
   } finally {
     await classifier.dispose();
   }
@@ -165,7 +188,9 @@ export async function evaluate(options: EvaluateOptions): Promise<EvaluateResult
     }
     if (!files.length) throw new FinetuneError(`${options.data}: no images found in class folders`);
     const k = classifier.labels.length;
-    const result = await embedFiles(files, classifier.frozen, { batchSize: options.batchSize ?? 16 });
+    const result = await embedFiles(files, classifier.frozen, {
+      batchSize: options.batchSize ?? 16,
+    });
     const predicted = result.rows.map((_, i) => argmax(result.features, i * k, k));
     const report = classificationReport(
       result.rows.map((r) => truth[r]!),

@@ -36,16 +36,29 @@ export function applyHead(
       })
       .apply(x) as tf.SymbolicTensor;
   }
-  if (dropout > 0) x = tf.layers.dropout({ rate: dropout, name: 'head_dropout', seed }).apply(x) as tf.SymbolicTensor;
+  if (dropout > 0)
+    x = tf.layers
+      .dropout({ rate: dropout, name: 'head_dropout', seed })
+      .apply(x) as tf.SymbolicTensor;
   const logits = tf.layers
-    .dense({ units: numClasses, name: HEAD_LOGITS, kernelInitializer: tf.initializers.glorotUniform({ seed: seed + 1 }) })
+    .dense({
+      units: numClasses,
+      name: HEAD_LOGITS,
+      kernelInitializer: tf.initializers.glorotUniform({ seed: seed + 1 }),
+    })
     .apply(x) as tf.SymbolicTensor;
-  const probs = tf.layers.activation({ activation: 'softmax', name: HEAD_PROBS }).apply(logits) as tf.SymbolicTensor;
+  const probs = tf.layers
+    .activation({ activation: 'softmax', name: HEAD_PROBS })
+    .apply(logits) as tf.SymbolicTensor;
   return { logits, probs };
 }
 
 /** A head on its own: features [N, featureSize] in, probabilities out. */
-export function buildHead(featureSize: number, numClasses: number, options: HeadOptions = {}): tf.LayersModel {
+export function buildHead(
+  featureSize: number,
+  numClasses: number,
+  options: HeadOptions = {},
+): tf.LayersModel {
   const input = tf.input({ shape: [featureSize], name: 'features' });
   const { probs } = applyHead(input, numClasses, options);
   return tf.model({ inputs: input, outputs: probs, name: 'head' });
@@ -53,5 +66,22 @@ export function buildHead(featureSize: number, numClasses: number, options: Head
 
 /** The same model with its logits as output (shares every layer and variable). */
 export function logitsView(model: tf.LayersModel): tf.LayersModel {
-  return tf.model({ inputs: model.inputs, outputs: model.getLayer(HEAD_LOGITS).output as tf.SymbolicTensor });
+  return tf.model({
+    inputs: model.inputs,
+    outputs: model.getLayer(HEAD_LOGITS).output as tf.SymbolicTensor,
+  });
+}
+
+/**
+ * tfjs's Dropout reuses its configured seed on every call (the same mask each batch);
+ * the loop hands it a fresh seed per step instead, and NaN (no seed) when done so the
+ * saved config carries none.
+ */
+export function dropoutSeeder(model: tf.LayersModel): (seed: number) => void {
+  const layers = model.layers.filter((l) => l.getClassName() === 'Dropout') as unknown as {
+    seed?: number;
+  }[];
+  return (seed) => {
+    for (const l of layers) l.seed = Number.isNaN(seed) ? undefined : seed;
+  };
 }

@@ -65,7 +65,9 @@ export function fileSaveHandler(dir: string): tf.io.IOHandler {
     if (artifacts.trainingConfig) json.trainingConfig = artifacts.trainingConfig;
     if (artifacts.userDefinedMetadata) json.userDefinedMetadata = artifacts.userDefinedMetadata;
     const data = artifacts.weightData
-      ? new Uint8Array(tf.io.concatenateArrayBuffers(artifacts.weightData as ArrayBuffer | ArrayBuffer[]))
+      ? new Uint8Array(
+          tf.io.concatenateArrayBuffers(artifacts.weightData as ArrayBuffer | ArrayBuffer[]),
+        )
       : new Uint8Array(0);
     await writeFile(path.join(dir, weightsFile), data);
     await writeFile(path.join(dir, 'model.json'), JSON.stringify(json));

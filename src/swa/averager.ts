@@ -52,7 +52,8 @@ export class WeightAverager {
 
   /** Folds the targets' current values into the average. */
   update(): void {
-    if (this.saved) throw new Error('WeightAverager.update() while the averaged weights are swapped in');
+    if (this.saved)
+      throw new Error('WeightAverager.update() while the averaged weights are swapped in');
     if (!this.averages) {
       this.averages = this.targets.map((v) => ownedVariable(v.clone()));
       this.n = 1;
@@ -62,7 +63,10 @@ export class WeightAverager {
     tf.tidy(() => {
       this.averages!.forEach((avg, i) => {
         const w = this.targets[i]!;
-        const next = this.kind === 'swa' ? avg.add(w.sub(avg).div(n + 1)) : avg.mul(this.decay).add(w.mul(1 - this.decay));
+        const next =
+          this.kind === 'swa'
+            ? avg.add(w.sub(avg).div(n + 1))
+            : avg.mul(this.decay).add(w.mul(1 - this.decay));
         avg.assign(next);
       });
     });
@@ -79,13 +83,17 @@ export class WeightAverager {
     if (!this.averages) throw new Error('WeightAverager.swapIn() before any snapshot');
     if (this.saved) return;
     this.saved = this.targets.map((v) => v.clone());
-    this.targets.forEach((v, i) => v.assign(this.averages![i]!));
+    this.targets.forEach((v, i) => {
+      v.assign(this.averages![i]!);
+    });
   }
 
   /** Restores the raw values after `swapIn`. */
   swapOut(): void {
     if (!this.saved) return;
-    this.targets.forEach((v, i) => v.assign(this.saved![i]!));
+    this.targets.forEach((v, i) => {
+      v.assign(this.saved![i]!);
+    });
     tf.dispose(this.saved);
     this.saved = null;
   }
@@ -94,7 +102,9 @@ export class WeightAverager {
   apply(): void {
     if (!this.averages) throw new Error('WeightAverager.apply() before any snapshot');
     this.swapOut();
-    this.targets.forEach((v, i) => v.assign(this.averages![i]!));
+    this.targets.forEach((v, i) => {
+      v.assign(this.averages![i]!);
+    });
   }
 
   state(): AveragerState {
@@ -103,14 +113,19 @@ export class WeightAverager {
       decay: this.decay,
       count: this.n,
       names: this.targets.map((v) => v.name),
-      values: (this.averages ?? []).map((a) => ({ shape: a.shape, data: Array.from(a.dataSync()) })),
+      values: (this.averages ?? []).map((a) => ({
+        shape: a.shape,
+        data: Array.from(a.dataSync()),
+      })),
     };
   }
 
   /** Restores a state saved by `state()` for the same variables. */
   restore(state: AveragerState): void {
     if (state.values.length && state.values.length !== this.targets.length) {
-      throw new Error(`Averager state has ${state.values.length} tensors but ${this.targets.length} variables are averaged`);
+      throw new Error(
+        `Averager state has ${state.values.length} tensors but ${this.targets.length} variables are averaged`,
+      );
     }
     this.dispose();
     this.n = state.count;

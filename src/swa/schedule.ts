@@ -20,7 +20,8 @@ export interface SwaSchedule {
  * @example resolveSwaStart(0.75, 40) // → 30: snapshots after epochs 31…40
  */
 export function resolveSwaStart(swaStart: number, epochs: number, name = 'swaStart'): number {
-  if (!Number.isFinite(swaStart) || swaStart < 0) throw invalidOption(name, 'an epoch or a fraction of the epochs', swaStart);
+  if (!Number.isFinite(swaStart) || swaStart < 0)
+    throw invalidOption(name, 'an epoch or a fraction of the epochs', swaStart);
   const start = swaStart < 1 ? Math.floor(swaStart * epochs) : Math.floor(swaStart);
   if (start >= epochs) {
     throw invalidOption(name, `an epoch before the last (epochs is ${epochs})`, swaStart);

@@ -22,7 +22,9 @@ export class ArrayBatches implements Batches {
     this.rowLength = rowShape.reduce((a, b) => a * b, 1);
     this.size = labels.length;
     if (data.length !== this.size * this.rowLength) {
-      throw new Error(`ArrayBatches: ${data.length} values for ${this.size} rows of ${this.rowLength}`);
+      throw new Error(
+        `ArrayBatches: ${data.length} values for ${this.size} rows of ${this.rowLength}`,
+      );
     }
   }
   take(rows: ArrayLike<number>): tf.Tensor {
@@ -73,24 +75,46 @@ function lossOf(
   weights: tf.Tensor1D | null,
 ): tf.Scalar {
   const onehot = tf.oneHot(labels, numClasses);
-  return tf.losses.softmaxCrossEntropy(onehot, logits as tf.Tensor2D, weights ?? undefined, labelSmoothing) as tf.Scalar;
+  return tf.losses.softmaxCrossEntropy(
+    onehot,
+    logits as tf.Tensor2D,
+    weights ?? undefined,
+    labelSmoothing,
+  ) as tf.Scalar;
 }
 
 /**
  * Evaluates `forward` (inference mode) over `data` in batches. The loss has no label
  * smoothing and no class weights: it is the plain cross-entropy of the predictions.
  */
-export async function evaluateBatches(forward: Forward, data: Batches, batchSize: number, numClasses: number): Promise<Evaluation> {
+export async function evaluateBatches(
+  forward: Forward,
+  data: Batches,
+  batchSize: number,
+  numClasses: number,
+): Promise<Evaluation> {
   const probs = new Float32Array(data.size * numClasses);
   let lossSum = 0;
   let correct = 0;
   for (let start = 0; start < data.size; start += batchSize) {
-    const rows = Array.from({ length: Math.min(batchSize, data.size - start) }, (_, i) => start + i);
+    const rows = Array.from(
+      { length: Math.min(batchSize, data.size - start) },
+      (_, i) => start + i,
+    );
     const [p, l] = tf.tidy(() => {
       const x = data.take(rows);
       const logits = forward(x, false);
-      const labels = tf.tensor1d(rows.map((r) => data.labels[r]!), 'int32');
-      const loss = tf.losses.softmaxCrossEntropy(tf.oneHot(labels, numClasses), logits as tf.Tensor2D, undefined, 0, tf.Reduction.SUM);
+      const labels = tf.tensor1d(
+        rows.map((r) => data.labels[r]!),
+        'int32',
+      );
+      const loss = tf.losses.softmaxCrossEntropy(
+        tf.oneHot(labels, numClasses),
+        logits as tf.Tensor2D,
+        undefined,
+        0,
+        tf.Reduction.SUM,
+      );
       return [tf.softmax(logits), loss];
     });
     const pv = (await p.data()) as Float32Array;
@@ -101,7 +125,11 @@ export async function evaluateBatches(forward: Forward, data: Batches, batchSize
       if (argmax(pv, i * numClasses, numClasses) === data.labels[r]) correct++;
     });
   }
-  return { loss: data.size ? lossSum / data.size : Number.NaN, acc: data.size ? correct / data.size : Number.NaN, probs };
+  return {
+    loss: data.size ? lossSum / data.size : Number.NaN,
+    acc: data.size ? correct / data.size : Number.NaN,
+    probs,
+  };
 }
 
 /** Keras/sklearn 'balanced': n / (k · n_c) per class. */
@@ -122,7 +150,11 @@ export function argmax(values: ArrayLike<number>, offset: number, length: number
  * The one training loop: seeded shuffles, a step per batch, validation at every epoch
  * end, named callback events. Every batch's tensors are freed inside the step.
  */
-export async function fit(train: Batches, val: Batches | null, options: FitOptions): Promise<EpochLogs[]> {
+export async function fit(
+  train: Batches,
+  val: Batches | null,
+  options: FitOptions,
+): Promise<EpochLogs[]> {
   const { epochs, batchSize, optimizer, variables, forward, numClasses, labelSmoothing } = options;
   const callbacks = new CallbackList(options.callbacks);
   const random = seededRandom(options.seed);

@@ -1,4 +1,4 @@
-import * as tf from '@tensorflow/tfjs';
+import type * as tf from '@tensorflow/tfjs';
 import { WeightAverager } from '../swa/averager.js';
 import { swaCallback } from '../swa/callback.js';
 import { resolveSwaStart, type SwaSchedule, swaLearningRate } from '../swa/schedule.js';
@@ -53,7 +53,11 @@ export interface StageResult {
  * variables, then validation of raw and averaged weights. The variables end up
  * holding the averaged weights when averaging is on.
  */
-export async function runStage(train: Batches, val: Batches | null, o: StageOptions): Promise<StageResult> {
+export async function runStage(
+  train: Batches,
+  val: Batches | null,
+  o: StageOptions,
+): Promise<StageResult> {
   const optimizer = createOptimizer(o.optimizer, o.lr);
   let schedule: SwaSchedule | null = null;
   let averager: WeightAverager | null = null;
@@ -69,10 +73,16 @@ export async function runStage(train: Batches, val: Batches | null, o: StageOpti
     };
     const s = schedule;
     averager = new WeightAverager(o.variables);
-    lrCallback = learningRateSchedule((lr) => setLearningRate(optimizer, lr), (epoch) => swaLearningRate(s, o.lr, epoch));
+    lrCallback = learningRateSchedule(
+      (lr) => setLearningRate(optimizer, lr),
+      (epoch) => swaLearningRate(s, o.lr, epoch),
+    );
     callbacks.push(lrCallback, swaCallback(averager, schedule));
   } else {
-    lrCallback = learningRateSchedule((lr) => setLearningRate(optimizer, lr), () => o.lr);
+    lrCallback = learningRateSchedule(
+      (lr) => setLearningRate(optimizer, lr),
+      () => o.lr,
+    );
     callbacks.push(lrCallback);
   }
   callbacks.push(...(o.callbacks ?? []));
@@ -93,12 +103,12 @@ export async function runStage(train: Batches, val: Batches | null, o: StageOpti
       callbacks,
     });
     const evalBatch = Math.max(o.batchSize, 64);
-    const raw = val && val.size ? await evaluateBatches(o.forward, val, evalBatch, o.numClasses) : null;
+    const raw = val?.size ? await evaluateBatches(o.forward, val, evalBatch, o.numClasses) : null;
     let swa: Evaluation | null = null;
     const snapshots = averager?.count ?? 0;
     if (averager && snapshots > 0) {
       averager.apply();
-      if (val && val.size) swa = await evaluateBatches(o.forward, val, evalBatch, o.numClasses);
+      if (val?.size) swa = await evaluateBatches(o.forward, val, evalBatch, o.numClasses);
     }
     return { history, raw, swa, snapshots, kept: averager && snapshots > 0 ? 'swa' : 'raw' };
   } finally {

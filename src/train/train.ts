@@ -1,16 +1,16 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
-import { type BackendInfo, type BackendOption, initBackend } from '../backend/index.js';
 import { type Backbone, loadBackbone } from '../backbones/load.js';
 import { DEFAULT_BACKBONE } from '../backbones/registry.js';
+import { type BackendInfo, type BackendOption, initBackend } from '../backend/index.js';
 import { type EmbedProgress, embedFiles, type SkippedFile } from '../data/embed.js';
 import { type LabelledFile, loadSplits, type Splits } from '../data/scan.js';
 import { createFrozenModel, type EngineOption } from '../engine/index.js';
 import { FinetuneError, invalidOption } from '../errors.js';
 import { classificationReport } from '../export/metrics.js';
 import { type ClassifierMetadata, saveClassifier, writeJson } from '../export/model-dir.js';
-import { applyHead, buildHead, logitsView } from '../head/build.js';
+import { applyHead, buildHead, dropoutSeeder, logitsView } from '../head/build.js';
 import * as is from '../util/is.js';
 import { VERSION, versions } from '../version.js';
 import type { EpochLogs, TrainingCallback } from './callbacks.js';
@@ -106,7 +106,10 @@ export interface TrainSummary {
   readonly engine: string;
   readonly engineReason: string | null;
   readonly backbone: string;
-  readonly stages: Record<string, { raw: ValFigures | null; swa: ValFigures | null; snapshots: number; kept: string }>;
+  readonly stages: Record<
+    string,
+    { raw: ValFigures | null; swa: ValFigures | null; snapshots: number; kept: string }
+  >;
   /** Which weights model/ holds. */
   readonly exported: string;
   readonly val: ValFigures | null;
@@ -115,7 +118,9 @@ export interface TrainSummary {
 }
 
 /** The options with every default filled in, as written to config.json. */
-export type ResolvedTrainOptions = Required<Omit<TrainOptions, 'onEvent' | 'alpha' | 'featureLayer' | 'inputSize' | 'threads'>> &
+export type ResolvedTrainOptions = Required<
+  Omit<TrainOptions, 'onEvent' | 'alpha' | 'featureLayer' | 'inputSize' | 'threads'>
+> &
   Pick<TrainOptions, 'alpha' | 'featureLayer' | 'inputSize' | 'threads'>;
 
 function timestamp(): string {
@@ -124,7 +129,8 @@ function timestamp(): string {
 
 /** Fills defaults and validates every option at the boundary, in one wording. */
 export function resolveTrainOptions(o: TrainOptions): ResolvedTrainOptions {
-  if (!o || typeof o.data !== 'string' || !o.data) throw invalidOption('data', 'a folder of class folders', o?.data);
+  if (!o || typeof o.data !== 'string' || !o.data)
+    throw invalidOption('data', 'a folder of class folders', o?.data);
   const lr = is.positiveNumber('lr', o.lr ?? 1e-3);
   const epochs = is.positiveInteger('epochs', o.epochs ?? 40);
   const r: ResolvedTrainOptions = {
@@ -137,10 +143,17 @@ export function resolveTrainOptions(o: TrainOptions): ResolvedTrainOptions {
     seed: is.integer('seed', o.seed ?? 42),
     epochs,
     batchSize: is.positiveInteger('batchSize', o.batchSize ?? 32),
-    optimizer: is.oneOfValues('optimizer', o.optimizer ?? 'adam', Object.keys(OPTIMIZERS) as OptimizerName[]),
+    optimizer: is.oneOfValues(
+      'optimizer',
+      o.optimizer ?? 'adam',
+      Object.keys(OPTIMIZERS) as OptimizerName[],
+    ),
     lr,
     labelSmoothing: is.numberInRange('labelSmoothing', o.labelSmoothing ?? 0.1, 0, 1, true),
-    classWeights: is.oneOfValues('classWeights', o.classWeights ?? 'none', ['balanced', 'none'] as const),
+    classWeights: is.oneOfValues('classWeights', o.classWeights ?? 'none', [
+      'balanced',
+      'none',
+    ] as const),
     hidden: is.nonNegativeInteger('hidden', o.hidden ?? 0),
     dropout: is.numberInRange('dropout', o.dropout ?? 0.2, 0, 1, true),
     swa: is.boolean('swa', o.swa ?? true),
@@ -153,23 +166,41 @@ export function resolveTrainOptions(o: TrainOptions): ResolvedTrainOptions {
     maxPixels: is.positiveInteger('maxPixels', o.maxPixels ?? 100_000_000),
   };
   if (o.alpha !== undefined) r.alpha = is.positiveNumber('alpha', o.alpha);
-  if (o.featureLayer !== undefined) r.featureLayer = is.nonEmptyString('featureLayer', o.featureLayer);
+  if (o.featureLayer !== undefined)
+    r.featureLayer = is.nonEmptyString('featureLayer', o.featureLayer);
   if (o.inputSize !== undefined) r.inputSize = is.positiveInteger('inputSize', o.inputSize);
   if (o.threads !== undefined) r.threads = is.positiveInteger('threads', o.threads);
   if (!r.swa) {
-    const given = (['swaStart', 'swaFreq', 'swaLr', 'swaAnnealEpochs'] as const).filter((k) => o[k] !== undefined);
-    if (given.length) throw new FinetuneError(`${given.join(', ')} cannot be used with swa turned off`);
+    const given = (['swaStart', 'swaFreq', 'swaLr', 'swaAnnealEpochs'] as const).filter(
+      (k) => o[k] !== undefined,
+    );
+    if (given.length)
+      throw new FinetuneError(`${given.join(', ')} cannot be used with swa turned off`);
   } else {
     // Validated here so a bad value fails before any image is decoded.
     const start = r.swaStart;
-    if (typeof start !== 'number' || !Number.isFinite(start) || start < 0 || start >= epochs || (start >= 1 && !Number.isInteger(start))) {
-      throw invalidOption('swaStart', `an epoch from 1 to ${epochs - 1} or a fraction of the epochs below 1`, start);
+    if (
+      typeof start !== 'number' ||
+      !Number.isFinite(start) ||
+      start < 0 ||
+      start >= epochs ||
+      (start >= 1 && !Number.isInteger(start))
+    ) {
+      throw invalidOption(
+        'swaStart',
+        `an epoch from 1 to ${epochs - 1} or a fraction of the epochs below 1`,
+        start,
+      );
     }
   }
   return r;
 }
 
-function countBy(files: readonly LabelledFile[], rows: readonly number[] | null, classes: readonly string[]): Record<string, number> {
+function countBy(
+  files: readonly LabelledFile[],
+  rows: readonly number[] | null,
+  classes: readonly string[],
+): Record<string, number> {
   const counts = Object.fromEntries(classes.map((c) => [c, 0]));
   const picked = rows ? rows.map((r) => files[r]!) : files;
   for (const f of picked) counts[classes[f.label]!]!++;
@@ -219,11 +250,21 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
     ...(o.featureLayer !== undefined ? { featureLayer: o.featureLayer } : {}),
     ...(o.inputSize !== undefined ? { inputSize: o.inputSize } : {}),
   });
-  emit({ type: 'backbone', id: backbone.spec.id, inputSize: backbone.inputSize, featureSize: backbone.featureSize });
+  emit({
+    type: 'backbone',
+    id: backbone.spec.id,
+    inputSize: backbone.inputSize,
+    featureSize: backbone.featureSize,
+  });
   let head: tf.LayersModel | null = null;
   try {
     lap('load');
-    const { embedded, skipped, engine, engineReason } = await embedSplits(splits, backbone, o, emit);
+    const { embedded, skipped, engine, engineReason } = await embedSplits(
+      splits,
+      backbone,
+      o,
+      emit,
+    );
     lap('embed');
     const [trainSet, valSet, testSet] = embedded;
     const numClasses = splits.classes.length;
@@ -234,7 +275,9 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
     };
     const usable = splits.classes.filter((c) => counts.train[c]! > 0);
     if (usable.length < 2) {
-      throw new FinetuneError(`${o.data}: expected at least 2 classes with usable training images but found ${usable.length}`);
+      throw new FinetuneError(
+        `${o.data}: expected at least 2 classes with usable training images but found ${usable.length}`,
+      );
     }
     const warnings = [...splits.warnings];
     for (const c of splits.classes) {
@@ -256,7 +299,11 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
       },
     };
 
-    head = buildHead(backbone.featureSize, numClasses, { hidden: o.hidden, dropout: o.dropout, seed: o.seed });
+    head = buildHead(backbone.featureSize, numClasses, {
+      hidden: o.hidden,
+      dropout: o.dropout,
+      seed: o.seed,
+    });
     const logits = logitsView(head);
     const dim = backbone.featureSize;
     const batches = (e: Embedded): ArrayBatches => new ArrayBatches(e.features, [dim], e.labels);
@@ -272,21 +319,36 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
       optimizer: o.optimizer,
       lr: o.lr,
       labelSmoothing: o.labelSmoothing,
-      classWeights: o.classWeights === 'balanced' ? balancedWeights(trainSet!.labels, numClasses) : null,
+      classWeights:
+        o.classWeights === 'balanced' ? balancedWeights(trainSet!.labels, numClasses) : null,
       numClasses,
       seed: o.seed,
-      swa: o.swa ? { start: o.swaStart, freq: o.swaFreq, lr: o.swaLr, annealEpochs: o.swaAnnealEpochs } : null,
+      swa: o.swa
+        ? { start: o.swaStart, freq: o.swaFreq, lr: o.swaLr, annealEpochs: o.swaAnnealEpochs }
+        : null,
       callbacks: [logger],
     });
-    emit({ type: 'stage-end', stage: 'head', raw: headResult.raw?.acc ?? null, swa: headResult.swa?.acc ?? null });
+    emit({
+      type: 'stage-end',
+      stage: 'head',
+      raw: headResult.raw?.acc ?? null,
+      swa: headResult.swa?.acc ?? null,
+    });
     lap('head');
 
     const exported = `head-${headResult.kept}`;
     const val = figures(headResult.kept === 'swa' ? headResult.swa : headResult.raw);
     let test: TrainSummary['test'] = null;
     if (testSet!.files.length) {
-      const ev = await evaluateBatches((x) => head!.apply(x) as tf.Tensor, batches(testSet!), 256, numClasses);
-      const predicted = Array.from({ length: testSet!.labels.length }, (_, i) => argmax(ev.probs, i * numClasses, numClasses));
+      const ev = await evaluateBatches(
+        (x) => head!.apply(x) as tf.Tensor,
+        batches(testSet!),
+        256,
+        numClasses,
+      );
+      const predicted = Array.from({ length: testSet!.labels.length }, (_, i) =>
+        argmax(ev.probs, i * numClasses, numClasses),
+      );
       const report = classificationReport(testSet!.labels, predicted, splits.classes);
       test = { loss: ev.loss, acc: report.accuracy, macroF1: report.macro.f1 };
     }
@@ -306,7 +368,12 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
       engineReason,
       backbone: backbone.spec.id,
       stages: {
-        head: { raw: figures(headResult.raw), swa: figures(headResult.swa), snapshots: headResult.snapshots, kept: headResult.kept },
+        head: {
+          raw: figures(headResult.raw),
+          swa: figures(headResult.swa),
+          snapshots: headResult.snapshots,
+          kept: headResult.kept,
+        },
       },
       exported,
       val,
@@ -331,24 +398,17 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
   }
 }
 
-/**
- * tfjs's Dropout reuses its configured seed on every call (the same mask each batch);
- * the loop hands it a fresh seed per step instead, and NaN (no seed) when done so the
- * saved config carries none.
- */
-function dropoutSeeder(model: tf.LayersModel): (seed: number) => void {
-  const layers = model.layers.filter((l) => l.getClassName() === 'Dropout') as unknown as { seed?: number }[];
-  return (seed) => {
-    for (const l of layers) l.seed = Number.isNaN(seed) ? undefined : seed;
-  };
-}
-
 async function embedSplits(
   splits: Splits,
   backbone: Backbone,
   o: ResolvedTrainOptions,
   emit: (e: TrainEvent) => void,
-): Promise<{ embedded: Embedded[]; skipped: SkippedFile[]; engine: string; engineReason: string | null }> {
+): Promise<{
+  embedded: Embedded[];
+  skipped: SkippedFile[];
+  engine: string;
+  engineReason: string | null;
+}> {
   const backend = await initBackend(o.backend);
   const choice = await createFrozenModel(
     {
@@ -358,7 +418,12 @@ async function embedSplits(
       forward: (x) => backbone.embed(x),
       hash: backbone.weightsHash,
     },
-    { engine: o.engine, backend, ...(o.threads !== undefined ? { threads: o.threads } : {}), cacheDir: null },
+    {
+      engine: o.engine,
+      backend,
+      ...(o.threads !== undefined ? { threads: o.threads } : {}),
+      cacheDir: null,
+    },
   );
   emit({ type: 'engine', engine: choice.engine, reason: choice.reason });
   try {
@@ -391,14 +456,25 @@ async function embedSplits(
       });
       offset = end;
     }
-    return { embedded, skipped: [...result.skipped], engine: choice.engine, engineReason: choice.reason };
+    return {
+      embedded,
+      skipped: [...result.skipped],
+      engine: choice.engine,
+      engineReason: choice.reason,
+    };
   } finally {
     await choice.model.dispose();
   }
 }
 
 /** Writes model/ (backbone + head, or the head alone for graph backbones). */
-async function exportRun(o: ResolvedTrainOptions, backbone: Backbone, head: tf.LayersModel, classes: readonly string[], weights: string): Promise<void> {
+async function exportRun(
+  o: ResolvedTrainOptions,
+  backbone: Backbone,
+  head: tf.LayersModel,
+  classes: readonly string[],
+  weights: string,
+): Promise<void> {
   const metadataBase = {
     toolkit: 'tfjs-finetune' as const,
     version: VERSION,
@@ -414,17 +490,27 @@ async function exportRun(o: ResolvedTrainOptions, backbone: Backbone, head: tf.L
     weights,
   };
   if (!backbone.model) {
-    await saveClassifier(head, o.out, { ...metadataBase, contents: 'head' } satisfies ClassifierMetadata);
+    await saveClassifier(head, o.out, {
+      ...metadataBase,
+      contents: 'head',
+    } satisfies ClassifierMetadata);
     return;
   }
   const body = backbone.model;
-  const { probs } = applyHead(body.outputs[0]!, classes.length, { hidden: o.hidden, dropout: o.dropout, seed: o.seed });
+  const { probs } = applyHead(body.outputs[0]!, classes.length, {
+    hidden: o.hidden,
+    dropout: o.dropout,
+    seed: o.seed,
+  });
   const full = tf.model({ inputs: body.inputs, outputs: probs, name: 'classifier' });
   for (const layer of head.layers) {
     if (layer.getClassName() === 'InputLayer' || layer.weights.length === 0) continue;
     full.getLayer(layer.name).setWeights(layer.getWeights());
   }
-  await saveClassifier(full, o.out, { ...metadataBase, contents: 'full' } satisfies ClassifierMetadata);
+  await saveClassifier(full, o.out, {
+    ...metadataBase,
+    contents: 'full',
+  } satisfies ClassifierMetadata);
   // The body's layers are shared with `backbone`; only the new head layers belong to `full`.
   for (const layer of full.layers) if (layer.name.startsWith('head_')) layer.dispose();
 }

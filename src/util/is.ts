@@ -37,18 +37,24 @@ export function numberInRange(
     value >= min &&
     (exclusiveMax ? value < max : value <= max);
   if (!ok) {
-    throw invalidOption(name, `a number from ${min} to ${max}${exclusiveMax ? ' (exclusive)' : ''}`, value);
+    throw invalidOption(
+      name,
+      `a number from ${min} to ${max}${exclusiveMax ? ' (exclusive)' : ''}`,
+      value,
+    );
   }
   return value as number;
 }
 
 export function integer(name: string, value: unknown): number {
-  if (typeof value !== 'number' || !Number.isInteger(value)) throw invalidOption(name, 'an integer', value);
+  if (typeof value !== 'number' || !Number.isInteger(value))
+    throw invalidOption(name, 'an integer', value);
   return value;
 }
 
 export function nonEmptyString(name: string, value: unknown): string {
-  if (typeof value !== 'string' || value.length === 0) throw invalidOption(name, 'a non-empty string', value);
+  if (typeof value !== 'string' || value.length === 0)
+    throw invalidOption(name, 'a non-empty string', value);
   return value;
 }
 
@@ -70,7 +76,11 @@ export function oneOf<T>(name: string, key: unknown, table: Readonly<Record<stri
 }
 
 /** Like `oneOf` for a plain list of allowed strings. */
-export function oneOfValues<T extends string>(name: string, value: unknown, values: readonly T[]): T {
+export function oneOfValues<T extends string>(
+  name: string,
+  value: unknown,
+  values: readonly T[],
+): T {
   if (typeof value !== 'string' || !values.includes(value as T)) {
     throw invalidOption(name, `one of ${values.join(', ')}`, value);
   }

@@ -29,9 +29,16 @@ test('stratified split is per class, seeded and repeatable', () => {
   const s3 = stratifiedSplit(map, ['a', 'b', 'c'], 0.2, 8);
   assert.deepEqual(s1, s2);
   assert.notDeepEqual(s1.val, s3.val);
-  const perClass = (list: { label: number }[], l: number): number => list.filter((f) => f.label === l).length;
-  assert.deepEqual([0, 1, 2].map((l) => perClass(s1.val, l)), [2, 1, 0]);
-  assert.deepEqual([0, 1, 2].map((l) => perClass(s1.train, l)), [8, 4, 1]);
+  const perClass = (list: { label: number }[], l: number): number =>
+    list.filter((f) => f.label === l).length;
+  assert.deepEqual(
+    [0, 1, 2].map((l) => perClass(s1.val, l)),
+    [2, 1, 0],
+  );
+  assert.deepEqual(
+    [0, 1, 2].map((l) => perClass(s1.train, l)),
+    [8, 4, 1],
+  );
   const all = [...s1.train, ...s1.val].map((f) => f.path).sort();
   assert.deepEqual(all, [...map.values()].flat().sort());
 });
@@ -49,7 +56,11 @@ test('class folders: sorted classes, hidden and stray files ignored, empty class
   assert.equal(s.train.length + s.val.length, 7);
   assert.equal(s.val.length, 2);
   assert.deepEqual(s.warnings, [`${path.join(d, 'empty')}: empty class folder, ignored`]);
-  assert.ok(![...s.train, ...s.val].some((f) => f.path.includes('.DS_Store') || f.path.endsWith('stray.jpg')));
+  assert.ok(
+    ![...s.train, ...s.val].some(
+      (f) => f.path.includes('.DS_Store') || f.path.endsWith('stray.jpg'),
+    ),
+  );
 });
 
 test('train/val/test folders are used as they are', async () => {
@@ -62,8 +73,14 @@ test('train/val/test folders are used as they are', async () => {
   assert.equal(s.layout, 'split-folders');
   assert.deepEqual(s.classes, ['cat', 'dog']);
   assert.equal(s.train.length, 3);
-  assert.deepEqual(s.val.map((f) => [path.basename(f.path), f.label]), [['v.png', 0]]);
-  assert.deepEqual(s.test.map((f) => [path.basename(f.path), f.label]), [['t.png', 1]]);
+  assert.deepEqual(
+    s.val.map((f) => [path.basename(f.path), f.label]),
+    [['v.png', 0]],
+  );
+  assert.deepEqual(
+    s.test.map((f) => [path.basename(f.path), f.label]),
+    [['t.png', 1]],
+  );
 });
 
 test('fewer than 2 classes, unknown val class and missing folder are clear errors', async () => {
@@ -79,5 +96,7 @@ test('fewer than 2 classes, unknown val class and missing folder are clear error
   await assert.rejects(loadSplits(bad), {
     message: `${path.join(bad, 'val', 'c')}: class 'c' is not one of the training classes (a, b)`,
   });
-  await assert.rejects(loadSplits(path.join(root, 'nope')), { message: `${path.join(root, 'nope')}: data directory not found or not a directory` });
+  await assert.rejects(loadSplits(path.join(root, 'nope')), {
+    message: `${path.join(root, 'nope')}: data directory not found or not a directory`,
+  });
 });

@@ -1,12 +1,24 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
-import type { EpochLogs } from '../../src/train/callbacks.js';
 import { WeightAverager } from '../../src/swa/averager.js';
 import { swaCallback } from '../../src/swa/callback.js';
-import { isSnapshotEpoch, resolveSwaStart, type SwaSchedule, swaLearningRate } from '../../src/swa/schedule.js';
+import {
+  isSnapshotEpoch,
+  resolveSwaStart,
+  type SwaSchedule,
+  swaLearningRate,
+} from '../../src/swa/schedule.js';
+import type { EpochLogs } from '../../src/train/callbacks.js';
 
-const logs = (epoch: number): EpochLogs => ({ stage: 't', epoch, loss: 0, acc: 0, lr: 0, seconds: 0 });
+const logs = (epoch: number): EpochLogs => ({
+  stage: 't',
+  epoch,
+  loss: 0,
+  acc: 0,
+  lr: 0,
+  seconds: 0,
+});
 
 test('SWA with freq 2 averages exactly the snapshot epochs, counted in snapshots', async () => {
   const before = tf.memory().numTensors;
@@ -14,7 +26,13 @@ test('SWA with freq 2 averages exactly the snapshot epochs, counted in snapshots
   const b = tf.tidy(() => tf.variable(tf.scalar(0), true, 'swa_test_b'));
   const averager = new WeightAverager([a, b]);
   // start at epoch index 1, every 2nd epoch: snapshots after epochs 1, 3, 5 of 0..6
-  const schedule: SwaSchedule = { startEpoch: 1, freq: 2, swaLr: 0.1, annealEpochs: 0, annealStrategy: 'cos' };
+  const schedule: SwaSchedule = {
+    startEpoch: 1,
+    freq: 2,
+    swaLr: 0.1,
+    annealEpochs: 0,
+    annealStrategy: 'cos',
+  };
   const cb = swaCallback(averager, schedule);
   const values = [10, 1, 20, 3, 30, 8, 40];
   const seen: (number | undefined)[] = [];
@@ -75,8 +93,17 @@ test('EMA weighting and state round trip', () => {
 test('swa start as a fraction or an epoch, and the LR schedule', () => {
   assert.equal(resolveSwaStart(0.75, 40), 30);
   assert.equal(resolveSwaStart(5, 10), 5);
-  assert.throws(() => resolveSwaStart(10, 10), /Expected an epoch before the last \(epochs is 10\) for swaStart but received 10/);
-  const s: SwaSchedule = { startEpoch: 4, freq: 3, swaLr: 0.01, annealEpochs: 0, annealStrategy: 'cos' };
+  assert.throws(
+    () => resolveSwaStart(10, 10),
+    /Expected an epoch before the last \(epochs is 10\) for swaStart but received 10/,
+  );
+  const s: SwaSchedule = {
+    startEpoch: 4,
+    freq: 3,
+    swaLr: 0.01,
+    annealEpochs: 0,
+    annealStrategy: 'cos',
+  };
   assert.deepEqual(
     Array.from({ length: 12 }, (_, e) => isSnapshotEpoch(s, e)),
     [false, false, false, false, true, false, false, true, false, false, true, false],
@@ -86,5 +113,7 @@ test('swa start as a fraction or an epoch, and the LR schedule', () => {
   const annealed: SwaSchedule = { ...s, annealEpochs: 2, annealStrategy: 'linear' };
   assert.ok(Math.abs(swaLearningRate(annealed, 0.1, 4) - 0.055) < 1e-12);
   assert.ok(Math.abs(swaLearningRate(annealed, 0.1, 5) - 0.01) < 1e-12);
-  assert.ok(Math.abs(swaLearningRate({ ...annealed, annealStrategy: 'cos' }, 0.1, 4) - 0.055) < 1e-12);
+  assert.ok(
+    Math.abs(swaLearningRate({ ...annealed, annealStrategy: 'cos' }, 0.1, 4) - 0.055) < 1e-12,
+  );
 });

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { before, test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
 import { initBackend } from '../../src/backend/index.js';
-import { buildHead, logitsView } from '../../src/head/build.js';
+import { buildHead, dropoutSeeder, logitsView } from '../../src/head/build.js';
 import { ArrayBatches, balancedWeights } from '../../src/train/fit.js';
 import { runStage, type StageOptions } from '../../src/train/stage.js';
 import { seededRandom } from '../../src/util/random.js';
@@ -25,15 +25,20 @@ function blobs(n: number, seed: number): ArrayBatches {
   return new ArrayBatches(x, [dim], y);
 }
 
-async function trainOnce(swa: boolean): Promise<{ acc: number; rawAcc: number; snapshots: number; losses: number[]; weights: number[] }> {
+async function trainOnce(swa: boolean): Promise<{
+  acc: number;
+  rawAcc: number;
+  snapshots: number;
+  losses: number[];
+  weights: number[];
+}> {
   const head = buildHead(16, 3, { hidden: 8, dropout: 0.2, seed: 3 });
   const logits = logitsView(head);
-  const dropouts = head.layers.filter((l) => l.getClassName() === 'Dropout') as unknown as { seed?: number }[];
   const options: StageOptions = {
     name: 'head',
     forward: (x, training) => logits.apply(x, { training }) as tf.Tensor,
     variables: head.trainableWeights.map((w) => w.read() as tf.Variable),
-    reseed: (s) => dropouts.forEach((d) => (d.seed = Number.isNaN(s) ? undefined : s)),
+    reseed: dropoutSeeder(head),
     epochs: 8,
     batchSize: 16,
     optimizer: 'adam',

@@ -19,17 +19,39 @@ before(async () => {
   ({ dir, cleanup } = await tempDir('train'));
   backbone = await writeTinyBackbone(dir);
   data = path.join(dir, 'data');
-  await writeColourDataset(data, 10, { red: [220, 30, 30], green: [30, 200, 40], blue: [20, 40, 230] });
+  await writeColourDataset(data, 10, {
+    red: [220, 30, 30],
+    green: [30, 200, 40],
+    blue: [20, 40, 230],
+  });
   // every kind of unusable file, inside class folders
   const good = await readFile(path.join(data, 'red', '0.png'));
-  await writeFile(path.join(data, 'red', 'corrupt.png'), Buffer.concat([good.subarray(0, 40), Buffer.alloc(200, 7)]));
-  const jpeg = await sharp({ create: { width: 64, height: 64, channels: 3, background: '#808080', noise: { type: 'gaussian', mean: 128, sigma: 40 } } }).jpeg().toBuffer();
-  await writeFile(path.join(data, 'green', 'truncated.jpg'), jpeg.subarray(0, Math.floor(jpeg.length / 2)));
+  await writeFile(
+    path.join(data, 'red', 'corrupt.png'),
+    Buffer.concat([good.subarray(0, 40), Buffer.alloc(200, 7)]),
+  );
+  const jpeg = await sharp({
+    create: {
+      width: 64,
+      height: 64,
+      channels: 3,
+      background: '#808080',
+      noise: { type: 'gaussian', mean: 128, sigma: 40 },
+    },
+  })
+    .jpeg()
+    .toBuffer();
+  await writeFile(
+    path.join(data, 'green', 'truncated.jpg'),
+    jpeg.subarray(0, Math.floor(jpeg.length / 2)),
+  );
   await writeFile(path.join(data, 'green', 'empty.jpg'), Buffer.alloc(0));
   await writeFile(path.join(data, 'blue', 'notes.txt'), 'not an image');
   await writeFile(
     path.join(data, 'blue', 'huge.png'),
-    await sharp({ create: { width: 300, height: 300, channels: 3, background: '#123456' } }).png().toBuffer(),
+    await sharp({ create: { width: 300, height: 300, channels: 3, background: '#123456' } })
+      .png()
+      .toBuffer(),
   );
 });
 after(async () => {
@@ -64,8 +86,16 @@ for (const engine of ['onnx', 'tfjs'] as const) {
     assert.equal(tf.memory().numTensors, before);
     assert.equal(summary.engine, engine);
     assert.equal(summary.backend, 'wasm');
-    const skipped = Object.fromEntries(summary.skipped.map((s) => [path.relative(data, s.path), s.reason]));
-    assert.deepEqual(Object.keys(skipped).sort(), ['blue/huge.png', 'blue/notes.txt', 'green/empty.jpg', 'green/truncated.jpg', 'red/corrupt.png']);
+    const skipped = Object.fromEntries(
+      summary.skipped.map((s) => [path.relative(data, s.path), s.reason]),
+    );
+    assert.deepEqual(Object.keys(skipped).sort(), [
+      'blue/huge.png',
+      'blue/notes.txt',
+      'green/empty.jpg',
+      'green/truncated.jpg',
+      'red/corrupt.png',
+    ]);
     assert.match(skipped['green/empty.jpg']!, /^empty file/);
     assert.match(skipped['blue/notes.txt']!, /^not an image/);
     assert.match(skipped['blue/huge.png']!, /^too many pixels/);
@@ -82,9 +112,22 @@ for (const engine of ['onnx', 'tfjs'] as const) {
     const config = JSON.parse(await readFile(path.join(out, 'config.json'), 'utf8'));
     assert.equal(config.epochs, 20);
     assert.equal(config.backendInfo.option, 'wasm');
-    const metrics = (await readFile(path.join(out, 'metrics.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l));
+    const metrics = (await readFile(path.join(out, 'metrics.jsonl'), 'utf8'))
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l));
     assert.equal(metrics.length, 20);
-    assert.deepEqual(Object.keys(metrics[19]).sort(), ['acc', 'epoch', 'loss', 'lr', 'seconds', 'snapshots', 'stage', 'val_acc', 'val_loss']);
+    assert.deepEqual(Object.keys(metrics[19]).sort(), [
+      'acc',
+      'epoch',
+      'loss',
+      'lr',
+      'seconds',
+      'snapshots',
+      'stage',
+      'val_acc',
+      'val_loss',
+    ]);
 
     // frozen: every backbone weight in the export equals the original file, bit for bit
     const original = await weightsOf(backbone);
@@ -93,13 +136,25 @@ for (const engine of ['onnx', 'tfjs'] as const) {
     for (const [name, values] of original) {
       const got = exported.get(name);
       assert.ok(got, `exported model lacks ${name}`);
-      assert.deepEqual(Buffer.from(got.buffer, got.byteOffset, got.byteLength), Buffer.from(values.buffer, values.byteOffset, values.byteLength), name);
+      assert.deepEqual(
+        Buffer.from(got.buffer, got.byteOffset, got.byteLength),
+        Buffer.from(values.buffer, values.byteOffset, values.byteLength),
+        name,
+      );
     }
   });
 }
 
 test('same data, seed and backend give identical summary metrics', async () => {
-  const run = (name: string) => train({ data, out: path.join(dir, name), backbone, epochs: 6, batchSize: 8, maxPixels: 50_000 });
+  const run = (name: string) =>
+    train({
+      data,
+      out: path.join(dir, name),
+      backbone,
+      epochs: 6,
+      batchSize: 8,
+      maxPixels: 50_000,
+    });
   const a = await run('repeat-a');
   const b = await run('repeat-b');
   assert.deepEqual(a.stages, b.stages);
@@ -107,13 +162,18 @@ test('same data, seed and backend give identical summary metrics', async () => {
 });
 
 test('options are checked before any work, in one wording', () => {
-  assert.throws(() => resolveTrainOptions({ data: 'x', epochs: -1 }), { message: 'Expected a positive integer for epochs but received -1' });
+  assert.throws(() => resolveTrainOptions({ data: 'x', epochs: -1 }), {
+    message: 'Expected a positive integer for epochs but received -1',
+  });
   assert.throws(() => resolveTrainOptions({ data: 'x', optimizer: 'rmsprop' as never }), {
     message: "Expected one of adam, sgd, momentum for optimizer but received 'rmsprop'",
   });
   assert.throws(() => resolveTrainOptions({ data: 'x', epochs: 10, swaStart: 10 }), {
-    message: 'Expected an epoch from 1 to 9 or a fraction of the epochs below 1 for swaStart but received 10',
+    message:
+      'Expected an epoch from 1 to 9 or a fraction of the epochs below 1 for swaStart but received 10',
   });
-  assert.throws(() => resolveTrainOptions({ data: 'x', swa: false, swaLr: 0.1 }), { message: 'swaLr cannot be used with swa turned off' });
+  assert.throws(() => resolveTrainOptions({ data: 'x', swa: false, swaLr: 0.1 }), {
+    message: 'swaLr cannot be used with swa turned off',
+  });
   assert.equal(resolveTrainOptions({ data: 'x', lr: 0.01 }).swaLr, 0.005);
 });
