@@ -50,7 +50,7 @@ export function builder(y: Argv) {
       choices: Object.keys(OPTIMIZERS),
       describe: '[default: adam]',
     })
-    .option('lr', { type: 'number', describe: 'Learning rate [default: 0.001]' })
+    .option('lr', { type: 'number', describe: 'Learning rate [default: 0.01]' })
     .option('label-smoothing', { type: 'number', describe: '[default: 0.1]' })
     .option('class-weights', {
       type: 'string',
