@@ -4,7 +4,7 @@ import type * as tf from '@tensorflow/tfjs';
 import type { BackendInfo } from '../backend/index.js';
 import { FinetuneError } from '../errors.js';
 import { oneOfValues } from '../util/is.js';
-import { canLowerToOnnx, lowerToOnnx } from './onnx/lower.js';
+import { lowerToOnnx, UnsupportedLayerError } from './onnx/lower.js';
 import { OnnxFrozenModel } from './onnx/session.js';
 import { TfjsFrozenModel } from './tfjs.js';
 import type { EngineName, FrozenModel } from './types.js';
@@ -22,6 +22,8 @@ export interface EngineChoice {
 export interface FrozenModelSource {
   /** A layers model (raw NHWC pixels in) that can be lowered to ONNX; null for graph models. */
   readonly layersModel: tf.LayersModel | null;
+  /** An already lowered copy (e.g. an exported model.onnx): used as it is. */
+  readonly onnx?: Uint8Array;
   readonly inputSize: number;
   readonly outputSize: number;
   /** The tfjs forward pass (the fallback). */
@@ -52,17 +54,22 @@ export async function createFrozenModel(
     new TfjsFrozenModel(source.inputSize, source.outputSize, source.forward);
   if (requested === 'tfjs') return { model: tfjs(), engine: 'tfjs', reason: null };
   let why: string | null = null;
+  let bytes: Uint8Array | null = null;
   if (requested === 'auto' && options.backend.gpu) why = 'the tfjs backend runs on a GPU';
+  else if (source.onnx) bytes = source.onnx;
   else if (!source.layersModel) why = 'graph models cannot be lowered to ONNX';
   else {
-    const check = canLowerToOnnx(source.layersModel);
-    if (!check.ok) why = check.reason;
+    try {
+      bytes = await loweredBytes(source.layersModel, source.hash, options.cacheDir ?? null);
+    } catch (err) {
+      if (!(err instanceof UnsupportedLayerError)) throw err;
+      why = err.message;
+    }
   }
-  if (why) {
+  if (why || !bytes) {
     if (requested === 'onnx') throw new FinetuneError(`Cannot use --engine onnx: ${why}`);
     return { model: tfjs(), engine: 'tfjs', reason: why };
   }
-  const bytes = await loweredBytes(source.layersModel!, source.hash, options.cacheDir ?? null);
   const model = await OnnxFrozenModel.create(bytes, {
     inputSize: source.inputSize,
     ...(options.threads !== undefined ? { threads: options.threads } : {}),

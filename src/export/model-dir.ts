@@ -30,6 +30,8 @@ export interface ClassifierMetadata {
 }
 
 export const MODEL_DIR = 'model';
+/** The ONNX copy of a full classifier, beside model.json. */
+export const ONNX_FILE = 'model.onnx';
 
 /** Saves a classifier into `outDir/model/` (model.json + weights.bin) with its metadata. */
 export async function saveClassifier(

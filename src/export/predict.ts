@@ -1,4 +1,5 @@
-import { stat } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
+import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { type Backbone, loadBackbone } from '../backbones/load.js';
 import type { BackboneSpec } from '../backbones/registry.js';
@@ -11,7 +12,7 @@ import { FinetuneError, fileError } from '../errors.js';
 import { argmax } from '../train/fit.js';
 import * as is from '../util/is.js';
 import { type ClassificationReport, classificationReport } from './metrics.js';
-import { type ClassifierMetadata, loadClassifierModel } from './model-dir.js';
+import { type ClassifierMetadata, loadClassifierModel, ONNX_FILE } from './model-dir.js';
 
 export interface ClassifierRunOptions {
   /** Run folder, its model/ folder, or a model.json. */
@@ -38,7 +39,11 @@ export interface Classifier {
 /** Loads a classifier exported by `train` onto the chosen engine. */
 export async function loadClassifier(options: ClassifierRunOptions): Promise<Classifier> {
   const backend = await initBackend(options.backend ?? 'auto');
-  const { model, metadata } = await loadClassifierModel(options.model);
+  const { model, metadata, file } = await loadClassifierModel(options.model);
+  const onnx =
+    metadata.contents === 'full' && options.engine !== 'tfjs'
+      ? await readOptional(path.join(path.dirname(file), ONNX_FILE))
+      : null;
   let backbone: Backbone | null = null;
   if (metadata.contents === 'head') {
     backbone = await loadBackbone(specFromMetadata(metadata), { inputSize: metadata.input.size });
@@ -51,6 +56,7 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
     const choice = await createFrozenModel(
       {
         layersModel: bb ? null : model,
+        ...(onnx ? { onnx } : {}),
         inputSize: metadata.input.size,
         outputSize: metadata.labels.length,
         forward,
@@ -77,6 +83,14 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
     model.dispose();
     bb?.dispose();
     throw err;
+  }
+}
+
+async function readOptional(file: string): Promise<Uint8Array | null> {
+  try {
+    return new Uint8Array(await readFile(file));
+  } catch {
+    return null;
   }
 }
 

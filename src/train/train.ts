@@ -7,9 +7,15 @@ import { type BackendInfo, type BackendOption, initBackend } from '../backend/in
 import { type EmbedProgress, embedFiles, type SkippedFile } from '../data/embed.js';
 import { type LabelledFile, loadSplits, type Splits } from '../data/scan.js';
 import { createFrozenModel, type EngineOption } from '../engine/index.js';
+import { lowerToOnnx, UnsupportedLayerError } from '../engine/onnx/lower.js';
 import { FinetuneError, invalidOption } from '../errors.js';
 import { classificationReport } from '../export/metrics.js';
-import { type ClassifierMetadata, saveClassifier, writeJson } from '../export/model-dir.js';
+import {
+  type ClassifierMetadata,
+  ONNX_FILE,
+  saveClassifier,
+  writeJson,
+} from '../export/model-dir.js';
 import { applyHead, buildHead, dropoutSeeder, logitsView } from '../head/build.js';
 import * as is from '../util/is.js';
 import { VERSION, versions } from '../version.js';
@@ -115,6 +121,8 @@ export interface TrainSummary {
   >;
   /** Which weights model/ holds. */
   readonly exported: string;
+  /** model/model.onnx when the classifier could be lowered (not for graph backbones). */
+  readonly onnx: string | null;
   readonly val: ValFigures | null;
   readonly test: (ValFigures & { macroF1: number }) | null;
   readonly seconds: Record<string, number>;
@@ -356,7 +364,7 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
       test = { loss: ev.loss, acc: report.accuracy, macroF1: report.macro.f1 };
     }
 
-    await exportRun(o, backbone, head, splits.classes, exported);
+    const onnxFile = await exportRun(o, backbone, head, splits.classes, exported);
     lap('export');
     seconds['total'] = (performance.now() - t0) / 1000;
 
@@ -379,6 +387,7 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
         },
       },
       exported,
+      onnx: onnxFile ? path.join(o.out, 'model', onnxFile) : null,
       val,
       test,
       seconds,
@@ -470,14 +479,17 @@ async function embedSplits(
   }
 }
 
-/** Writes model/ (backbone + head, or the head alone for graph backbones). */
+/**
+ * Writes model/ (backbone + head, or the head alone for graph backbones) and returns the
+ * name of the ONNX copy written beside it, when the classifier could be lowered.
+ */
 async function exportRun(
   o: ResolvedTrainOptions,
   backbone: Backbone,
   head: tf.LayersModel,
   classes: readonly string[],
   weights: string,
-): Promise<void> {
+): Promise<string | null> {
   const metadataBase = {
     toolkit: 'tfjs-finetune' as const,
     version: VERSION,
@@ -497,7 +509,7 @@ async function exportRun(
       ...metadataBase,
       contents: 'head',
     } satisfies ClassifierMetadata);
-    return;
+    return null;
   }
   const body = backbone.model;
   const { probs } = applyHead(body.outputs[0]!, classes.length, {
@@ -510,10 +522,19 @@ async function exportRun(
     if (layer.getClassName() === 'InputLayer' || layer.weights.length === 0) continue;
     full.getLayer(layer.name).setWeights(layer.getWeights());
   }
-  await saveClassifier(full, o.out, {
+  const dir = await saveClassifier(full, o.out, {
     ...metadataBase,
     contents: 'full',
   } satisfies ClassifierMetadata);
+  // The same classifier for onnxruntime in any language: NCHW raw pixels in, probabilities out.
+  let onnx: string | null = null;
+  try {
+    await writeFile(path.join(dir, ONNX_FILE), lowerToOnnx(full));
+    onnx = ONNX_FILE;
+  } catch (err) {
+    if (!(err instanceof UnsupportedLayerError)) throw err;
+  }
   // The body's layers are shared with `backbone`; only the new head layers belong to `full`.
   for (const layer of full.layers) if (layer.name.startsWith('head_')) layer.dispose();
+  return onnx;
 }
