@@ -18,6 +18,15 @@ export {
   initBackend,
 } from './backend/index.js';
 // Data
+export {
+  type CacheClearOptions,
+  type CacheInfo,
+  type CacheNamespace,
+  type CacheNamespaceInfo,
+  defaultCacheDir,
+  EmbeddingCache,
+  parseDuration,
+} from './data/cache.js';
 export { type DecodeResult, decodeImage, sniffImageType } from './data/decode.js';
 export { type EmbedOptions, type EmbedResult, embedFiles, type SkippedFile } from './data/embed.js';
 export {

@@ -2,6 +2,7 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { FinetuneError, VERSION } from '../index.js';
+import * as cacheCommand from './cache.js';
 import * as evaluateCommand from './evaluate.js';
 import * as modelsCommand from './models.js';
 import * as predictCommand from './predict.js';
@@ -66,7 +67,9 @@ async function main(): Promise<void> {
     .command(evaluateCommand as any)
     // biome-ignore lint/suspicious/noExplicitAny: as above
     .command(modelsCommand as any)
-    .demandCommand(1, 'Name a command: train, predict, evaluate or models')
+    // biome-ignore lint/suspicious/noExplicitAny: as above
+    .command(cacheCommand as any)
+    .demandCommand(1, 'Name a command: train, predict, evaluate, models or cache')
     .recommendCommands()
     .strict()
     .wrap(Math.min(110, process.stdout.columns ?? 100))

@@ -1,0 +1,84 @@
+import type { Argv } from 'yargs';
+import { defaultCacheDir, EmbeddingCache, parseDuration } from '../data/cache.js';
+import { FinetuneError } from '../errors.js';
+import { createOutput, table } from './output.js';
+
+export const command = 'cache <action>';
+export const describe = 'Show or clear the embedding cache';
+
+export function builder(y: Argv) {
+  return y
+    .positional('action', {
+      type: 'string',
+      choices: ['info', 'clear'] as const,
+      demandOption: true,
+      describe: 'info: entries per backbone; clear: remove entries',
+    })
+    .option('cache-dir', {
+      type: 'string',
+      default: defaultCacheDir(),
+      describe: 'Cache folder',
+    })
+    .option('backbone', { type: 'string', describe: 'clear: only this backbone id' })
+    .option('older-than', {
+      type: 'string',
+      describe: 'clear: only entries last used longer ago than this, e.g. 30d, 12h, 45m',
+    })
+    .option('json', { type: 'boolean', describe: 'Print the result as JSON' });
+}
+
+type Args = Awaited<ReturnType<ReturnType<typeof builder>['parseAsync']>>;
+
+function megabytes(bytes: number): string {
+  return (bytes / 1e6).toFixed(1);
+}
+
+export async function handler(argv: Args): Promise<void> {
+  const out = createOutput({ json: argv.json });
+  const cache = new EmbeddingCache(argv.cacheDir);
+  if (argv.action === 'info') {
+    for (const flag of ['backbone', 'older-than'] as const) {
+      if (argv[flag] !== undefined) {
+        throw new FinetuneError(`--${flag} applies to cache clear, not cache info`);
+      }
+    }
+    const info = await cache.info();
+    if (argv.json) {
+      out.result(JSON.stringify(info, null, 2));
+      return;
+    }
+    const summary = `${info.dir}: ${info.entries} entries, ${megabytes(info.bytes)} MB`;
+    if (!info.namespaces.length) {
+      out.result(summary);
+      return;
+    }
+    out.result(
+      `${summary}\n${table([
+        ['namespace', 'backbone', 'layer', 'size', 'view', 'entries', 'MB', 'last used'],
+        ...info.namespaces.map((n) => [
+          n.id.slice(0, 8),
+          n.backboneId,
+          n.layer,
+          String(n.inputSize),
+          n.view,
+          String(n.entries),
+          megabytes(n.bytes),
+          // ISO to the minute, without the 'T': readable and still sorts.
+          n.lastUsed ? n.lastUsed.slice(0, 16).replace('T', ' ') : '-',
+        ]),
+      ])}`,
+    );
+    return;
+  }
+  const options: { backbone?: string; olderThanMs?: number } = {};
+  if (argv.backbone !== undefined) options.backbone = argv.backbone;
+  if (argv.olderThan !== undefined) options.olderThanMs = parseDuration(argv.olderThan);
+  const result = await cache.clear(options);
+  if (argv.json) {
+    out.result(JSON.stringify({ dir: cache.dir, ...result }, null, 2));
+    return;
+  }
+  out.result(
+    `Removed ${result.removed} ${result.removed === 1 ? 'entry' : 'entries'} (${megabytes(result.bytes)} MB) from ${cache.dir}`,
+  );
+}

@@ -1,0 +1,485 @@
+import { createHash, randomBytes } from 'node:crypto';
+import type { Dirent, Stats } from 'node:fs';
+import {
+  mkdir,
+  open,
+  readdir,
+  readFile,
+  rename,
+  rmdir,
+  stat,
+  unlink,
+  utimes,
+  writeFile,
+} from 'node:fs/promises';
+import { endianness, homedir } from 'node:os';
+import path from 'node:path';
+import { FinetuneError, fileError, invalidOption } from '../errors.js';
+import { nonEmptyString, nonNegativeInteger, positiveInteger } from '../util/is.js';
+
+/**
+ * An on-disk, content-addressed store of embeddings: one file per (namespace, image bytes).
+ *
+ * Layout: `<dir>/embeddings/<namespaceId>/namespace.json` plus
+ * `<dir>/embeddings/<namespaceId>/<key[0..2]>/<key>.bin`, where the key is the sha256 of the
+ * image file's bytes. Everything that changes the embedding of the same bytes (backbone, its
+ * weights, cut layer, input size, preprocessing, augmentation view) is in the namespace, so a
+ * stale entry is never looked up rather than having to be detected.
+ *
+ * Entry file (little-endian):
+ *
+ * | offset | size | field                                  |
+ * |--------|------|----------------------------------------|
+ * | 0      | 4    | magic `TFEC`                           |
+ * | 4      | 4    | format version (uint32, 1)             |
+ * | 8      | 4    | element count n (uint32)               |
+ * | 12     | 8    | first 8 bytes of sha256(payload)       |
+ * | 20     | 4n   | float32 payload                        |
+ *
+ * Writers go to a unique `*.tmp` file in the same folder and `rename` it over the final name,
+ * which is atomic on one filesystem: a reader opens either the old complete file or the new
+ * complete file, never a half-written one, and a killed writer leaves only a `*.tmp`.
+ */
+
+/** What an embedding depends on besides the image bytes; one namespace = one folder. */
+export interface CacheNamespace {
+  backboneId: string;
+  /** A hash of the backbone's weight files, so replaced weights never reuse old entries. */
+  weightsHash: string;
+  /** The cut layer's name, or `'features'` for the backbone's own feature output. */
+  layer: string;
+  inputSize: number;
+  /** A stable string describing resize and normalisation, e.g. `'cover-bilinear;[-1,1]'`. */
+  preprocessing: string;
+  /** The augmentation view id; `'plain'` for the unaugmented image. */
+  view: string;
+}
+
+export interface CacheNamespaceInfo {
+  /** The namespace folder's name (32 hex chars). */
+  id: string;
+  /** `'unknown'` (and empty layer/view, inputSize 0) when `namespace.json` is missing or bad. */
+  backboneId: string;
+  layer: string;
+  inputSize: number;
+  view: string;
+  entries: number;
+  bytes: number;
+  /** ISO time of the newest entry's last use (its mtime), or null without entries. */
+  lastUsed: string | null;
+}
+
+export interface CacheInfo {
+  dir: string;
+  entries: number;
+  bytes: number;
+  namespaces: CacheNamespaceInfo[];
+}
+
+export interface CacheClearOptions {
+  /** Only namespaces of this backbone id. */
+  backbone?: string;
+  /** Only entries last used longer ago than this many milliseconds. */
+  olderThanMs?: number;
+}
+
+const MAGIC = 0x43454654; // 'TFEC' read as a little-endian uint32
+const VERSION = 1;
+const HEADER_BYTES = 20;
+const CHECKSUM_BYTES = 8;
+const ENTRY_EXT = '.bin';
+const TMP_EXT = '.tmp';
+const NAMESPACE_FILE = 'namespace.json';
+/**
+ * Touch an entry on read only if its mtime is older than this, so reading a large cache
+ * does not turn every hit into a metadata write; `--older-than` works in hours/days anyway.
+ */
+const TOUCH_AFTER_MS = 60 * 60 * 1000;
+/** A `*.tmp` younger than this may belong to a writer that is still running. */
+const STRAY_TMP_MS = 60 * 1000;
+const LITTLE_ENDIAN = endianness() === 'LE';
+const KEY_PATTERN = /^[0-9a-f]{64}$/;
+const ID_PATTERN = /^[0-9a-f]{32}$/;
+
+/**
+ * `$XDG_CACHE_HOME/tfjs-finetune` when XDG_CACHE_HOME is set to an absolute path (the XDG spec
+ * says relative values are invalid and must be ignored), else `~/.cache/tfjs-finetune`.
+ */
+export function defaultCacheDir(): string {
+  const xdg = process.env['XDG_CACHE_HOME'];
+  if (xdg && path.isAbsolute(xdg)) return path.join(xdg, 'tfjs-finetune');
+  return path.join(homedir(), '.cache', 'tfjs-finetune');
+}
+
+const DURATION_UNITS: Readonly<Record<string, number>> = {
+  s: 1000,
+  m: 60 * 1000,
+  h: 60 * 60 * 1000,
+  d: 24 * 60 * 60 * 1000,
+  w: 7 * 24 * 60 * 60 * 1000,
+};
+
+/**
+ * Milliseconds in `30d`, `12h`, `45m`, `10s` (also `w` for weeks and decimals such as `1.5h`).
+ *
+ * @throws FinetuneError `Expected a duration such as 30d, 12h or 45m for older-than but received …`
+ */
+export function parseDuration(text: string): number {
+  const m = typeof text === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$/.exec(text) : null;
+  if (!m) throw invalidOption('older-than', 'a duration such as 30d, 12h or 45m', text);
+  return Math.round(Number(m[1]) * DURATION_UNITS[m[2]!]!);
+}
+
+function sha256(bytes: Uint8Array | string): Buffer {
+  return createHash('sha256').update(bytes).digest();
+}
+
+function isMissing(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException)?.code;
+  return code === 'ENOENT' || code === 'ENOTDIR';
+}
+
+async function listDir(dir: string): Promise<Dirent[]> {
+  try {
+    return await readdir(dir, { withFileTypes: true });
+  } catch (err) {
+    if (isMissing(err)) return [];
+    throw fileError(dir, `cannot read cache folder (${(err as Error).message})`, err);
+  }
+}
+
+async function statOrNull(file: string): Promise<Stats | null> {
+  try {
+    return await stat(file);
+  } catch {
+    return null;
+  }
+}
+
+/** Serialises one entry: header + little-endian float32 payload. */
+function encodeEntry(values: Float32Array): Buffer {
+  const out = Buffer.allocUnsafe(HEADER_BYTES + values.length * 4);
+  const payload = out.subarray(HEADER_BYTES);
+  if (LITTLE_ENDIAN) {
+    payload.set(new Uint8Array(values.buffer, values.byteOffset, values.byteLength));
+  } else {
+    for (let i = 0; i < values.length; i++) payload.writeFloatLE(values[i]!, i * 4);
+  }
+  out.writeUInt32LE(MAGIC, 0);
+  out.writeUInt32LE(VERSION, 4);
+  out.writeUInt32LE(values.length, 8);
+  sha256(payload).copy(out, 12, 0, CHECKSUM_BYTES);
+  return out;
+}
+
+/** The payload of a well-formed entry of `length` floats, or null for anything else. */
+function decodeEntry(bytes: Buffer, length: number): Float32Array | null {
+  if (bytes.length !== HEADER_BYTES + length * 4) return null;
+  if (bytes.readUInt32LE(0) !== MAGIC || bytes.readUInt32LE(4) !== VERSION) return null;
+  if (bytes.readUInt32LE(8) !== length) return null;
+  const payload = bytes.subarray(HEADER_BYTES);
+  const sum = sha256(payload);
+  if (!sum.subarray(0, CHECKSUM_BYTES).equals(bytes.subarray(12, 12 + CHECKSUM_BYTES))) return null;
+  // Copy rather than view: a Buffer from the pool may sit at an offset that is not a multiple
+  // of 4, which a Float32Array view cannot start at.
+  const out = new Float32Array(length);
+  if (LITTLE_ENDIAN) new Uint8Array(out.buffer).set(payload);
+  else for (let i = 0; i < length; i++) out[i] = payload.readFloatLE(i * 4);
+  return out;
+}
+
+function tempName(final: string): string {
+  // pid alone is not unique across worker threads; the random part is.
+  return `${final}.${process.pid}.${randomBytes(6).toString('hex')}${TMP_EXT}`;
+}
+
+/** Writes `data` to a temp file next to `final` and renames it into place. */
+async function writeAtomic(final: string, data: Uint8Array | string): Promise<void> {
+  const tmp = tempName(final);
+  try {
+    await writeFile(tmp, data);
+    await rename(tmp, final);
+  } catch (err) {
+    await unlink(tmp).catch(() => {});
+    throw err;
+  }
+}
+
+/**
+ * The embedding cache rooted at `dir` (see `defaultCacheDir()`); nothing is created on disk
+ * until the first `put`. Safe to share between processes: see the file comment.
+ */
+export class EmbeddingCache {
+  readonly dir: string;
+  /** Namespace folders whose `namespace.json` this process has already checked. */
+  private readonly described = new Set<string>();
+
+  constructor(dir: string) {
+    this.dir = path.resolve(nonEmptyString('cache-dir', dir));
+  }
+
+  /** The namespace's folder name: sha256 of its canonical JSON, first 32 hex chars. */
+  namespaceId(ns: CacheNamespace): string {
+    return sha256(canonicalNamespace(ns)).toString('hex').slice(0, 32);
+  }
+
+  /** The key of an image: sha256 hex of its file bytes. */
+  key(imageBytes: Uint8Array): string {
+    return sha256(imageBytes).toString('hex');
+  }
+
+  /** Where the entry for `key` in `ns` lives (it may not exist). */
+  entryPath(ns: CacheNamespace, key: string): string {
+    checkKey(key);
+    return path.join(this.namespaceDir(ns), key.slice(0, 2), `${key}${ENTRY_EXT}`);
+  }
+
+  /**
+   * The cached embedding of `length` floats, or null on a miss. A damaged entry (bad magic,
+   * version, length or checksum) is deleted and reported as a miss, so it gets recomputed.
+   */
+  async get(ns: CacheNamespace, key: string, length: number): Promise<Float32Array | null> {
+    nonNegativeInteger('length', length);
+    const file = this.entryPath(ns, key);
+    let bytes: Buffer;
+    let st: Stats;
+    try {
+      const handle = await open(file, 'r');
+      try {
+        st = await handle.stat();
+        bytes = await handle.readFile();
+      } finally {
+        await handle.close();
+      }
+    } catch (err) {
+      if (isMissing(err)) return null;
+      throw fileError(file, `cannot read cache entry (${(err as Error).message})`, err);
+    }
+    const values = decodeEntry(bytes, length);
+    if (!values) {
+      // Delete only the file that was read: another process may have just renamed a good
+      // entry over it, and that one must survive.
+      const now = await statOrNull(file);
+      if (now && now.ino === st.ino && now.dev === st.dev && now.mtimeMs === st.mtimeMs) {
+        await unlink(file).catch(() => {});
+      }
+      return null;
+    }
+    if (Date.now() - st.mtimeMs > TOUCH_AFTER_MS) {
+      const t = new Date();
+      // mtime doubles as "last used"; atime is unreliable (noatime/relatime mounts).
+      await utimes(file, t, t).catch(() => {});
+    }
+    return values;
+  }
+
+  /** Stores `values` under `key` in `ns`, atomically (temp file + rename). */
+  async put(ns: CacheNamespace, key: string, values: Float32Array): Promise<void> {
+    if (!(values instanceof Float32Array)) throw invalidOption('values', 'a Float32Array', values);
+    const file = this.entryPath(ns, key);
+    const data = encodeEntry(values);
+    // Two tries: a concurrent `clear` may remove the (then empty) shard folder between our
+    // mkdir and our write.
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const created = await mkdir(path.dirname(file), { recursive: true });
+        await this.describe(ns, created !== undefined);
+        await writeAtomic(file, data);
+        return;
+      } catch (err) {
+        if (attempt === 0 && isMissing(err)) continue;
+        // Windows refuses to rename over a file another process has open; the entry is
+        // content-addressed, so an existing one already holds these values.
+        if ((err as NodeJS.ErrnoException).code === 'EPERM' && (await statOrNull(file))) return;
+        if (err instanceof FinetuneError) throw err;
+        throw fileError(file, `cannot write cache entry (${(err as Error).message})`, err);
+      }
+    }
+  }
+
+  /** Entry counts and sizes per namespace; `*.tmp` files are ignored. */
+  async info(): Promise<CacheInfo> {
+    const namespaces: CacheNamespaceInfo[] = [];
+    for (const id of await this.namespaceIds()) {
+      const nsDir = path.join(this.embeddingsDir(), id);
+      const meta = await readNamespaceFile(nsDir);
+      let entries = 0;
+      let bytes = 0;
+      let last = -Infinity;
+      for (const { st } of await listEntries(nsDir)) {
+        entries++;
+        bytes += st.size;
+        last = Math.max(last, st.mtimeMs);
+      }
+      namespaces.push({
+        id,
+        backboneId: meta?.backboneId ?? 'unknown',
+        layer: meta?.layer ?? '',
+        inputSize: meta?.inputSize ?? 0,
+        view: meta?.view ?? '',
+        entries,
+        bytes,
+        lastUsed: entries ? new Date(last).toISOString() : null,
+      });
+    }
+    namespaces.sort(
+      (a, b) =>
+        a.backboneId.localeCompare(b.backboneId) ||
+        a.layer.localeCompare(b.layer) ||
+        a.inputSize - b.inputSize ||
+        a.view.localeCompare(b.view) ||
+        a.id.localeCompare(b.id),
+    );
+    return {
+      dir: this.dir,
+      entries: namespaces.reduce((s, n) => s + n.entries, 0),
+      bytes: namespaces.reduce((s, n) => s + n.bytes, 0),
+      namespaces,
+    };
+  }
+
+  /**
+   * Removes entries: all of them by default, only a backbone's with `backbone`, only those
+   * last used more than `olderThanMs` ago with `olderThanMs`. Also removes `*.tmp` files older
+   * than a minute (left by killed writers) and namespace folders left empty. `removed` counts
+   * entries; `bytes` includes the removed temp files.
+   */
+  async clear(options: CacheClearOptions = {}): Promise<{ removed: number; bytes: number }> {
+    const backbone =
+      options.backbone === undefined ? undefined : nonEmptyString('backbone', options.backbone);
+    const olderThanMs =
+      options.olderThanMs === undefined ? undefined : olderThan(options.olderThanMs);
+    const now = Date.now();
+    let removed = 0;
+    let bytes = 0;
+    for (const id of await this.namespaceIds()) {
+      const nsDir = path.join(this.embeddingsDir(), id);
+      if (backbone !== undefined) {
+        const meta = await readNamespaceFile(nsDir);
+        if (meta?.backboneId !== backbone) continue;
+      }
+      let kept = 0;
+      for (const { file, st } of await listEntries(nsDir, true)) {
+        const isTmp = file.endsWith(TMP_EXT);
+        const old = now - st.mtimeMs;
+        const match = isTmp ? old > STRAY_TMP_MS : olderThanMs === undefined || old > olderThanMs;
+        if (!match) {
+          kept++;
+          continue;
+        }
+        try {
+          await unlink(file);
+        } catch (err) {
+          if (isMissing(err)) continue;
+          throw fileError(file, `cannot remove cache entry (${(err as Error).message})`, err);
+        }
+        bytes += st.size;
+        if (!isTmp) removed++;
+      }
+      await removeEmptyShards(nsDir);
+      if (kept === 0) {
+        // A concurrent put may be recreating this folder; its files make rmdir fail, which is
+        // fine, and put rewrites namespace.json when it has to create the shard folder.
+        await unlink(path.join(nsDir, NAMESPACE_FILE)).catch(() => {});
+        await rmdir(nsDir).catch(() => {});
+      }
+    }
+    return { removed, bytes };
+  }
+
+  private embeddingsDir(): string {
+    return path.join(this.dir, 'embeddings');
+  }
+
+  private namespaceDir(ns: CacheNamespace): string {
+    return path.join(this.embeddingsDir(), this.namespaceId(ns));
+  }
+
+  private async namespaceIds(): Promise<string[]> {
+    return (await listDir(this.embeddingsDir()))
+      .filter((d) => d.isDirectory() && ID_PATTERN.test(d.name))
+      .map((d) => d.name);
+  }
+
+  /** Writes `namespace.json` once per folder (again if the folder was just recreated). */
+  private async describe(ns: CacheNamespace, recheck: boolean): Promise<void> {
+    const nsDir = this.namespaceDir(ns);
+    if (!recheck && this.described.has(nsDir)) return;
+    const file = path.join(nsDir, NAMESPACE_FILE);
+    if (!(await statOrNull(file))) {
+      const record = { ...JSON.parse(canonicalNamespace(ns)), createdAt: new Date().toISOString() };
+      await writeAtomic(file, `${JSON.stringify(record, null, 2)}\n`);
+    }
+    this.described.add(nsDir);
+  }
+}
+
+/** JSON of the namespace with a fixed key order, so equal namespaces hash equally. */
+function canonicalNamespace(ns: CacheNamespace): string {
+  if (typeof ns !== 'object' || ns === null) throw invalidOption('namespace', 'an object', ns);
+  return JSON.stringify({
+    backboneId: nonEmptyString('namespace.backboneId', ns.backboneId),
+    inputSize: positiveInteger('namespace.inputSize', ns.inputSize),
+    layer: nonEmptyString('namespace.layer', ns.layer),
+    preprocessing: nonEmptyString('namespace.preprocessing', ns.preprocessing),
+    view: nonEmptyString('namespace.view', ns.view),
+    weightsHash: nonEmptyString('namespace.weightsHash', ns.weightsHash),
+  });
+}
+
+function olderThan(ms: unknown): number {
+  if (typeof ms !== 'number' || !Number.isFinite(ms) || ms < 0) {
+    throw invalidOption('older-than', 'a non-negative number of milliseconds', ms);
+  }
+  return ms;
+}
+
+/** Keys become file names, so anything but a sha256 hex digest could escape the folder. */
+function checkKey(key: string): void {
+  if (typeof key !== 'string' || !KEY_PATTERN.test(key)) {
+    throw invalidOption('key', 'a sha256 hex digest (64 lowercase hex chars)', key);
+  }
+}
+
+async function readNamespaceFile(nsDir: string): Promise<CacheNamespace | null> {
+  try {
+    const parsed = JSON.parse(await readFile(path.join(nsDir, NAMESPACE_FILE), 'utf8'));
+    canonicalNamespace(parsed);
+    return parsed as CacheNamespace;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The entry files (`*.bin`) of a namespace folder with their stats; with `withTmp` also the
+ * temp files, in the shard folders and next to `namespace.json`. Files that vanish while
+ * listing (a concurrent clear) are skipped.
+ */
+async function listEntries(nsDir: string, withTmp = false): Promise<{ file: string; st: Stats }[]> {
+  const out: { file: string; st: Stats }[] = [];
+  const add = async (file: string) => {
+    const st = await statOrNull(file);
+    if (st?.isFile()) out.push({ file, st });
+  };
+  for (const d of await listDir(nsDir)) {
+    if (d.isDirectory()) {
+      const shard = path.join(nsDir, d.name);
+      for (const f of await listDir(shard)) {
+        if (f.name.endsWith(ENTRY_EXT) || (withTmp && f.name.endsWith(TMP_EXT))) {
+          await add(path.join(shard, f.name));
+        }
+      }
+    } else if (withTmp && d.name.endsWith(TMP_EXT)) {
+      await add(path.join(nsDir, d.name));
+    }
+  }
+  return out;
+}
+
+async function removeEmptyShards(nsDir: string): Promise<void> {
+  for (const d of await listDir(nsDir)) {
+    // rmdir fails on a non-empty folder, which is exactly the check wanted.
+    if (d.isDirectory()) await rmdir(path.join(nsDir, d.name)).catch(() => {});
+  }
+}
