@@ -9,6 +9,9 @@ import { OnnxFrozenModel } from './onnx/session.js';
 import { TfjsFrozenModel } from './tfjs.js';
 import type { EngineName, FrozenModel } from './types.js';
 
+/** Bumped whenever the lowering changes what it writes, so stale cached graphs are not reused. */
+const LOWERING_VERSION = 1;
+
 export type EngineOption = 'auto' | EngineName;
 export const ENGINE_OPTIONS: readonly EngineOption[] = ['auto', 'onnx', 'tfjs'];
 
@@ -84,7 +87,7 @@ async function loweredBytes(
   cacheDir: string | null,
 ): Promise<Uint8Array> {
   if (!hash || !cacheDir) return lowerToOnnx(model);
-  const file = path.join(cacheDir, 'onnx', `${hash}.onnx`);
+  const file = path.join(cacheDir, 'onnx', `${hash}-lowering${LOWERING_VERSION}.onnx`);
   try {
     return new Uint8Array(await readFile(file));
   } catch {
