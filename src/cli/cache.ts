@@ -1,6 +1,6 @@
 import type { Argv } from 'yargs';
-import { defaultCacheDir, EmbeddingCache, parseDuration } from '../data/cache.js';
 import { FinetuneError } from '../errors.js';
+import { defaultCacheDir, EmbeddingCache, parseDuration } from '../index.js';
 import { createOutput, table } from './output.js';
 
 export const command = 'cache <action>';

@@ -88,6 +88,56 @@ export function builder(y: Argv) {
       type: 'number',
       describe: 'Skip images with more pixels than this [default: 100000000]',
     })
+    .option('cache', {
+      type: 'boolean',
+      describe: 'Reuse embeddings across runs (--no-cache: compute all) [default: true]',
+    })
+    .option('cache-dir', {
+      type: 'string',
+      describe: 'Cache folder [default: $XDG_CACHE_HOME/tfjs-finetune or ~/.cache/tfjs-finetune]',
+    })
+    .option('finetune-epochs', {
+      type: 'number',
+      describe: 'Epochs of the fine-tune stage after the head stage (0: none) [default: 0]',
+    })
+    .option('unfreeze', {
+      type: 'string',
+      describe:
+        'What trains in the fine-tune stage: all, from:LAYER or blocks:K [default: blocks:3, or all]',
+    })
+    .option('finetune-lr', {
+      type: 'number',
+      describe: 'Fine-tune learning rate [default: lr/100]',
+    })
+    .option('freeze-bn', {
+      type: 'boolean',
+      describe: 'Keep BatchNorm gamma/beta frozen too in the fine-tune stage',
+    })
+    .option('finetune-swa-start', {
+      type: 'number',
+      describe: 'Epoch or fraction where stage-two SWA starts [default: --swa-start]',
+    })
+    .option('finetune-swa-freq', {
+      type: 'number',
+      describe: 'Epochs between stage-two snapshots [default: --swa-freq]',
+    })
+    .option('finetune-swa-lr', {
+      type: 'number',
+      describe: 'Stage-two LR once SWA starts [default: finetune-lr/2]',
+    })
+    .option('augment', {
+      type: 'string',
+      describe: 'Fine-tune augmentation: any of flip,crop,rotate,brightness',
+    })
+    .option('augment-views', {
+      type: 'number',
+      describe: 'Augmented views cached per image [default: one fresh view per epoch]',
+    })
+    .option('keep', {
+      type: 'string',
+      choices: ['last', 'best'],
+      describe: 'Export the last stage’s weights or the best on validation [default: last]',
+    })
     .option('quiet', { type: 'boolean', describe: 'No progress, warnings or summary line' })
     .option('json', { type: 'boolean', describe: 'Print only the summary JSON on stdout' });
 }
@@ -130,6 +180,18 @@ export async function handler(argv: Args): Promise<void> {
       embedBatchSize: argv.embedBatchSize,
       decodeConcurrency: argv.decodeConcurrency,
       maxPixels: argv.maxPixels,
+      cache: argv.cache,
+      cacheDir: argv.cacheDir,
+      finetuneEpochs: argv.finetuneEpochs,
+      unfreeze: argv.unfreeze,
+      finetuneLr: argv.finetuneLr,
+      freezeBn: argv.freezeBn,
+      finetuneSwaStart: argv.finetuneSwaStart,
+      finetuneSwaFreq: argv.finetuneSwaFreq,
+      finetuneSwaLr: argv.finetuneSwaLr,
+      augment: argv.augment,
+      augmentViews: argv.augmentViews,
+      keep: argv.keep as TrainOptions['keep'],
     }),
     onEvent(e) {
       switch (e.type) {

@@ -1,4 +1,7 @@
+import { createHash } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
 import type { FrozenModel } from '../engine/types.js';
+import type { CacheNamespace, EmbeddingCache } from './cache.js';
 import { DEFAULT_DECODE_CONCURRENCY, decodeImage, mapConcurrent, toModelInput } from './decode.js';
 
 /** A file that could not be used, and why. */
@@ -12,6 +15,8 @@ export interface EmbedProgress {
   readonly done: number;
   readonly total: number;
   readonly skipped: number;
+  /** Files answered by the cache so far. */
+  readonly cached: number;
 }
 
 export interface EmbedOptions {
@@ -22,58 +27,100 @@ export interface EmbedOptions {
   /** Largest accepted input size in pixels (width × height). */
   maxPixels?: number;
   onProgress?: (p: EmbedProgress) => void;
+  /**
+   * Changes the decoded pixels before the engine sees them (augmentation). `key` is the
+   * sha256 of the file's bytes, so a transform seeded by it repeats for the same image
+   * wherever it sits in a list.
+   */
+  transform?: (pixels: Uint8Array, key: string, size: number) => Uint8Array;
+  /** Outputs on disk, by image content: hits skip decoding and the engine. */
+  cache?: { readonly store: EmbeddingCache; readonly namespace: CacheNamespace } | null;
 }
 
 export interface EmbedResult {
   /** One row of `outputSize` floats per file that was used, in input order. */
   readonly features: Float32Array;
-  /** Index in the input list of each row of `features`. */
+  /** Index in the input list of each row of `features` (ascending). */
   readonly rows: readonly number[];
   readonly skipped: readonly SkippedFile[];
   readonly outputSize: number;
+  /** Rows that came from the cache. */
+  readonly cached: number;
+  /** The engine that ran, or null when every row came from the cache. */
+  readonly engine: string | null;
 }
 
 // Raw 0–255 pixels: every backbone carries its own normalisation as its first layer.
 const RAW = { mean: [0, 0, 0], std: [1 / 255, 1 / 255, 1 / 255] } as const;
 
+/** A frozen model made only when the first cache miss needs it (a warm cache never loads an engine). */
+export interface LazyFrozenModel {
+  readonly inputSize: number;
+  readonly outputSize: number;
+  open(): Promise<FrozenModel>;
+}
+
+type Prepared =
+  | { readonly kind: 'hit'; readonly values: Float32Array }
+  | { readonly kind: 'pixels'; readonly pixels: Uint8Array; readonly key: string }
+  | { readonly kind: 'skip'; readonly reason: string };
+
 /**
  * Decodes files and runs them through a frozen model in streamed batches: the next
  * batch decodes while the engine runs the current one, and only the outputs are kept,
- * so memory does not grow with the number of images. Files that cannot be decoded are
- * skipped and listed, never thrown.
+ * so memory does not grow with the number of images beyond one row each. With a cache,
+ * a file whose bytes were seen before (same namespace) is neither decoded nor run, and
+ * each batch's outputs are stored as soon as they exist, so an interrupted run loses at
+ * most the batch in flight. Files that cannot be decoded are skipped and listed, never
+ * thrown.
  */
 export async function embedFiles(
   files: readonly string[],
-  model: FrozenModel,
+  source: FrozenModel | LazyFrozenModel,
   options: EmbedOptions = {},
 ): Promise<EmbedResult> {
   const batchSize = options.batchSize ?? 16;
-  const size = model.inputSize;
+  const size = source.inputSize;
+  const width = source.outputSize;
+  let model: FrozenModel | null = 'run' in source ? source : null;
+  const engine = async (): Promise<FrozenModel> => {
+    model ??= await (source as LazyFrozenModel).open();
+    return model;
+  };
   const imageLength = size * size * 3;
-  const features = new Float32Array(files.length * model.outputSize);
-  const rows: number[] = [];
+  const slots = new Float32Array(files.length * width);
+  const ok = new Uint8Array(files.length);
   const skipped: SkippedFile[] = [];
+  const cache = options.cache ?? null;
   // Two buffers: one being filled while the engine reads the other.
   const buffers = [
     new Float32Array(batchSize * imageLength),
     new Float32Array(batchSize * imageLength),
   ];
   let current = 0;
-  let batchRows: number[] = [];
+  let batch: { index: number; key: string }[] = [];
   let inFlight: Promise<void> | null = null;
   let done = 0;
+  let cached = 0;
+  const progress = (): void =>
+    options.onProgress?.({ done, total: files.length, skipped: skipped.length, cached });
 
-  const dispatch = (buffer: Float32Array, indices: number[]): Promise<void> =>
-    model.run(buffer, indices.length).then((out) => {
-      for (let i = 0; i < indices.length; i++) {
-        features.set(
-          out.subarray(i * model.outputSize, (i + 1) * model.outputSize),
-          rows.length * model.outputSize,
-        );
-        rows.push(indices[i]!);
-      }
-      done += indices.length;
-      options.onProgress?.({ done, total: files.length, skipped: skipped.length });
+  const dispatch = (
+    m: FrozenModel,
+    buffer: Float32Array,
+    items: { index: number; key: string }[],
+  ): Promise<void> =>
+    m.run(buffer, items.length).then(async (out) => {
+      const puts: Promise<void>[] = [];
+      items.forEach(({ index, key }, i) => {
+        const row = out.subarray(i * width, (i + 1) * width);
+        slots.set(row, index * width);
+        ok[index] = 1;
+        if (cache) puts.push(cache.store.put(cache.namespace, key, row.slice()));
+      });
+      await Promise.all(puts);
+      done += items.length;
+      progress();
     });
 
   const decodeOptions = {
@@ -81,39 +128,73 @@ export async function embedFiles(
     height: size,
     ...(options.maxPixels !== undefined ? { maxPixels: options.maxPixels } : {}),
   };
-  const decoded = mapConcurrent(files, options.concurrency ?? DEFAULT_DECODE_CONCURRENCY, (file) =>
-    decodeImage(file, decodeOptions),
-  );
+  const prepare = async (file: string): Promise<Prepared> => {
+    let bytes: Buffer;
+    try {
+      bytes = await readFile(file);
+    } catch (err) {
+      return {
+        kind: 'skip',
+        reason: `unreadable file (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`,
+      };
+    }
+    const key = createHash('sha256').update(bytes).digest('hex');
+    if (cache) {
+      const values = await cache.store.get(cache.namespace, key, width);
+      if (values) return { kind: 'hit', values };
+    }
+    const decoded = await decodeImage(bytes, decodeOptions);
+    if (!decoded.ok) return { kind: 'skip', reason: decoded.reason };
+    return { kind: 'pixels', pixels: decoded.pixels, key };
+  };
+
   let index = 0;
-  for await (const result of decoded) {
+  for await (const item of mapConcurrent(
+    files,
+    options.concurrency ?? DEFAULT_DECODE_CONCURRENCY,
+    prepare,
+  )) {
     const i = index++;
-    if (!result.ok) {
-      skipped.push({ path: files[i]!, reason: result.reason });
+    if (item.kind === 'skip') {
+      skipped.push({ path: files[i]!, reason: item.reason });
       done++;
-      options.onProgress?.({ done, total: files.length, skipped: skipped.length });
+      progress();
       continue;
     }
-    toModelInput(
-      result.pixels,
-      RAW,
-      model.layout,
-      buffers[current]!,
-      batchRows.length * imageLength,
-    );
-    batchRows.push(i);
-    if (batchRows.length === batchSize) {
+    if (item.kind === 'hit') {
+      slots.set(item.values, i * width);
+      ok[i] = 1;
+      cached++;
+      done++;
+      progress();
+      continue;
+    }
+    const pixels = options.transform ? options.transform(item.pixels, item.key, size) : item.pixels;
+    const m = await engine();
+    toModelInput(pixels, RAW, m.layout, buffers[current]!, batch.length * imageLength);
+    batch.push({ index: i, key: item.key });
+    if (batch.length === batchSize) {
       if (inFlight) await inFlight;
-      inFlight = dispatch(buffers[current]!, batchRows);
+      inFlight = dispatch(m, buffers[current]!, batch);
       current = 1 - current;
-      batchRows = [];
+      batch = [];
     }
   }
   if (inFlight) await inFlight;
-  if (batchRows.length) await dispatch(buffers[current]!, batchRows);
+  if (batch.length) await dispatch(model!, buffers[current]!, batch);
+
+  const rows: number[] = [];
+  for (let i = 0; i < files.length; i++) if (ok[i]) rows.push(i);
+  // Compact in place: row r moves to position k ≤ r, so nothing is overwritten unread.
+  rows.forEach((r, k) => {
+    if (r !== k) slots.copyWithin(k * width, r * width, (r + 1) * width);
+  });
   return {
-    features: features.subarray(0, rows.length * model.outputSize),
+    features: slots.subarray(0, rows.length * width),
     rows,
     skipped,
-    outputSize: model.outputSize,
+    outputSize: width,
+    cached,
+    engine: model?.engine ?? null,
   };
 }

@@ -34,6 +34,8 @@ export interface StageOptions {
   /** null: no averaging. */
   readonly swa: SwaSettings | null;
   readonly callbacks?: readonly TrainingCallback[];
+  /** Also return copies of the final raw weights (before SWA is applied); the caller disposes them. */
+  readonly keepRaw?: boolean;
 }
 
 export interface StageResult {
@@ -45,6 +47,8 @@ export interface StageResult {
   readonly snapshots: number;
   /** Which weights the variables hold after the stage. */
   readonly kept: 'swa' | 'raw';
+  /** With `keepRaw`: the raw final values of the variables, in order. */
+  readonly rawWeights: tf.Tensor[] | null;
 }
 
 /**
@@ -106,11 +110,19 @@ export async function runStage(
     const raw = val?.size ? await evaluateBatches(o.forward, val, evalBatch, o.numClasses) : null;
     let swa: Evaluation | null = null;
     const snapshots = averager?.count ?? 0;
+    const rawWeights = o.keepRaw ? o.variables.map((v) => v.clone()) : null;
     if (averager && snapshots > 0) {
       averager.apply();
       if (val?.size) swa = await evaluateBatches(o.forward, val, evalBatch, o.numClasses);
     }
-    return { history, raw, swa, snapshots, kept: averager && snapshots > 0 ? 'swa' : 'raw' };
+    return {
+      history,
+      raw,
+      swa,
+      snapshots,
+      kept: averager && snapshots > 0 ? 'swa' : 'raw',
+      rawWeights,
+    };
   } finally {
     averager?.dispose();
     optimizer.dispose();

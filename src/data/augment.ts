@@ -1,0 +1,110 @@
+import { invalidOption } from '../errors.js';
+import { seededRandom } from '../util/random.js';
+
+/** Pixel-space augmentations for the fine-tune stage. */
+export type AugmentKind = 'flip' | 'crop' | 'rotate' | 'brightness';
+export const AUGMENT_KINDS: readonly AugmentKind[] = ['flip', 'crop', 'rotate', 'brightness'];
+
+/**
+ * Parses `--augment flip,crop,rotate,brightness` (order does not matter; duplicates
+ * are an error so a typo cannot hide).
+ */
+export function parseAugment(value: string | readonly string[] | undefined): AugmentKind[] {
+  if (value === undefined) return [];
+  const parts = (typeof value === 'string' ? value.split(',') : value.flatMap((v) => v.split(',')))
+    .map((p) => p.trim())
+    .filter(Boolean);
+  const out: AugmentKind[] = [];
+  for (const p of parts) {
+    if (!AUGMENT_KINDS.includes(p as AugmentKind))
+      throw invalidOption('augment', `a list of ${AUGMENT_KINDS.join(', ')}`, p);
+    if (out.includes(p as AugmentKind)) throw invalidOption('augment', 'each augmentation once', p);
+    out.push(p as AugmentKind);
+  }
+  return AUGMENT_KINDS.filter((k) => out.includes(k));
+}
+
+/** The random draws of one augmented view of one image. */
+export interface AugmentPlan {
+  readonly flip: boolean;
+  /** Crop box as fractions of the image (x, y, width, height). */
+  readonly crop: readonly [number, number, number, number] | null;
+  /** Degrees, counter-clockwise. */
+  readonly angle: number;
+  /** Pixel multiplier. */
+  readonly brightness: number;
+}
+
+/**
+ * Draws a plan from (seed, view, image content hash) alone, so a view of an image is the
+ * same whichever list it is in, whichever order images are processed in and whichever
+ * process computes it (which is what lets views be cached by content). Ranges follow the
+ * usual torchvision/Keras recipes: flip p=0.5; random resized crop with scale 0.8–1.0
+ * and aspect 3/4–4/3; rotation ±15°; brightness ×0.8–1.2.
+ */
+export function augmentPlan(
+  kinds: readonly AugmentKind[],
+  seed: number,
+  view: number,
+  imageKey: string,
+): AugmentPlan {
+  const image = Number.parseInt(imageKey.slice(0, 8), 16) || 0;
+  const random = seededRandom(Math.imul(seed, 73856093) ^ Math.imul(view + 1, 19349663) ^ image);
+  random();
+  const flip = kinds.includes('flip') && random() < 0.5;
+  let crop: AugmentPlan['crop'] = null;
+  if (kinds.includes('crop')) {
+    const scale = 0.8 + 0.2 * random();
+    const ratio = Math.exp(Math.log(3 / 4) + (Math.log(4 / 3) - Math.log(3 / 4)) * random());
+    const w = Math.min(1, Math.sqrt(scale * ratio));
+    const h = Math.min(1, Math.sqrt(scale / ratio));
+    crop = [(1 - w) * random(), (1 - h) * random(), w, h];
+  }
+  const angle = kinds.includes('rotate') ? -15 + 30 * random() : 0;
+  const brightness = kinds.includes('brightness') ? 0.8 + 0.4 * random() : 1;
+  return { flip, crop, angle, brightness };
+}
+
+/**
+ * Applies a plan to `size × size × 3` RGB pixels (as decoded), returning new pixels of
+ * the same size: crop (resized back, bilinear), rotation about the centre (bilinear,
+ * zero fill), horizontal flip, brightness. One inverse mapping does all geometry, so
+ * each output pixel is interpolated once.
+ */
+export function applyAugment(pixels: Uint8Array, size: number, plan: AugmentPlan): Uint8Array {
+  const out = new Uint8Array(pixels.length);
+  const [cx0, cy0, cw, ch] = plan.crop ?? [0, 0, 1, 1];
+  const rad = (plan.angle * Math.PI) / 180;
+  const cos = Math.cos(rad);
+  const sin = Math.sin(rad);
+  const c = (size - 1) / 2;
+  for (let y = 0; y < size; y++) {
+    for (let x = 0; x < size; x++) {
+      // output → (unflipped) → rotated back → crop box → source pixel
+      const xf = plan.flip ? size - 1 - x : x;
+      const dx = xf - c;
+      const dy = y - c;
+      const rx = cos * dx - sin * dy + c;
+      const ry = sin * dx + cos * dy + c;
+      const sx = (cx0 + (cw * (rx + 0.5)) / size) * size - 0.5;
+      const sy = (cy0 + (ch * (ry + 0.5)) / size) * size - 0.5;
+      const o = (y * size + x) * 3;
+      if (sx < -0.5 || sy < -0.5 || sx > size - 0.5 || sy > size - 0.5) continue; // zero fill
+      const x0 = Math.max(0, Math.min(size - 1, Math.floor(sx)));
+      const y0 = Math.max(0, Math.min(size - 1, Math.floor(sy)));
+      const x1 = Math.min(size - 1, x0 + 1);
+      const y1 = Math.min(size - 1, y0 + 1);
+      const ax = Math.max(0, Math.min(1, sx - x0));
+      const ay = Math.max(0, Math.min(1, sy - y0));
+      for (let k = 0; k < 3; k++) {
+        const p00 = pixels[(y0 * size + x0) * 3 + k]!;
+        const p01 = pixels[(y0 * size + x1) * 3 + k]!;
+        const p10 = pixels[(y1 * size + x0) * 3 + k]!;
+        const p11 = pixels[(y1 * size + x1) * 3 + k]!;
+        const v = (p00 * (1 - ax) + p01 * ax) * (1 - ay) + (p10 * (1 - ax) + p11 * ax) * ay;
+        out[o + k] = Math.max(0, Math.min(255, Math.round(v * plan.brightness)));
+      }
+    }
+  }
+  return out;
+}

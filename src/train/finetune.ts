@@ -1,0 +1,502 @@
+import * as tf from '@tensorflow/tfjs';
+import type { Backbone } from '../backbones/load.js';
+import type { BackendInfo } from '../backend/index.js';
+import { type AugmentKind, applyAugment, augmentPlan } from '../data/augment.js';
+import type { CacheNamespace, EmbeddingCache } from '../data/cache.js';
+import { embedFiles } from '../data/embed.js';
+import { createFrozenModel, type EngineOption } from '../engine/index.js';
+import type { FrozenModel } from '../engine/types.js';
+import { FinetuneError, invalidOption } from '../errors.js';
+import { dropoutSeeder, logitsView } from '../head/build.js';
+import type { TrainingCallback } from './callbacks.js';
+import {
+  ArrayBatches,
+  type Batches,
+  type Evaluation,
+  evaluateBatches,
+  type Forward,
+} from './fit.js';
+import type { OptimizerName } from './optimizers.js';
+import { runStage, type StageResult, type SwaSettings } from './stage.js';
+
+/** What `--unfreeze` asks for. */
+export type Unfreeze =
+  | { readonly kind: 'all' }
+  | { readonly kind: 'from'; readonly layer: string }
+  | { readonly kind: 'blocks'; readonly count: number };
+
+/**
+ * Parses `all`, `from:LAYER_NAME` or `blocks:K`.
+ *
+ * @example parseUnfreeze('blocks:3') // → { kind: 'blocks', count: 3 }
+ */
+export function parseUnfreeze(text: string): Unfreeze {
+  if (text === 'all') return { kind: 'all' };
+  const from = /^from:(.+)$/.exec(text);
+  if (from) return { kind: 'from', layer: from[1]! };
+  const blocks = /^blocks:(\d+)$/.exec(text);
+  if (blocks && Number(blocks[1]) > 0) return { kind: 'blocks', count: Number(blocks[1]) };
+  throw invalidOption('unfreeze', 'all, from:LAYER_NAME or blocks:K (K ≥ 1)', text);
+}
+
+/** The first layer of the body that trains in the fine-tune stage. */
+export function firstUnfrozenLayer(backbone: Backbone, u: Unfreeze): string {
+  const body = backbone.model!;
+  if (u.kind === 'all') {
+    // Everything after the input normalisation.
+    const first = body.layers.find(
+      (l) => l.getClassName() !== 'InputLayer' && l.getClassName() !== 'Rescaling',
+    );
+    return first!.name;
+  }
+  if (u.kind === 'from') {
+    if (!body.layers.some((l) => l.name === u.layer)) {
+      throw invalidOption(
+        'unfreeze',
+        `from: followed by a layer of backbone ${backbone.spec.id}`,
+        `from:${u.layer}`,
+      );
+    }
+    return u.layer;
+  }
+  const blocks = backbone.spec.blocks;
+  if (!blocks?.length) {
+    throw new FinetuneError(
+      `Backbone ${backbone.spec.id} names no blocks: use --unfreeze from:LAYER_NAME or --unfreeze all`,
+    );
+  }
+  if (u.count > blocks.length) {
+    throw invalidOption(
+      'unfreeze',
+      `blocks:1 to blocks:${blocks.length} for ${backbone.spec.id}`,
+      `blocks:${u.count}`,
+    );
+  }
+  return blocks[blocks.length - u.count]!;
+}
+
+/** The body cut in two where one tensor flows: a frozen prefix and a trainable suffix sharing the body's layers. */
+export interface SplitBody {
+  /** Layer whose output feeds the first unfrozen layer (the prefix's output). */
+  readonly cutLayer: string;
+  /** Prefix output shape without the batch: [h, w, c] or [d]. */
+  readonly cutShape: readonly number[];
+  /** Raw pixels → the cut tensor. */
+  readonly prefix: tf.LayersModel;
+  /** The cut tensor → features; its layers are the body's own (training updates the body). */
+  readonly suffix: tf.LayersModel;
+  /** The body's layers after the cut, in order. */
+  readonly layers: readonly tf.layers.Layer[];
+}
+
+type Symbolic = tf.SymbolicTensor;
+
+/**
+ * Cuts the body at the input of `firstUnfrozen`. The suffix re-applies the body's own
+ * layers to a new input, so its variables are the body's and nothing needs copying
+ * back. A layer after the cut that also reads a tensor from before it (a skip
+ * connection across the cut) makes the cut impossible: the error names both.
+ */
+export function splitBody(body: tf.LayersModel, firstUnfrozen: string): SplitBody {
+  const first = body.getLayer(firstUnfrozen);
+  const inbound = first.inboundNodes[0]!.inputTensors as Symbolic[];
+  if (inbound.length !== 1)
+    throw new FinetuneError(
+      `Cannot cut the backbone at ${firstUnfrozen}: it has ${inbound.length} inputs`,
+    );
+  const cut = inbound[0]!;
+  const cutShape = cut.shape.slice(1) as number[];
+  const input = tf.input({ shape: cutShape, name: `${firstUnfrozen}_input` });
+  const mapped = new Map<number, Symbolic>([[cut.id, input]]);
+  const layers: tf.layers.Layer[] = [];
+  const startIndex = body.layers.indexOf(first);
+  for (const layer of body.layers.slice(startIndex)) {
+    const node = layer.inboundNodes[0]!;
+    const ins = node.inputTensors as Symbolic[];
+    const known = ins.map((t) => mapped.get(t.id));
+    if (known.every((k) => k === undefined)) continue; // a branch that does not depend on the cut
+    const missing = ins.find((_, i) => known[i] === undefined);
+    if (missing) {
+      throw new FinetuneError(
+        `Cannot cut the backbone at ${firstUnfrozen}: layer ${layer.name} also reads ${missing.name} from before the cut; unfreeze from an earlier block`,
+      );
+    }
+    const out = layer.apply(known.length === 1 ? known[0]! : (known as Symbolic[])) as Symbolic;
+    mapped.set((node.outputTensors as Symbolic[])[0]!.id, out);
+    layers.push(layer);
+  }
+  const output = mapped.get(body.outputs[0]!.id);
+  if (!output)
+    throw new FinetuneError(
+      `Cannot cut the backbone at ${firstUnfrozen}: the features do not depend on it`,
+    );
+  return {
+    cutLayer: cut.sourceLayer.name,
+    cutShape,
+    prefix: tf.model({ inputs: body.inputs, outputs: cut, name: 'frozen_prefix' }),
+    suffix: tf.model({ inputs: input, outputs: output, name: 'trainable_suffix' }),
+    layers,
+  };
+}
+
+/**
+ * Makes every BatchNormalization layer in `layers` normalise with its moving statistics
+ * even when called with `training: true` (Keras's `training=False` rule for fine-tuning):
+ * tfjs-layers ignores `trainable` for BN and would otherwise use batch statistics and
+ * update the moving ones. Gamma and beta still train. Returns a function that undoes it.
+ */
+export function inferenceModeBatchNorm(layers: readonly tf.layers.Layer[]): () => void {
+  const restores: (() => void)[] = [];
+  for (const layer of layers) {
+    if (layer.getClassName() !== 'BatchNormalization') continue;
+    const l = layer as unknown as {
+      call: (inputs: unknown, kwargs: Record<string, unknown>) => unknown;
+    };
+    const original = l.call;
+    l.call = function (this: unknown, inputs: unknown, kwargs: Record<string, unknown>) {
+      return original.call(this, inputs, { ...kwargs, training: false });
+    };
+    restores.push(() => {
+      l.call = original;
+    });
+  }
+  return () => {
+    for (const r of restores) r();
+  };
+}
+
+/**
+ * Rough bytes a training step keeps per image in the suffix: every layer's output,
+ * kept for the backward pass, about three times over (activation, its gradient, and
+ * temporaries). Used to lower a batch that would overflow the 4 GiB wasm heap.
+ */
+export function bytesPerImage(layers: readonly tf.layers.Layer[]): number {
+  let floats = 0;
+  for (const l of layers) {
+    const shape = l.outputShape as number[];
+    floats += shape.slice(1).reduce((a, b) => a * (b ?? 1), 1);
+  }
+  return floats * 4 * 3;
+}
+
+/** A frozen model whose 4-D output rows come back NCHW (ONNX) turned to NHWC for tfjs. */
+export function nhwcRows(model: FrozenModel, shape: readonly number[]): FrozenModel {
+  if (model.engine !== 'onnx' || shape.length !== 3) return model;
+  const [h, w, c] = shape as [number, number, number];
+  return {
+    engine: model.engine,
+    layout: model.layout,
+    inputSize: model.inputSize,
+    outputSize: model.outputSize,
+    async run(batch, n) {
+      const chw = await model.run(batch, n);
+      const out = new Float32Array(chw.length);
+      const plane = h * w;
+      for (let i = 0; i < n; i++) {
+        const base = i * plane * c;
+        for (let ch = 0; ch < c; ch++) {
+          const src = base + ch * plane;
+          for (let p = 0; p < plane; p++) out[base + p * c + ch] = chw[src + p]!;
+        }
+      }
+      return out;
+    },
+    dispose: () => model.dispose(),
+  };
+}
+
+/** Prefix activations of a list of files, for one augmented view (or the plain images). */
+export async function prefixActivations(
+  files: readonly string[],
+  prefix: FrozenModel,
+  options: {
+    augment: readonly AugmentKind[];
+    view: number | null;
+    seed: number;
+    batchSize: number;
+    concurrency: number;
+    /** Cache and namespace of the plain view; the view id is filled in here. */
+    cache: { readonly store: EmbeddingCache; readonly namespace: CacheNamespace } | null;
+  },
+): Promise<{ data: Float32Array; rows: readonly number[] }> {
+  const { augment, view, seed } = options;
+  const augmented = view !== null && augment.length > 0;
+  const viewId = augmented ? `augment:${augment.join('+')}:seed${seed}:view${view}` : 'plain';
+  const result = await embedFiles(files, prefix, {
+    batchSize: options.batchSize,
+    concurrency: options.concurrency,
+    cache: options.cache
+      ? { store: options.cache.store, namespace: { ...options.cache.namespace, view: viewId } }
+      : null,
+    ...(augmented
+      ? {
+          transform: (pixels: Uint8Array, key: string, size: number) =>
+            applyAugment(pixels, size, augmentPlan(augment, seed, view, key)),
+        }
+      : {}),
+  });
+  return { data: result.features, rows: result.rows };
+}
+
+/** Rows whose data is swapped per epoch (one augmented view at a time). */
+class ViewBatches implements Batches {
+  data: Float32Array;
+  constructor(
+    data: Float32Array,
+    private readonly rowShape: readonly number[],
+    readonly labels: Int32Array,
+  ) {
+    this.data = data;
+  }
+  get size(): number {
+    return this.labels.length;
+  }
+  take(rows: ArrayLike<number>): tf.Tensor {
+    return new ArrayBatches(this.data, this.rowShape, this.labels).take(rows);
+  }
+}
+
+export interface FineTuneSettings {
+  readonly epochs: number;
+  readonly unfreeze: string;
+  readonly lr: number;
+  readonly batchSize: number;
+  readonly optimizer: OptimizerName;
+  readonly freezeBn: boolean;
+  readonly swa: SwaSettings | null;
+  readonly augment: readonly AugmentKind[];
+  /** Augmented views cached per image; views cycle over the epochs. */
+  readonly augmentViews: number;
+  readonly keep: 'last' | 'best';
+  readonly labelSmoothing: number;
+  readonly classWeights: readonly number[] | null;
+  readonly seed: number;
+  readonly decodeConcurrency: number;
+  readonly embedBatchSize: number;
+}
+
+export interface FineTuneInputs {
+  readonly backbone: Backbone;
+  /** The trained head (stage one's kept weights); its variables train on. */
+  readonly head: tf.LayersModel;
+  readonly train: { readonly files: readonly string[]; readonly labels: Int32Array };
+  readonly val: { readonly files: readonly string[]; readonly labels: Int32Array };
+  readonly numClasses: number;
+  /** Validation accuracy of what stage one left in the head (for --keep best). */
+  readonly headAcc: number | null;
+  readonly engine: {
+    readonly engine: EngineOption;
+    readonly backend: BackendInfo;
+    readonly threads?: number;
+  };
+  readonly callbacks: readonly TrainingCallback[];
+  readonly warn: (message: string) => void;
+  /** Where prefix activations are kept between runs; null: in memory only. */
+  readonly cache: EmbeddingCache | null;
+}
+
+export interface FineTuneResult {
+  readonly stage: StageResult;
+  readonly firstUnfrozen: string;
+  readonly cutLayer: string;
+  readonly batchSize: number;
+  readonly trainableVariables: number;
+  readonly prefixEngine: string;
+  /** Which weights the model holds now: 'finetune-swa', 'finetune-raw' or 'head-…' (stage one's, with --keep best). */
+  readonly kept: string;
+  /** Inference on raw pixels through prefix, suffix and head, for test figures. */
+  readonly evaluate: (files: readonly string[], labels: Int32Array) => Promise<Evaluation>;
+  dispose(): Promise<void>;
+}
+
+/** Bytes the wasm heap may spend on one training step's activations (of its 4 GiB). */
+const WASM_STEP_BUDGET = 1.5 * 2 ** 30;
+
+/**
+ * Stage two: unfreeze the top of the backbone and train it with the head at a low LR.
+ * The frozen prefix runs once per image (per augmented view) on the frozen-pass engine
+ * and its activations are kept; each epoch trains only the suffix, outside of which no
+ * frozen layer ever sits on the gradient tape. BatchNorm stays in inference mode. A
+ * fresh optimizer and averager cover exactly this stage's trainable set.
+ */
+export async function runFineTune(
+  inputs: FineTuneInputs,
+  s: FineTuneSettings,
+): Promise<FineTuneResult> {
+  const { backbone, head } = inputs;
+  const body = backbone.model;
+  if (!body) throw graphModelError(backbone.spec.id);
+  const firstUnfrozen = firstUnfrozenLayer(backbone, parseUnfreeze(s.unfreeze));
+  const split = splitBody(body, firstUnfrozen);
+  const rowLength = split.cutShape.reduce((a, b) => a * b, 1);
+  const choice = await createFrozenModel(
+    {
+      layersModel: split.prefix,
+      inputSize: backbone.inputSize,
+      outputSize: rowLength,
+      forward: (x) => split.prefix.predict(x) as tf.Tensor,
+      hash: null,
+    },
+    {
+      engine: inputs.engine.engine,
+      backend: inputs.engine.backend,
+      ...(inputs.engine.threads ? { threads: inputs.engine.threads } : {}),
+    },
+  );
+  const prefix = nhwcRows(choice.model, split.cutShape);
+  const cache = inputs.cache
+    ? { store: inputs.cache, namespace: cacheNamespace(backbone, split.cutLayer) }
+    : null;
+  const activations = async (files: readonly string[], view: number | null) =>
+    prefixActivations(files, prefix, {
+      augment: s.augment,
+      view,
+      seed: s.seed,
+      batchSize: s.embedBatchSize,
+      concurrency: s.decodeConcurrency,
+      cache,
+    });
+  const restoreBn = inferenceModeBatchNorm(split.layers);
+  const restoreTrainable = split.layers.map((l) => {
+    const was = l.trainable;
+    l.trainable = !(s.freezeBn && l.getClassName() === 'BatchNormalization');
+    return () => {
+      l.trainable = was;
+    };
+  });
+  const logits = logitsView(head);
+  const forward: Forward = (x, training) =>
+    logits.apply(split.suffix.apply(x, { training }), { training }) as tf.Tensor;
+  const cleanup = async (): Promise<void> => {
+    restoreBn();
+    for (const r of restoreTrainable) r();
+    await prefix.dispose();
+  };
+  try {
+    let batchSize = s.batchSize;
+    if (inputs.engine.backend.tfBackend === 'wasm') {
+      const fits = Math.max(1, Math.floor(WASM_STEP_BUDGET / bytesPerImage(split.layers)));
+      if (fits < batchSize) {
+        inputs.warn(
+          `fine-tune batch size lowered from ${batchSize} to ${fits}: a larger batch would not fit the 4 GiB wasm heap`,
+        );
+        batchSize = fits;
+      }
+    }
+    const plainTrain = s.augment.length ? null : await activations(inputs.train.files, null);
+    const valActs = await activations(inputs.val.files, null);
+    const pick = (labels: Int32Array, rows: readonly number[]) =>
+      Int32Array.from(rows, (r) => labels[r]!);
+    const first = plainTrain ?? (await activations(inputs.train.files, 0));
+    const trainBatches = new ViewBatches(
+      first.data,
+      split.cutShape,
+      pick(inputs.train.labels, first.rows),
+    );
+    const valBatches = inputs.val.files.length
+      ? new ArrayBatches(valActs.data, split.cutShape, pick(inputs.val.labels, valActs.rows))
+      : null;
+    // Views are computed when first needed and kept (at most augmentViews of them).
+    const views = new Map<number, Float32Array>([[0, first.data]]);
+    const viewCallback: TrainingCallback = {
+      async onEpochBegin(epoch) {
+        if (!s.augment.length) return;
+        const v = epoch % s.augmentViews;
+        let data = views.get(v);
+        if (!data) {
+          const a = await activations(inputs.train.files, v);
+          if (a.rows.length !== trainBatches.size)
+            throw new FinetuneError('An image decoded differently between augmented views');
+          data = a.data;
+          views.set(v, data);
+        }
+        trainBatches.data = data;
+      },
+    };
+    const variables = [
+      ...split.layers.flatMap((l) => l.trainableWeights.map((w) => w.read() as tf.Variable)),
+      ...head.trainableWeights.map((w) => w.read() as tf.Variable),
+    ];
+    const before = s.keep === 'best' ? variables.map((v) => v.clone()) : null;
+    const stage = await runStage(trainBatches, valBatches, {
+      name: 'finetune',
+      forward,
+      variables,
+      reseed: dropoutSeeder(head),
+      epochs: s.epochs,
+      batchSize,
+      optimizer: s.optimizer,
+      lr: s.lr,
+      labelSmoothing: s.labelSmoothing,
+      classWeights: s.classWeights,
+      numClasses: inputs.numClasses,
+      seed: s.seed + 1,
+      swa: s.swa,
+      keepRaw: s.keep === 'best',
+      callbacks: [viewCallback, ...inputs.callbacks],
+    });
+    let kept = `finetune-${stage.kept}`;
+    if (s.keep === 'best') {
+      const candidates: [string, number, tf.Tensor[] | null][] = [
+        ['head', inputs.headAcc ?? -1, before],
+        ['finetune-raw', stage.raw?.acc ?? -1, stage.rawWeights],
+        ...(stage.swa ? [['finetune-swa', stage.swa.acc, null] as [string, number, null]] : []),
+      ];
+      // Ties keep the later stage: it has seen the most training.
+      const best = candidates.reduce((a, b) => (b[1] >= a[1] ? b : a));
+      const chosen = best[2];
+      if (chosen) {
+        variables.forEach((v, i) => {
+          v.assign(chosen[i]!);
+        });
+      }
+      kept = best[0];
+    }
+    tf.dispose(before ?? []);
+    tf.dispose(stage.rawWeights ?? []);
+    return {
+      stage,
+      firstUnfrozen,
+      cutLayer: split.cutLayer,
+      batchSize,
+      trainableVariables: variables.length,
+      prefixEngine: choice.engine,
+      kept,
+      evaluate: async (files, labels) => {
+        const a = await activations(files, null);
+        return evaluateBatches(
+          forward,
+          new ArrayBatches(a.data, split.cutShape, pick(labels, a.rows)),
+          64,
+          inputs.numClasses,
+        );
+      },
+      dispose: cleanup,
+    };
+  } catch (err) {
+    await cleanup();
+    throw err;
+  }
+}
+
+/** The cache namespace of a backbone's output at `layer` ('features' for the pooled body output). */
+export function cacheNamespace(backbone: Backbone, layer: string): CacheNamespace {
+  return {
+    backboneId: backbone.spec.id,
+    // The hash covers the edited topology (cut, input size, normalisation) and weights.
+    weightsHash: backbone.weightsHash,
+    layer,
+    inputSize: backbone.inputSize,
+    // Bumped when decoding changes what pixels an image becomes.
+    preprocessing: `${JSON.stringify(backbone.preprocessing)};decode=sharp-fill-linear-v1`,
+    view: 'plain',
+  };
+}
+
+/** The message for a graph-model backbone with a fine-tune stage. */
+export function graphModelError(id: string): FinetuneError {
+  return new FinetuneError(
+    `Backbone ${id} is a graph model: it carries no trainable variables, so it cannot be fine-tuned (--finetune-epochs). ` +
+      'Use a layers-format backbone: nsfwjs_mobilenet_v2 (the offline default) or a Keras/tfjs layers model.json',
+  );
+}
