@@ -55,7 +55,7 @@ export async function writeImage(
 
 /**
  * A tiny random conv backbone (32×32 in) saved as model.json, for fast tests of the
- * whole pipeline: conv → BN → ReLU6 → depthwise → conv, cut at the last 4-D layer.
+ * whole pipeline: conv → BN → ReLU6 → depthwise → BN → conv, cut at the last 4-D layer.
  */
 export async function writeTinyBackbone(dir: string, seed = 1): Promise<string> {
   const input = tf.input({ shape: [32, 32, 3], name: 'image' });
@@ -79,6 +79,7 @@ export async function writeTinyBackbone(dir: string, seed = 1): Promise<string> 
       depthwiseInitializer: tf.initializers.glorotUniform({ seed: seed + 1 }),
     })
     .apply(x) as tf.SymbolicTensor;
+  x = tf.layers.batchNormalization({ name: 'bn2' }).apply(x) as tf.SymbolicTensor;
   x = tf.layers
     .conv2d({
       filters: 16,

@@ -87,6 +87,12 @@ export interface SplitBody {
   readonly suffix: tf.LayersModel;
   /** The body's layers after the cut, in order. */
   readonly layers: readonly tf.layers.Layer[];
+  /**
+   * Undoes the split's hold on the body's weights. Applying a layer symbolically raises
+   * its reference count, so without this `body.dispose()` would leave the suffix's
+   * variables alive. (The prefix re-uses the body's own graph and holds nothing.)
+   */
+  release(): void;
 }
 
 type Symbolic = tf.SymbolicTensor;
@@ -130,12 +136,16 @@ export function splitBody(body: tf.LayersModel, firstUnfrozen: string): SplitBod
     throw new FinetuneError(
       `Cannot cut the backbone at ${firstUnfrozen}: the features do not depend on it`,
     );
+  const suffix = tf.model({ inputs: input, outputs: output, name: 'trainable_suffix' });
   return {
     cutLayer: cut.sourceLayer.name,
     cutShape,
     prefix: tf.model({ inputs: body.inputs, outputs: cut, name: 'frozen_prefix' }),
-    suffix: tf.model({ inputs: input, outputs: output, name: 'trainable_suffix' }),
+    suffix,
     layers,
+    release: () => {
+      suffix.dispose();
+    },
   };
 }
 
@@ -370,6 +380,7 @@ export async function runFineTune(
   const cleanup = async (): Promise<void> => {
     restoreBn();
     for (const r of restoreTrainable) r();
+    split.release();
     await prefix.dispose();
   };
   try {

@@ -2,7 +2,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { type Backbone, loadBackbone } from '../backbones/load.js';
-import { DEFAULT_BACKBONE } from '../backbones/registry.js';
+import { DEFAULT_BACKBONE, resolveBackboneSpec } from '../backbones/registry.js';
 import { type BackendInfo, type BackendOption, initBackend } from '../backend/index.js';
 import { type AugmentKind, parseAugment } from '../data/augment.js';
 import { defaultCacheDir, EmbeddingCache } from '../data/cache.js';
@@ -377,7 +377,13 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
   for (const w of splits.warnings) emit({ type: 'warning', message: w });
   lap('scan');
 
-  const backbone = await loadBackbone(o.backbone, {
+  const spec = resolveBackboneSpec(o.backbone, {
+    ...(o.alpha !== undefined ? { alpha: o.alpha } : {}),
+    ...(o.featureLayer !== undefined ? { featureLayer: o.featureLayer } : {}),
+  });
+  // Known graph models fail before anything is downloaded or decoded.
+  if (o.finetuneEpochs > 0 && spec.format === 'graph') throw graphModelError(spec.id);
+  const backbone = await loadBackbone(spec, {
     ...(o.alpha !== undefined ? { alpha: o.alpha } : {}),
     ...(o.featureLayer !== undefined ? { featureLayer: o.featureLayer } : {}),
     ...(o.inputSize !== undefined ? { inputSize: o.inputSize } : {}),

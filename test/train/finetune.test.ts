@@ -1,0 +1,235 @@
+import assert from 'node:assert/strict';
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import * as tf from '@tensorflow/tfjs';
+import { loadBackbone } from '../../src/backbones/load.js';
+import { initBackend } from '../../src/backend/index.js';
+import { applyAugment, augmentPlan, parseAugment } from '../../src/data/augment.js';
+import { fileLoadHandler } from '../../src/io/files.js';
+import {
+  firstUnfrozenLayer,
+  inferenceModeBatchNorm,
+  parseUnfreeze,
+  splitBody,
+} from '../../src/train/finetune.js';
+import { train } from '../../src/train/train.js';
+import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
+
+let dir: string;
+let cleanup: () => Promise<void>;
+let tiny: string;
+let data: string;
+
+before(async () => {
+  await initBackend('wasm');
+  ({ dir, cleanup } = await tempDir('finetune'));
+  tiny = await writeTinyBackbone(dir);
+  data = path.join(dir, 'data');
+  await writeColourDataset(data, 8, {
+    red: [220, 30, 30],
+    green: [30, 200, 40],
+    blue: [20, 40, 230],
+  });
+});
+after(async () => {
+  await cleanup();
+});
+
+async function weights(modelJson: string): Promise<Map<string, Float32Array>> {
+  const m = await tf.loadLayersModel(fileLoadHandler(modelJson));
+  const out = new Map(m.weights.map((w) => [w.originalName, w.read().dataSync() as Float32Array]));
+  m.dispose();
+  return out;
+}
+
+const same = (a: Float32Array, b: Float32Array): boolean =>
+  Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(
+    Buffer.from(b.buffer, b.byteOffset, b.byteLength),
+  );
+
+test('--unfreeze values and the layers they pick', async () => {
+  const before = tf.memory().numTensors;
+  assert.deepEqual(parseUnfreeze('all'), { kind: 'all' });
+  assert.deepEqual(parseUnfreeze('from:block_16_expand'), {
+    kind: 'from',
+    layer: 'block_16_expand',
+  });
+  assert.deepEqual(parseUnfreeze('blocks:2'), { kind: 'blocks', count: 2 });
+  assert.throws(() => parseUnfreeze('blocks:0'), {
+    message:
+      "Expected all, from:LAYER_NAME or blocks:K (K ≥ 1) for unfreeze but received 'blocks:0'",
+  });
+  const bb = await loadBackbone();
+  assert.equal(firstUnfrozenLayer(bb, { kind: 'blocks', count: 1 }), 'block_16_expand');
+  assert.equal(firstUnfrozenLayer(bb, { kind: 'blocks', count: 3 }), 'block_14_expand');
+  assert.equal(firstUnfrozenLayer(bb, { kind: 'all' }), 'Conv1_pad');
+  assert.throws(
+    () => firstUnfrozenLayer(bb, { kind: 'blocks', count: 18 }),
+    /blocks:1 to blocks:17/,
+  );
+  assert.throws(
+    () => firstUnfrozenLayer(bb, { kind: 'from', layer: 'nope' }),
+    /from: followed by a layer of backbone/,
+  );
+
+  // prefix then suffix is the body, bit for bit, and BN in the suffix ignores training mode
+  const split = splitBody(bb.model!, 'block_16_expand');
+  assert.equal(split.cutLayer, 'block_15_add');
+  assert.deepEqual(split.cutShape, [7, 7, 160]);
+  const undo = inferenceModeBatchNorm(split.layers);
+  const diffs = tf.tidy(() => {
+    const x = tf.randomUniform([2, 224, 224, 3], 0, 255, 'float32', 7);
+    const whole = bb.model!.predict(x) as tf.Tensor;
+    const mid = split.prefix.predict(x) as tf.Tensor;
+    const parts = split.suffix.predict(mid) as tf.Tensor;
+    const trainingMode = split.suffix.apply(mid, { training: true }) as tf.Tensor;
+    return [
+      whole.sub(parts).abs().max().dataSync()[0],
+      whole.sub(trainingMode).abs().max().dataSync()[0],
+    ];
+  });
+  undo();
+  split.release();
+  assert.deepEqual(diffs, [0, 0]);
+  bb.dispose();
+  assert.equal(tf.memory().numTensors, before);
+  const tinyBb = await loadBackbone(tiny);
+  assert.throws(() => firstUnfrozenLayer(tinyBb, { kind: 'blocks', count: 1 }), {
+    message: `Backbone ${tiny} names no blocks: use --unfreeze from:LAYER_NAME or --unfreeze all`,
+  });
+  tinyBb.dispose();
+});
+
+test('fine-tune stage: only unfrozen weights change, BN statistics stay, snapshots counted, no tensor leak', async () => {
+  const before = tf.memory().numTensors;
+  const out = path.join(dir, 'ft');
+  const summary = await train({
+    data,
+    out,
+    backbone: tiny,
+    epochs: 10,
+    lr: 0.05,
+    batchSize: 8,
+    finetuneEpochs: 4,
+    unfreeze: 'from:dw1',
+    finetuneLr: 0.01,
+    finetuneSwaStart: 1,
+    finetuneSwaFreq: 2,
+    cache: false,
+  });
+  assert.equal(tf.memory().numTensors, before);
+  const ft = summary.stages['finetune']!;
+  assert.equal(ft.snapshots, 2); // after epochs 2 and 4 of 4 (0-based 1 and 3)
+  assert.equal(ft.unfreezeFrom, 'dw1');
+  assert.ok(ft.raw && ft.swa && summary.stages['head']!.swa);
+  assert.equal(summary.exported, 'finetune-swa');
+  const lines = (await readFile(path.join(out, 'metrics.jsonl'), 'utf8'))
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l));
+  assert.deepEqual(
+    lines.map((l) => l.stage),
+    [...new Array(10).fill('head'), ...new Array(4).fill('finetune')],
+  );
+
+  const original = await weights(tiny);
+  const exported = await weights(path.join(out, 'model', 'model.json'));
+  const frozen = [
+    'conv1/kernel',
+    'conv1/bias',
+    'bn1/gamma',
+    'bn1/beta',
+    'bn1/moving_mean',
+    'bn1/moving_variance',
+  ];
+  const statistics = ['bn2/moving_mean', 'bn2/moving_variance'];
+  const trained = [
+    'dw1/depthwise_kernel',
+    'dw1/bias',
+    'bn2/gamma',
+    'bn2/beta',
+    'conv2/kernel',
+    'conv2/bias',
+  ];
+  assert.deepEqual([...original.keys()].sort(), [...frozen, ...statistics, ...trained].sort());
+  for (const name of [...frozen, ...statistics])
+    assert.ok(same(original.get(name)!, exported.get(name)!), `${name} unchanged`);
+  for (const name of trained)
+    assert.ok(!same(original.get(name)!, exported.get(name)!), `${name} trained`);
+});
+
+test('--freeze-bn keeps gamma/beta; --keep best exports the best on validation', async () => {
+  const out = path.join(dir, 'ft-best');
+  const summary = await train({
+    data,
+    out,
+    backbone: tiny,
+    epochs: 6,
+    lr: 0.05,
+    batchSize: 8,
+    finetuneEpochs: 2,
+    unfreeze: 'from:dw1',
+    freezeBn: true,
+    keep: 'best',
+    augment: 'flip,brightness',
+    cache: false,
+  });
+  const original = await weights(tiny);
+  const exported = await weights(path.join(out, 'model', 'model.json'));
+  for (const name of ['bn2/gamma', 'bn2/beta'])
+    assert.ok(same(original.get(name)!, exported.get(name)!), `${name} frozen`);
+  const accs: Record<string, number> = {
+    'head-swa': summary.stages['head']!.swa!.acc,
+    'finetune-raw': summary.stages['finetune']!.raw!.acc,
+    'finetune-swa': summary.stages['finetune']!.swa!.acc,
+  };
+  assert.equal(accs[summary.exported], Math.max(...Object.values(accs)));
+  assert.equal(summary.val!.acc, Math.max(...Object.values(accs)));
+});
+
+test('a graph-model backbone with a fine-tune stage fails at once, saying why', async () => {
+  await assert.rejects(
+    train({ data, backbone: 'mobilenet_v2', finetuneEpochs: 1 }),
+    (err: Error) => {
+      assert.match(
+        err.message,
+        /^Backbone mobilenet_v2 is a graph model: it carries no trainable variables/,
+      );
+      assert.match(err.message, /nsfwjs_mobilenet_v2/);
+      return true;
+    },
+  );
+  await assert.rejects(train({ data, unfreeze: 'all' }), {
+    message: 'unfreeze need a fine-tune stage (finetuneEpochs > 0)',
+  });
+});
+
+test('augmentation plans repeat per (seed, view, image) and transform as drawn', () => {
+  assert.deepEqual(parseAugment('crop,flip'), ['flip', 'crop']);
+  assert.throws(() => parseAugment('flip,blur'), {
+    message: "Expected a list of flip, crop, rotate, brightness for augment but received 'blur'",
+  });
+  const key = 'ab12cd34'.padEnd(64, '0');
+  assert.deepEqual(
+    augmentPlan(['flip', 'crop', 'rotate'], 1, 2, key),
+    augmentPlan(['flip', 'crop', 'rotate'], 1, 2, key),
+  );
+  assert.notDeepEqual(
+    augmentPlan(['crop', 'rotate'], 1, 2, key),
+    augmentPlan(['crop', 'rotate'], 1, 3, key),
+  );
+  const size = 4;
+  const pixels = Uint8Array.from({ length: size * size * 3 }, (_, i) => i);
+  const flipped = applyAugment(pixels, size, { flip: true, crop: null, angle: 0, brightness: 1 });
+  for (let y = 0; y < size; y++) {
+    for (let x = 0; x < size; x++) {
+      for (let c = 0; c < 3; c++)
+        assert.equal(flipped[(y * size + x) * 3 + c], pixels[(y * size + (size - 1 - x)) * 3 + c]);
+    }
+  }
+  const identity = applyAugment(pixels, size, { flip: false, crop: null, angle: 0, brightness: 1 });
+  assert.deepEqual(identity, pixels);
+  const darker = applyAugment(pixels, size, { flip: false, crop: null, angle: 0, brightness: 0.5 });
+  assert.deepEqual(Array.from(darker.slice(0, 6)), [0, 1, 1, 2, 2, 3]);
+});
