@@ -1,0 +1,385 @@
+import assert from 'node:assert/strict';
+import { before, describe, test } from 'node:test';
+import * as tf from '@tensorflow/tfjs';
+import '@tensorflow/tfjs-backend-wasm';
+import {
+  registerWasmGradientKernels,
+  WASM_GRADIENT_KERNELS,
+} from '../../src/backend/wasm-grad-kernels.js';
+
+type Shape4 = [number, number, number, number];
+type Pad = 'same' | 'valid' | number | tf.backend_util.ExplicitPadding;
+type Backend = 'cpu' | 'wasm';
+
+/** Deterministic values in [-1, 1), identical on both backends. */
+function values(size: number, seed: number): Float32Array {
+  let state = seed >>> 0;
+  const out = new Float32Array(size);
+  for (let i = 0; i < size; i++) {
+    state = (state + 0x6d2b79f5) >>> 0;
+    let t = state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    out[i] = ((t ^ (t >>> 14)) >>> 0) / 2 ** 31 - 1;
+  }
+  return out;
+}
+
+/** A variable that does not leave its initial-value tensor behind. */
+function variable<R extends tf.Rank>(
+  initial: tf.Tensor<R>,
+  trainable = true,
+  name?: string,
+): tf.Variable<R> {
+  const v = tf.variable(initial, trainable, name);
+  initial.dispose();
+  return v;
+}
+
+function sizeOf(shape: number[]): number {
+  return shape.reduce((a, b) => a * b, 1);
+}
+
+/** Max abs difference, scaled down when the reference values are large. */
+function maxError(actual: Float32Array, expected: Float32Array): number {
+  assert.equal(actual.length, expected.length);
+  let diff = 0;
+  let magnitude = 0;
+  for (let i = 0; i < expected.length; i++) {
+    diff = Math.max(diff, Math.abs(actual[i]! - expected[i]!));
+    magnitude = Math.max(magnitude, Math.abs(expected[i]!));
+  }
+  return diff / Math.max(1, magnitude);
+}
+
+interface Inputs {
+  [name: string]: { shape: number[]; data: Float32Array };
+}
+
+/**
+ * Runs `fn` with the engine checking after every kernel call that the backend
+ * holds no more data than before plus the outputs, i.e. that the composed
+ * kernels free their intermediates. Not left on globally because some tfjs
+ * custom-gradient ops (softmaxCrossEntropy) trip it on their own.
+ */
+function withLeakCheck<T>(fn: () => T): T {
+  tf.env().set('IS_TEST', true);
+  try {
+    return fn();
+  } finally {
+    tf.env().set('IS_TEST', false);
+  }
+}
+
+/** Runs one kernel on the given backend, returning its output values. */
+async function runOn(
+  backend: Backend,
+  kernelName: string,
+  inputs: Inputs,
+  attrs: tf.NamedAttrMap,
+): Promise<{ shape: number[]; data: Float32Array }> {
+  await tf.setBackend(backend);
+  const tensors: tf.NamedTensorMap = {};
+  for (const [name, { shape, data }] of Object.entries(inputs)) {
+    tensors[name] = tf.tensor(data, shape);
+  }
+  const out = withLeakCheck(() => tf.engine().runKernel(kernelName, tensors, attrs) as tf.Tensor);
+  const result = { shape: out.shape, data: out.dataSync() as Float32Array };
+  out.dispose();
+  for (const t of Object.values(tensors)) t.dispose();
+  return result;
+}
+
+async function compareWithCpu(kernelName: string, inputs: Inputs, attrs: tf.NamedAttrMap) {
+  const expected = await runOn('cpu', kernelName, inputs, attrs);
+  const actual = await runOn('wasm', kernelName, inputs, attrs);
+  assert.deepEqual(actual.shape, expected.shape);
+  const error = maxError(actual.data, expected.data);
+  assert.ok(error <= 1e-4, `${kernelName} ${JSON.stringify(attrs)}: error ${error}`);
+}
+
+interface Case {
+  batch: number;
+  height: number;
+  width: number;
+  kernel: number;
+  stride: number;
+  pad: Pad;
+  multiplier: number;
+}
+
+function convCases(): Case[] {
+  const cases: Case[] = [];
+  for (const kernel of [1, 3, 5]) {
+    for (const stride of [1, 2]) {
+      for (const pad of ['same', 'valid'] as const) {
+        // Odd and even sizes, non-square so that H and W mix-ups show.
+        for (const [height, width] of [
+          [7, 9],
+          [8, 6],
+        ] as const) {
+          cases.push({ batch: 2, height, width, kernel, stride, pad, multiplier: 1 });
+        }
+      }
+    }
+  }
+  cases.push({ batch: 3, height: 10, width: 11, kernel: 3, stride: 3, pad: 'same', multiplier: 1 });
+  cases.push({ batch: 2, height: 9, width: 8, kernel: 3, stride: 2, pad: 1, multiplier: 1 });
+  cases.push({
+    batch: 2,
+    height: 8,
+    width: 9,
+    kernel: 3,
+    stride: 2,
+    pad: [
+      [0, 0],
+      [2, 0],
+      [1, 3],
+      [0, 0],
+    ],
+    multiplier: 1,
+  });
+  cases.push({ batch: 2, height: 8, width: 7, kernel: 2, stride: 1, pad: 'same', multiplier: 1 });
+  return cases;
+}
+
+function describeCase(c: Case): string {
+  return `${c.batch}x${c.height}x${c.width} k${c.kernel} s${c.stride} pad ${JSON.stringify(c.pad)} m${c.multiplier}`;
+}
+
+const IN_CHANNELS = 3;
+const OUT_CHANNELS = 4;
+
+before(async () => {
+  registerWasmGradientKernels();
+  await tf.setBackend('wasm');
+});
+
+describe('registerWasmGradientKernels', () => {
+  test('registers the three kernels for wasm and is idempotent', () => {
+    assert.deepEqual(
+      [...WASM_GRADIENT_KERNELS].sort(),
+      [
+        'Conv2DBackpropFilter',
+        'DepthwiseConv2dNativeBackpropFilter',
+        'DepthwiseConv2dNativeBackpropInput',
+      ].sort(),
+    );
+    const before = WASM_GRADIENT_KERNELS.map((name) => tf.getKernel(name, 'wasm'));
+    for (const config of before) assert.ok(config !== undefined);
+    const warn = console.warn;
+    const warnings: unknown[] = [];
+    console.warn = (...args: unknown[]) => warnings.push(args);
+    try {
+      registerWasmGradientKernels();
+    } finally {
+      console.warn = warn;
+    }
+    assert.deepEqual(warnings, []);
+    assert.deepEqual(
+      WASM_GRADIENT_KERNELS.map((name) => tf.getKernel(name, 'wasm')),
+      before,
+    );
+  });
+});
+
+describe('kernels match the cpu backend', () => {
+  for (const c of convCases()) {
+    test(`Conv2DBackpropFilter ${describeCase(c)}`, async () => {
+      const xShape: Shape4 = [c.batch, c.height, c.width, IN_CHANNELS];
+      const filterShape: Shape4 = [c.kernel, c.kernel, IN_CHANNELS, OUT_CHANNELS];
+      const info = tf.backend_util.computeConv2DInfo(xShape, filterShape, c.stride, 1, c.pad);
+      await compareWithCpu(
+        tf.Conv2DBackpropFilter,
+        {
+          x: { shape: xShape, data: values(sizeOf(xShape), 1) },
+          dy: { shape: info.outShape, data: values(sizeOf(info.outShape), 2) },
+        },
+        { strides: c.stride, pad: c.pad, dataFormat: 'NHWC', filterShape },
+      );
+    });
+  }
+
+  const depthwiseCases = [
+    ...convCases(),
+    { batch: 2, height: 7, width: 8, kernel: 3, stride: 2, pad: 'same', multiplier: 2 },
+    { batch: 2, height: 8, width: 7, kernel: 3, stride: 1, pad: 'valid', multiplier: 3 },
+  ] satisfies Case[];
+  for (const c of depthwiseCases) {
+    const xShape: Shape4 = [c.batch, c.height, c.width, IN_CHANNELS];
+    const filterShape: Shape4 = [c.kernel, c.kernel, IN_CHANNELS, c.multiplier];
+    const dyShapeOf = () =>
+      tf.backend_util.computeConv2DInfo(xShape, filterShape, c.stride, 1, c.pad, undefined, true)
+        .outShape;
+
+    test(`DepthwiseConv2dNativeBackpropFilter ${describeCase(c)}`, async () => {
+      const dyShape = dyShapeOf();
+      await compareWithCpu(
+        tf.DepthwiseConv2dNativeBackpropFilter,
+        {
+          x: { shape: xShape, data: values(sizeOf(xShape), 3) },
+          dy: { shape: dyShape, data: values(sizeOf(dyShape), 4) },
+        },
+        { strides: c.stride, pad: c.pad, dilations: 1, filterShape },
+      );
+    });
+
+    test(`DepthwiseConv2dNativeBackpropInput ${describeCase(c)}`, async () => {
+      const dyShape = dyShapeOf();
+      await compareWithCpu(
+        tf.DepthwiseConv2dNativeBackpropInput,
+        {
+          dy: { shape: dyShape, data: values(sizeOf(dyShape), 5) },
+          filter: { shape: filterShape, data: values(sizeOf(filterShape), 6) },
+        },
+        { strides: c.stride, pad: c.pad, dilations: 1, inputShape: xShape },
+      );
+    });
+  }
+});
+
+describe('kernel contract', () => {
+  test('accepts plain TensorInfo inputs and leaves them alive', async () => {
+    await tf.setBackend('wasm');
+    const x = tf.tensor(values(2 * 6 * 6 * 3, 7), [2, 6, 6, 3]);
+    const dy = tf.tensor(values(2 * 3 * 3 * 3, 8), [2, 3, 3, 3]);
+    const attrs = { strides: 2, pad: 'same', dilations: 1, filterShape: [3, 3, 3, 1] };
+    const viaEngine = tf
+      .engine()
+      .runKernel(tf.DepthwiseConv2dNativeBackpropFilter, { x, dy }, attrs);
+    const config = tf.getKernel(tf.DepthwiseConv2dNativeBackpropFilter, 'wasm');
+    const info = (t: tf.Tensor): tf.TensorInfo => ({
+      dataId: t.dataId,
+      shape: t.shape,
+      dtype: t.dtype,
+    });
+    const direct = config.kernelFunc({
+      inputs: { x: info(x), dy: info(dy) },
+      attrs,
+      backend: tf.backend(),
+    }) as tf.Tensor;
+    assert.deepEqual(direct.dataSync(), (viaEngine as tf.Tensor).dataSync());
+    assert.equal(x.dataSync().length, 2 * 6 * 6 * 3);
+    assert.equal(dy.dataSync().length, 2 * 3 * 3 * 3);
+    tf.dispose([x, dy, direct, viaEngine as tf.Tensor]);
+  });
+
+  test('rejects NCHW and dilations other than 1 with a clear message', async () => {
+    await tf.setBackend('wasm');
+    const x = tf.zeros([1, 4, 4, 2]);
+    const dy = tf.zeros([1, 4, 4, 2]);
+    const filter = tf.zeros([3, 3, 2, 1]);
+    assert.throws(
+      () =>
+        tf
+          .engine()
+          .runKernel(
+            tf.Conv2DBackpropFilter,
+            { x, dy },
+            { strides: 1, pad: 'same', dataFormat: 'NCHW', filterShape: [3, 3, 4, 2] },
+          ),
+      /supports only dataFormat 'NHWC'/,
+    );
+    assert.throws(
+      () =>
+        tf
+          .engine()
+          .runKernel(
+            tf.DepthwiseConv2dNativeBackpropFilter,
+            { x, dy },
+            { strides: 1, pad: 'same', dilations: 2, filterShape: [3, 3, 2, 1] },
+          ),
+      /supports only dilations 1/,
+    );
+    assert.throws(
+      () =>
+        tf
+          .engine()
+          .runKernel(
+            tf.DepthwiseConv2dNativeBackpropInput,
+            { dy, filter },
+            { strides: 1, pad: 'same', dilations: [1, 2], inputShape: [1, 4, 4, 2] },
+          ),
+      /supports only dilations 1/,
+    );
+    tf.dispose([x, dy, filter]);
+  });
+});
+
+describe('training on wasm', () => {
+  const shapes = {
+    conv: [3, 3, 3, 8],
+    depthwise: [3, 3, 8, 1],
+    pointwise: [1, 1, 8, 6],
+    dense: [6, 4],
+  } as const;
+  const inputShape: Shape4 = [4, 9, 10, 3];
+
+  /**
+   * One SGD step of conv(s2) -> relu6 -> depthwise -> relu6 -> 1x1 conv ->
+   * global average pool -> dense on `backend`; returns the updated weights.
+   */
+  async function trainStep(backend: Backend): Promise<Float32Array[]> {
+    await tf.setBackend(backend);
+    const before = tf.memory().numTensors;
+    const weights = Object.entries(shapes).map(([name, shape], i) =>
+      variable(
+        tf.tensor(values(sizeOf([...shape]), 10 + i), [...shape]),
+        true,
+        `${name}_${backend}`,
+      ),
+    );
+    const [conv, depthwise, pointwise, dense] = weights as [
+      tf.Variable<tf.Rank.R4>,
+      tf.Variable<tf.Rank.R4>,
+      tf.Variable<tf.Rank.R4>,
+      tf.Variable<tf.Rank.R2>,
+    ];
+    const x = tf.tensor4d(values(sizeOf(inputShape), 20), inputShape);
+    const labels = tf.tidy(() => tf.oneHot(tf.tensor1d([0, 1, 2, 3], 'int32'), 4));
+    const optimizer = tf.train.sgd(0.1);
+    const loss = optimizer.minimize(() => {
+      let h = tf.relu6(tf.conv2d(x, conv, 2, 'same'));
+      h = tf.relu6(tf.depthwiseConv2d(h, depthwise, 1, 'same'));
+      h = tf.conv2d(h, pointwise, 1, 'valid');
+      const logits = tf.matMul(tf.mean(h, [1, 2]), dense);
+      return tf.losses.softmaxCrossEntropy(labels, logits);
+    }, true);
+    assert.ok(loss !== null && Number.isFinite(loss.dataSync()[0]));
+    const updated = weights.map((w) => w.dataSync() as Float32Array);
+    tf.dispose([x, labels, loss!, ...weights]);
+    optimizer.dispose();
+    assert.equal(tf.memory().numTensors, before, `tensors leaked on ${backend}`);
+    return updated;
+  }
+
+  test('an SGD step runs on wasm, matches cpu and leaks no tensors', async () => {
+    const expected = await trainStep('cpu');
+    const actual = await trainStep('wasm');
+    for (let i = 0; i < expected.length; i++) {
+      const error = maxError(actual[i]!, expected[i]!);
+      assert.ok(error <= 1e-4, `weight ${Object.keys(shapes)[i]}: error ${error}`);
+    }
+  });
+
+  test('tf.variableGrads through the kernels leaves tensor and buffer counts unchanged', async () => {
+    await tf.setBackend('wasm');
+    const x = tf.tensor4d(values(sizeOf(inputShape), 30), inputShape);
+    const conv = variable(tf.tensor4d(values(3 * 3 * 3 * 5, 31), [3, 3, 3, 5]));
+    const depthwise = variable(tf.tensor4d(values(5 * 5 * 5 * 1, 32), [5, 5, 5, 1]));
+    const f = (): tf.Scalar =>
+      tf.sum(tf.depthwiseConv2d(tf.conv2d(x, conv, 1, 'same'), depthwise, 2, 'same'));
+    const tensors = tf.memory().numTensors;
+    const buffers = tf.memory().numDataBuffers;
+    withLeakCheck(() => {
+      for (let i = 0; i < 3; i++) {
+        const { value, grads } = tf.variableGrads(f);
+        assert.equal(Object.keys(grads).length, 2);
+        tf.dispose([value, ...Object.values(grads)]);
+      }
+    });
+    assert.equal(tf.memory().numTensors, tensors);
+    assert.equal(tf.memory().numDataBuffers, buffers);
+    tf.dispose([x, conv, depthwise]);
+  });
+});
