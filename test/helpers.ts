@@ -114,12 +114,12 @@ export interface Run {
   stderr: string;
 }
 
-/** Runs the real CLI in `cwd`. */
+/** Runs the real CLI in `cwd`, with its cache under `cwd/.cache` (never the user's). */
 export function runCli(args: readonly string[], cwd: string): Promise<Run> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [CLI, ...args], {
       cwd,
-      env: { ...process.env, FINETUNE_DEBUG: '' },
+      env: { ...process.env, FINETUNE_DEBUG: '', XDG_CACHE_HOME: path.join(cwd, '.cache') },
     });
     let stdout = '';
     let stderr = '';

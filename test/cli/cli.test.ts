@@ -75,6 +75,52 @@ test('train → predict → evaluate on the sample set, in a temp folder, beats 
   assert.equal(modelJson.userDefinedMetadata.weights, 'head-swa');
 });
 
+test('fine-tune stage from the CLI: blocks:1 for 2 epochs reports head-SWA, stage-two raw and SWA figures', async () => {
+  const out = path.join(dir, 'run-ft');
+  const r = await runCli(
+    [
+      'train',
+      '--data',
+      path.join(SAMPLE, 'train'),
+      '--out',
+      out,
+      '--finetune-epochs',
+      '2',
+      '--unfreeze',
+      'blocks:1',
+      '--json',
+    ],
+    dir,
+  );
+  assert.equal(r.code, 0, r.stderr);
+  const summary = JSON.parse(r.stdout);
+  assert.ok(summary.cachedEmbeddings > 0, 'head-stage embeddings came from the first run’s cache');
+  const { head, finetune } = summary.stages;
+  for (const figures of [head.swa, finetune.raw, finetune.swa]) {
+    assert.ok(figures.acc > 0.3 && figures.loss > 0, JSON.stringify(figures));
+  }
+  assert.equal(finetune.unfreezeFrom, 'block_16_expand');
+  assert.equal(finetune.snapshots, 1);
+  assert.equal(summary.exported, 'finetune-swa');
+  const metrics = (await readFile(path.join(out, 'metrics.jsonl'), 'utf8'))
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l));
+  assert.deepEqual(
+    metrics.slice(-2).map((m) => [m.stage, m.epoch]),
+    [
+      ['finetune', 1],
+      ['finetune', 2],
+    ],
+  );
+  const evaluated = await runCli(
+    ['evaluate', '--model', out, '--data', path.join(SAMPLE, 'test'), '--json'],
+    dir,
+  );
+  assert.equal(evaluated.code, 0, evaluated.stderr);
+  assert.ok(JSON.parse(evaluated.stdout).accuracy >= 0.5);
+});
+
 test('bad input: exit code 2 and a message that names the problem', async () => {
   const one = path.join(dir, 'one-class');
   await writeImage(path.join(one, 'cats', 'a.png'), [10, 10, 10]);

@@ -23,7 +23,15 @@ before(async () => {
     yellow: [220, 220, 30],
   });
   run = path.join(dir, 'run');
-  const summary = await train({ data, out: run, backbone, epochs: 15, lr: 0.05, batchSize: 8 });
+  const summary = await train({
+    data,
+    out: run,
+    backbone,
+    epochs: 15,
+    lr: 0.05,
+    batchSize: 8,
+    cache: false,
+  });
   assert.equal(summary.onnx, path.join(run, 'model', 'model.onnx'));
 });
 after(async () => {

@@ -173,7 +173,7 @@ test('--freeze-bn keeps gamma/beta; --keep best exports the best on validation',
     freezeBn: true,
     keep: 'best',
     augment: 'flip,brightness',
-    cache: false,
+    cacheDir: path.join(dir, 'cache'),
   });
   const original = await weights(tiny);
   const exported = await weights(path.join(out, 'model', 'model.json'));

@@ -7,7 +7,7 @@ import sharp from 'sharp';
 import { initBackend } from '../../src/backend/index.js';
 import { fileLoadHandler } from '../../src/io/files.js';
 import { resolveTrainOptions, train } from '../../src/train/train.js';
-import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
+import { tempDir, writeColourDataset, writeImage, writeTinyBackbone } from '../helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -81,6 +81,7 @@ for (const engine of ['onnx', 'tfjs'] as const) {
       lr: 0.05,
       valSplit: 0.2,
       maxPixels: 50_000,
+      cache: false,
       onEvent: (e) => events.push(e.type),
     });
     assert.equal(tf.memory().numTensors, before);
@@ -145,7 +146,8 @@ for (const engine of ['onnx', 'tfjs'] as const) {
   });
 }
 
-test('same data, seed and backend give identical summary metrics', async () => {
+test('same data, seed and backend give identical summary metrics; the cache serves the rerun and re-embeds a changed file only', async () => {
+  const cacheDir = path.join(dir, 'repeat-cache');
   const run = (name: string) =>
     train({
       data,
@@ -154,11 +156,23 @@ test('same data, seed and backend give identical summary metrics', async () => {
       epochs: 6,
       batchSize: 8,
       maxPixels: 50_000,
+      cacheDir,
     });
   const a = await run('repeat-a');
   const b = await run('repeat-b');
   assert.deepEqual(a.stages, b.stages);
   assert.deepEqual(a.val, b.val);
+  // the second run answered every usable image from the cache and loaded no engine
+  const usable = 30;
+  assert.equal(a.cachedEmbeddings, 0);
+  assert.equal(b.cachedEmbeddings, usable);
+  assert.equal(b.engine, 'cache');
+  assert.equal(b.skipped.length, 5, 'bad files are still listed on a warm run');
+  // a changed file is embedded again, alone
+  await writeImage(path.join(data, 'red', '3.png'), [250, 10, 10], { variant: 7 });
+  const c = await run('repeat-c');
+  assert.equal(c.cachedEmbeddings, usable - 1);
+  assert.equal(c.engine, 'onnx');
 });
 
 test('options are checked before any work, in one wording', () => {
