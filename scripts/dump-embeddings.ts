@@ -7,7 +7,13 @@
  */
 import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { createFrozenModel, embedFiles, initBackend, loadBackbone, loadSplits } from '../src/index.js';
+import {
+  createFrozenModel,
+  embedFiles,
+  initBackend,
+  loadBackbone,
+  loadSplits,
+} from '../src/index.js';
 
 const [root, out] = process.argv.slice(2);
 if (!root || !out) {

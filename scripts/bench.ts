@@ -1,0 +1,302 @@
+/**
+ * `npm run bench`: the speed and memory figures, printed as one JSON object.
+ *
+ *   node dist/scripts/bench.js [--quick] [--photo PATH.jpg]
+ *
+ * Everything runs on this machine in one sitting: the frozen MobileNetV2 on ONNX Runtime
+ * (1 and all threads) and on tfjs in the same process, decoding, cold and warm `train`
+ * embedding phases, peak RSS at 1,000 and 5,000 images (separate processes), and the
+ * fine-tune step (blocks:2) on wasm with the registered gradient kernels vs the cpu
+ * backend, with and without the cached frozen prefix.
+ */
+import { execFile } from 'node:child_process';
+import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import * as tf from '@tensorflow/tfjs';
+import sharp from 'sharp';
+import { mapConcurrent } from '../src/data/decode.js';
+import {
+  createFrozenModel,
+  decodeImage,
+  type FrozenModel,
+  initBackend,
+  listFiles,
+  loadBackbone,
+  versions,
+} from '../src/index.js';
+import { firstUnfrozenLayer, inferenceModeBatchNorm, splitBody } from '../src/train/finetune.js';
+
+const run = promisify(execFile);
+const here = path.dirname(fileURLToPath(import.meta.url));
+const root = path.resolve(here, '..', '..');
+const quick = process.argv.includes('--quick');
+const photoArg = process.argv.indexOf('--photo');
+const photo = photoArg > 0 ? process.argv[photoArg + 1] : undefined;
+
+const now = (): number => performance.now() / 1000;
+const round = (x: number, d = 1): number => Math.round(x * 10 ** d) / 10 ** d;
+
+async function imagesPerSecond(
+  model: FrozenModel,
+  batch: number,
+  batches: number,
+): Promise<number> {
+  const size = model.inputSize;
+  const input = new Float32Array(batch * size * size * 3).map((_, i) => (i * 7919) % 256);
+  await model.run(input, batch); // warm-up
+  const t = now();
+  for (let i = 0; i < batches; i++) await model.run(input, batch);
+  return (batch * batches) / (now() - t);
+}
+
+/** Photo-like 12-megapixel content: smooth multi-scale structure plus grain, as JPEG q90. */
+async function twelveMegapixelJpeg(file: string): Promise<string> {
+  const [w, h] = [4000, 3000];
+  if (photo) {
+    await sharp(photo).resize(w, h, { fit: 'fill' }).jpeg({ quality: 90 }).toFile(file);
+    return `${photo} upscaled to ${w}×${h}, quality 90`;
+  }
+  const coarse = await sharp({
+    create: {
+      width: 40,
+      height: 30,
+      channels: 3,
+      background: '#808080',
+      noise: { type: 'gaussian', mean: 128, sigma: 60 },
+    },
+  })
+    .png()
+    .toBuffer();
+  const smooth = await sharp(coarse).resize(w, h, { kernel: 'cubic' }).raw().toBuffer();
+  const grain = await sharp({
+    create: {
+      width: w,
+      height: h,
+      channels: 3,
+      background: '#000000',
+      noise: { type: 'gaussian', mean: 0, sigma: 12 },
+    },
+  })
+    .raw()
+    .toBuffer();
+  for (let i = 0; i < smooth.length; i++)
+    smooth[i] = Math.max(0, Math.min(255, smooth[i]! + grain[i]! - 6));
+  await sharp(smooth, { raw: { width: w, height: h, channels: 3 } })
+    .jpeg({ quality: 90 })
+    .toFile(file);
+  return `synthetic (smooth noise + grain) ${w}×${h}, quality 90`;
+}
+
+async function decodeRate(files: readonly string[], concurrency: number): Promise<number> {
+  const t = now();
+  let n = 0;
+  for await (const r of mapConcurrent(files, concurrency, (f) =>
+    decodeImage(f, { width: 224, height: 224 }),
+  )) {
+    if (r.ok) n++;
+  }
+  return n / (now() - t);
+}
+
+/** A folder of `n` distinct small PNGs in 10 classes, made from the sample set. */
+async function makeDataset(dir: string, n: number): Promise<void> {
+  const sample = path.join(root, 'datasets', 'fashion-mnist-mini', 'train');
+  const classes = (await readdir(sample)).sort();
+  const sources = await Promise.all(classes.map((c) => listFiles(path.join(sample, c))));
+  for (let i = 0; i < n; i++) {
+    const c = i % classes.length;
+    const src = sources[c]![Math.floor(i / classes.length) % sources[c]!.length]!;
+    await mkdir(path.join(dir, classes[c]!), { recursive: true });
+    // A one-pixel mark makes every file's bytes (and so its cache key) distinct.
+    const mark = await sharp({
+      create: {
+        width: 1,
+        height: 1,
+        channels: 3,
+        background: { r: i % 256, g: (i >> 8) % 256, b: 7 },
+      },
+    })
+      .png()
+      .toBuffer();
+    await sharp(src)
+      .composite([{ input: mark, left: 0, top: 0 }])
+      .png()
+      .toFile(path.join(dir, classes[c]!, `${i}.png`));
+  }
+}
+
+async function trainInChild(
+  data: string,
+  cache: string,
+  out: string,
+): Promise<Record<string, unknown>> {
+  const { stdout } = await run(
+    process.execPath,
+    [path.join(here, 'bench-train.js'), data, cache, out],
+    { maxBuffer: 1 << 24 },
+  );
+  return JSON.parse(stdout.trim().split('\n').pop()!) as Record<string, unknown>;
+}
+
+/** Seconds per training step of the suffix (+ a dense head) on the current backend. */
+async function fineTuneStep(withPrefix: boolean, batch: number, steps: number): Promise<number> {
+  const bb = await loadBackbone();
+  const split = splitBody(bb.model!, firstUnfrozenLayer(bb, { kind: 'blocks', count: 2 }));
+  const undo = inferenceModeBatchNorm(split.layers);
+  for (const l of split.layers) l.trainable = true;
+  const dense = tf.layers.dense({ units: 10 });
+  const head = dense.apply(split.suffix.outputs[0]!) as tf.SymbolicTensor;
+  const model = tf.model({ inputs: split.suffix.inputs, outputs: head });
+  const optimizer = tf.train.adam(1e-4);
+  const pixels = tf.randomUniform([batch, 224, 224, 3], 0, 255);
+  const cached = split.prefix.predict(pixels) as tf.Tensor;
+  const labels = tf.oneHot(
+    tf.tensor1d(
+      Array.from({ length: batch }, (_, i) => i % 10),
+      'int32',
+    ),
+    10,
+  );
+  const step = (): void => {
+    tf.tidy(() => {
+      // The prefix runs outside the gradient scope either way: only the suffix is taped.
+      const x = withPrefix ? (split.prefix.predict(pixels) as tf.Tensor) : cached;
+      optimizer.minimize(
+        () =>
+          tf.losses.softmaxCrossEntropy(
+            labels,
+            model.apply(x, { training: true }) as tf.Tensor,
+          ) as tf.Scalar,
+      );
+    });
+  };
+  step();
+  const t = now();
+  for (let i = 0; i < steps; i++) step();
+  const seconds = (now() - t) / steps;
+  undo();
+  tf.dispose([pixels, cached, labels]);
+  optimizer.dispose();
+  split.release();
+  // `model` re-uses the suffix's graph: disposing it would release the body's layers twice.
+  dense.dispose();
+  bb.dispose();
+  return seconds;
+}
+
+const result: Record<string, unknown> = {
+  machine: { cpus: os.availableParallelism(), model: os.cpus()[0]?.model ?? null },
+};
+const backend = await initBackend('wasm');
+result['backend'] = backend.option;
+result['versions'] = versions();
+
+// 1. frozen MobileNetV2 at 224, batch 16
+const bb = await loadBackbone();
+const source = {
+  layersModel: bb.model,
+  inputSize: 224,
+  outputSize: bb.featureSize,
+  forward: (x: tf.Tensor4D) => bb.embed(x),
+  hash: null,
+};
+const batches = quick ? 4 : 10;
+const embed: Record<string, number> = {};
+for (const [name, engine, threads] of [
+  ['onnx_1_thread', 'onnx', 1],
+  [`onnx_${os.availableParallelism()}_threads`, 'onnx', os.availableParallelism()],
+  ['tfjs_wasm', 'tfjs', undefined],
+] as const) {
+  const c = await createFrozenModel(source, { engine, backend, ...(threads ? { threads } : {}) });
+  embed[name] = round(
+    await imagesPerSecond(c.model, 16, engine === 'tfjs' ? Math.max(2, batches / 4) : batches),
+  );
+  await c.model.dispose();
+}
+const best = Math.max(
+  ...Object.entries(embed)
+    .filter(([k]) => k.startsWith('onnx'))
+    .map(([, v]) => v),
+);
+result['embed_images_per_s'] = { ...embed, onnx_over_tfjs: round(best / embed['tfjs_wasm']!) };
+bb.dispose();
+
+// 2. decoding to 224
+const work = await mkdtemp(path.join(os.tmpdir(), 'finetune-bench-'));
+try {
+  const pngs = (await listFiles(path.join(root, 'datasets', 'fashion-mnist-mini', 'train'))).slice(
+    0,
+    quick ? 200 : 500,
+  );
+  const jpeg = path.join(work, 'photo.jpg');
+  const photoKind = await twelveMegapixelJpeg(jpeg);
+  const jpegs = new Array<string>(quick ? 8 : 24).fill(jpeg);
+  result['decode_images_per_s'] = {
+    small_png_28px: {
+      in_flight_1: round(await decodeRate(pngs, 1)),
+      in_flight_4: round(await decodeRate(pngs, 4)),
+    },
+    jpeg_12mp: {
+      in_flight_1: round(await decodeRate(jpegs, 1)),
+      in_flight_4: round(await decodeRate(jpegs, 4)),
+      source: photoKind,
+    },
+  };
+
+  // 3. cold and warm train on 1,000 small images; RSS at 1,000 and 5,000
+  const d1k = path.join(work, 'd1000');
+  await makeDataset(d1k, 1000);
+  const cache = path.join(work, 'cache');
+  const cold = await trainInChild(d1k, cache, path.join(work, 'r-cold'));
+  const warm = await trainInChild(d1k, cache, path.join(work, 'r-warm'));
+  const coldEmbed = (cold['seconds'] as Record<string, number>)['embed']!;
+  const warmEmbed = (warm['seconds'] as Record<string, number>)['embed']!;
+  result['train_1000'] = {
+    cold_embed_seconds: round(coldEmbed, 2),
+    cold_embed_images_per_s: round(1000 / coldEmbed),
+    warm_embed_seconds: round(warmEmbed, 3),
+    warm_over_cold: round(coldEmbed / warmEmbed),
+    warm_cached_images: warm['cachedEmbeddings'],
+    warm_engine: warm['engine'],
+    head_stage_seconds: round((cold['seconds'] as Record<string, number>)['head']!, 2),
+    max_rss_mb: cold['maxRssMB'],
+  };
+  if (!quick) {
+    const d5k = path.join(work, 'd5000');
+    await makeDataset(d5k, 5000);
+    const big = await trainInChild(d5k, path.join(work, 'cache5k'), path.join(work, 'r-5k'));
+    result['train_5000'] = {
+      embed_images_per_s: round(5000 / (big['seconds'] as Record<string, number>)['embed']!),
+      max_rss_mb: big['maxRssMB'],
+    };
+  }
+} finally {
+  await rm(work, { recursive: true, force: true });
+}
+
+// 4. fine-tune step, blocks:2 at 224, batch 16
+const steps = quick ? 2 : 4;
+const wasmCached = await fineTuneStep(false, 16, steps);
+const wasmPrefix = await fineTuneStep(true, 16, steps);
+await initBackend('cpu');
+const cpuCached = await fineTuneStep(false, 16, 1);
+result['finetune_blocks2_batch16'] = {
+  wasm_cached_prefix: {
+    steps_per_s: round(1 / wasmCached, 2),
+    images_per_s: round(16 / wasmCached),
+  },
+  wasm_prefix_every_step: {
+    steps_per_s: round(1 / wasmPrefix, 2),
+    images_per_s: round(16 / wasmPrefix),
+  },
+  cpu_cached_prefix: {
+    steps_per_s: round(1 / cpuCached, 3),
+    images_per_s: round(16 / cpuCached, 1),
+  },
+  wasm_over_cpu: round(cpuCached / wasmCached),
+  cached_over_uncached: round(wasmPrefix / wasmCached),
+};
+process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
