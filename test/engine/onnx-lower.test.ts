@@ -366,3 +366,13 @@ test('an unsupported layer is named in the error and in canLowerToOnnx', () => {
   );
   model.dispose();
 });
+
+test('ONNX Runtime providers come from FINETUNE_ORT_PROVIDERS, checked', async () => {
+  const { executionProviders } = await import('../../src/engine/onnx/session.js');
+  assert.deepEqual(executionProviders(undefined), ['cpu']);
+  assert.deepEqual(executionProviders('cuda, cpu'), ['cuda', 'cpu']);
+  assert.throws(() => executionProviders('gpu'), {
+    message:
+      "Expected a comma-separated list of cpu, cuda, tensorrt, dml, coreml, webgpu for FINETUNE_ORT_PROVIDERS but received 'gpu'",
+  });
+});

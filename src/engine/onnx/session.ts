@@ -11,6 +11,29 @@ export interface OnnxFrozenModelOptions {
 }
 
 /**
+ * ONNX Runtime execution providers, from `FINETUNE_ORT_PROVIDERS` (comma-separated,
+ * default `cpu`). The CUDA provider needs onnxruntime-node installed with its CUDA
+ * libraries (remove `onnxruntime-node-install=skip` from .npmrc and reinstall on a
+ * machine with an NVIDIA GPU), then `FINETUNE_ORT_PROVIDERS=cuda,cpu`.
+ */
+export function executionProviders(value = process.env['FINETUNE_ORT_PROVIDERS']): string[] {
+  const known = ['cpu', 'cuda', 'tensorrt', 'dml', 'coreml', 'webgpu'];
+  const list = (value ?? 'cpu')
+    .split(',')
+    .map((p) => p.trim())
+    .filter(Boolean);
+  for (const p of list) {
+    if (!known.includes(p))
+      throw invalidOption(
+        'FINETUNE_ORT_PROVIDERS',
+        `a comma-separated list of ${known.join(', ')}`,
+        value,
+      );
+  }
+  return list.length ? list : ['cpu'];
+}
+
+/**
  * A frozen forward pass on ONNX Runtime (CPU) over a graph from `lowerToOnnx`: NCHW raw
  * pixels in, one flat output row per image out (a 4-D output is flattened in NCHW order).
  */
@@ -53,7 +76,7 @@ export class OnnxFrozenModel implements FrozenModel {
     let session: ort.InferenceSession;
     try {
       session = await ort.InferenceSession.create(onnxBytes, {
-        executionProviders: ['cpu'],
+        executionProviders: executionProviders(),
         graphOptimizationLevel: 'all',
         executionMode: 'sequential',
         // One graph branch at a time; all threads go to each op (measured fastest for
