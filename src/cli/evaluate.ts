@@ -1,40 +1,27 @@
 import type { Argv } from 'yargs';
-import { BACKEND_OPTIONS, ENGINE_OPTIONS, type EvaluateOptions, evaluate } from '../index.js';
+import { type EvaluateOptions, evaluate } from '../index.js';
 import { createOutput, table } from './output.js';
+import { runOptionsFrom, withRunOptions } from './run-options.js';
 
 export const command = 'evaluate';
 export const describe =
   'Accuracy, per-class precision/recall/F1 and confusion matrix on a labelled folder';
 
 export function builder(y: Argv) {
-  return y
-    .option('model', {
-      type: 'string',
-      demandOption: true,
-      describe: 'Run folder from finetune train (or its model.json)',
-    })
+  return withRunOptions(y)
     .option('data', {
       type: 'string',
       demandOption: true,
       describe: 'Folder of class folders named like the labels',
     })
-    .option('json', { type: 'boolean', describe: 'Print the report as JSON' })
-    .option('backend', { type: 'string', choices: BACKEND_OPTIONS, describe: '[default: auto]' })
-    .option('engine', { type: 'string', choices: ENGINE_OPTIONS, describe: '[default: auto]' })
-    .option('threads', { type: 'number', describe: 'ONNX Runtime threads [default: all cores]' })
-    .option('batch-size', { type: 'number', describe: '[default: 16]' })
-    .option('quiet', { type: 'boolean', describe: 'No warnings on stderr' });
+    .option('json', { type: 'boolean', describe: 'Print the report as JSON' });
 }
 
 type Args = Awaited<ReturnType<ReturnType<typeof builder>['parseAsync']>>;
 
 export async function handler(argv: Args): Promise<void> {
   const out = createOutput({ quiet: argv.quiet, json: argv.json });
-  const options: EvaluateOptions = { model: argv.model, data: argv.data };
-  if (argv.backend !== undefined) options.backend = argv.backend as EvaluateOptions['backend'];
-  if (argv.engine !== undefined) options.engine = argv.engine as EvaluateOptions['engine'];
-  if (argv.threads !== undefined) options.threads = argv.threads;
-  if (argv.batchSize !== undefined) options.batchSize = argv.batchSize;
+  const options: EvaluateOptions = { ...runOptionsFrom(argv), data: argv.data };
   const r = await evaluate(options);
   for (const s of r.skipped) out.warn(`skipped ${s.path}: ${s.reason}`);
   if (argv.json) {

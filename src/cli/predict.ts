@@ -1,22 +1,18 @@
 import type { Argv } from 'yargs';
-import { BACKEND_OPTIONS, ENGINE_OPTIONS, type PredictOptions, predict } from '../index.js';
+import { type PredictOptions, predict } from '../index.js';
 import { createOutput, csvCell, table } from './output.js';
+import { runOptionsFrom, withRunOptions } from './run-options.js';
 
 export const command = 'predict <inputs..>';
 export const describe = 'Top-k labels for image files and folders';
 
 export function builder(y: Argv) {
-  return y
+  return withRunOptions(y)
     .positional('inputs', {
       type: 'string',
       array: true,
       demandOption: true,
       describe: 'Image files and folders',
-    })
-    .option('model', {
-      type: 'string',
-      demandOption: true,
-      describe: 'Run folder from finetune train (or its model.json)',
     })
     .option('top-k', { type: 'number', describe: 'Labels per image [default: 3]' })
     .option('format', {
@@ -24,24 +20,15 @@ export function builder(y: Argv) {
       choices: ['table', 'json', 'csv'] as const,
       default: 'table' as const,
       describe: 'Output format',
-    })
-    .option('backend', { type: 'string', choices: BACKEND_OPTIONS, describe: '[default: auto]' })
-    .option('engine', { type: 'string', choices: ENGINE_OPTIONS, describe: '[default: auto]' })
-    .option('threads', { type: 'number', describe: 'ONNX Runtime threads [default: all cores]' })
-    .option('batch-size', { type: 'number', describe: '[default: 16]' })
-    .option('quiet', { type: 'boolean', describe: 'No warnings on stderr' });
+    });
 }
 
 type Args = Awaited<ReturnType<ReturnType<typeof builder>['parseAsync']>>;
 
 export async function handler(argv: Args): Promise<void> {
   const out = createOutput({ quiet: argv.quiet, json: argv.format !== 'table' });
-  const options: PredictOptions = { model: argv.model, inputs: argv.inputs as string[] };
+  const options: PredictOptions = { ...runOptionsFrom(argv), inputs: argv.inputs as string[] };
   if (argv.topK !== undefined) options.topK = argv.topK;
-  if (argv.backend !== undefined) options.backend = argv.backend as PredictOptions['backend'];
-  if (argv.engine !== undefined) options.engine = argv.engine as PredictOptions['engine'];
-  if (argv.threads !== undefined) options.threads = argv.threads;
-  if (argv.batchSize !== undefined) options.batchSize = argv.batchSize;
   const result = await predict(options);
   for (const s of result.skipped) out.warn(`skipped ${s.path}: ${s.reason}`);
   if (argv.format === 'json') {

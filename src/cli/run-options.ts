@@ -1,0 +1,33 @@
+import type { Argv } from 'yargs';
+import { BACKEND_OPTIONS, type ClassifierRunOptions, ENGINE_OPTIONS } from '../index.js';
+
+/** The options every command that runs an exported classifier takes (predict, evaluate). */
+export function withRunOptions<T>(y: Argv<T>) {
+  return y
+    .option('model', {
+      type: 'string',
+      demandOption: true,
+      describe: 'Run folder from finetune train (or its model.json)',
+    })
+    .option('backend', { type: 'string', choices: BACKEND_OPTIONS, describe: '[default: auto]' })
+    .option('engine', { type: 'string', choices: ENGINE_OPTIONS, describe: '[default: auto]' })
+    .option('threads', { type: 'number', describe: 'ONNX Runtime threads [default: all cores]' })
+    .option('batch-size', { type: 'number', describe: '[default: 16]' })
+    .option('quiet', { type: 'boolean', describe: 'No warnings on stderr' });
+}
+
+/** Maps those options to the library's, passing on only what the user gave. */
+export function runOptionsFrom(argv: {
+  model: string;
+  backend?: string | undefined;
+  engine?: string | undefined;
+  threads?: number | undefined;
+  batchSize?: number | undefined;
+}): ClassifierRunOptions {
+  const options: ClassifierRunOptions = { model: argv.model };
+  if (argv.backend !== undefined) options.backend = argv.backend as ClassifierRunOptions['backend'];
+  if (argv.engine !== undefined) options.engine = argv.engine as ClassifierRunOptions['engine'];
+  if (argv.threads !== undefined) options.threads = argv.threads;
+  if (argv.batchSize !== undefined) options.batchSize = argv.batchSize;
+  return options;
+}
