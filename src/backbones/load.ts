@@ -321,3 +321,25 @@ async function hubBackbone(
     dispose: () => undefined,
   };
 }
+
+/**
+ * How another thread loads the same backbone (cut at `cutAt` if given): the recipe of a
+ * tfjs worker pool.
+ */
+export function backboneRecipe(
+  backbone: Backbone,
+  cutAt?: string,
+): { kind: 'backbone'; backbone: string; options: LoadBackboneOptions; cutAt?: string } {
+  const src = backbone.spec.source;
+  const name =
+    src.kind === 'model-json'
+      ? src.location
+      : src.kind === 'tfjs-models-mobilenet'
+        ? `mobilenet_v${src.version}`
+        : backbone.spec.id;
+  const options: LoadBackboneOptions = { inputSize: backbone.inputSize };
+  if (src.kind === 'tfjs-models-mobilenet') options.alpha = src.alpha;
+  if (src.kind === 'model-json' && backbone.spec.featureLayer)
+    options.featureLayer = backbone.spec.featureLayer;
+  return { kind: 'backbone', backbone: name, options, ...(cutAt ? { cutAt } : {}) };
+}

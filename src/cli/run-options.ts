@@ -13,6 +13,10 @@ export function withRunOptions<T>(y: Argv<T>) {
     .option('engine', { type: 'string', choices: ENGINE_OPTIONS, describe: '[default: auto]' })
     .option('threads', { type: 'number', describe: 'ONNX Runtime threads [default: all cores]' })
     .option('batch-size', { type: 'number', describe: '[default: 16]' })
+    .option('workers', {
+      type: 'number',
+      describe: 'Worker threads of the tfjs engine on wasm [default: all cores]',
+    })
     .option('quiet', { type: 'boolean', describe: 'No warnings on stderr' });
 }
 
@@ -23,11 +27,13 @@ export function runOptionsFrom(argv: {
   engine?: string | undefined;
   threads?: number | undefined;
   batchSize?: number | undefined;
+  workers?: number | undefined;
 }): ClassifierRunOptions {
   const options: ClassifierRunOptions = { model: argv.model };
   if (argv.backend !== undefined) options.backend = argv.backend as ClassifierRunOptions['backend'];
   if (argv.engine !== undefined) options.engine = argv.engine as ClassifierRunOptions['engine'];
   if (argv.threads !== undefined) options.threads = argv.threads;
   if (argv.batchSize !== undefined) options.batchSize = argv.batchSize;
+  if (argv.workers !== undefined) options.workers = argv.workers;
   return options;
 }

@@ -38,6 +38,10 @@ export function builder(y: Argv) {
       describe: 'Engine of frozen passes [default: auto]',
     })
     .option('threads', { type: 'number', describe: 'ONNX Runtime threads [default: all cores]' })
+    .option('workers', {
+      type: 'number',
+      describe: 'Worker threads of the tfjs engine on wasm [default: all cores]',
+    })
     .option('val-split', { type: 'number', describe: 'Held-out fraction per class [default: 0.2]' })
     .option('seed', {
       type: 'number',
@@ -162,6 +166,7 @@ export async function handler(argv: Args): Promise<void> {
       backend: argv.backend as TrainOptions['backend'],
       engine: argv.engine as TrainOptions['engine'],
       threads: argv.threads,
+      workers: argv.workers,
       valSplit: argv.valSplit,
       seed: argv.seed,
       epochs: argv.epochs,

@@ -1,11 +1,13 @@
 import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import type * as tf from '@tensorflow/tfjs';
 import type { BackendInfo } from '../backend/index.js';
 import { FinetuneError } from '../errors.js';
-import { oneOfValues } from '../util/is.js';
+import { oneOfValues, positiveInteger } from '../util/is.js';
 import { lowerToOnnx, UnsupportedLayerError } from './onnx/lower.js';
 import { OnnxFrozenModel } from './onnx/session.js';
+import { WorkerPoolFrozenModel, type WorkerRecipe } from './pool.js';
 import { TfjsFrozenModel } from './tfjs.js';
 import type { EngineName, FrozenModel } from './types.js';
 
@@ -33,6 +35,8 @@ export interface FrozenModelSource {
   readonly forward: (pixels: tf.Tensor4D) => tf.Tensor;
   /** Keys the lowered-model cache; null disables it. */
   readonly hash: string | null;
+  /** How a worker thread builds the same model, for the tfjs engine's worker pool on wasm. */
+  readonly recipe?: WorkerRecipe;
 }
 
 export interface EngineOptions {
@@ -42,6 +46,11 @@ export interface EngineOptions {
   threads?: number;
   /** Where lowered models are cached (`<dir>/onnx/<hash>.onnx`); null for no cache. */
   cacheDir?: string | null;
+  /**
+   * Worker threads for the tfjs engine on wasm (which has no threads of its own in
+   * Node); default all cores. 1 runs in this thread.
+   */
+  workers?: number;
 }
 
 /**
@@ -53,9 +62,13 @@ export async function createFrozenModel(
   options: EngineOptions,
 ): Promise<EngineChoice> {
   const requested = oneOfValues('engine', options.engine ?? 'auto', ENGINE_OPTIONS);
-  const tfjs = (): FrozenModel =>
-    new TfjsFrozenModel(source.inputSize, source.outputSize, source.forward);
-  if (requested === 'tfjs') return { model: tfjs(), engine: 'tfjs', reason: null };
+  if (options.workers !== undefined) positiveInteger('workers', options.workers);
+  const workers = options.workers ?? availableParallelism();
+  const tfjs = async (): Promise<FrozenModel> =>
+    source.recipe && workers > 1 && options.backend.tfBackend === 'wasm'
+      ? WorkerPoolFrozenModel.create(source.recipe, { workers })
+      : new TfjsFrozenModel(source.inputSize, source.outputSize, source.forward);
+  if (requested === 'tfjs') return { model: await tfjs(), engine: 'tfjs', reason: null };
   let why: string | null = null;
   let bytes: Uint8Array | null = null;
   if (requested === 'auto' && options.backend.gpu) why = 'the tfjs backend runs on a GPU';
@@ -71,7 +84,7 @@ export async function createFrozenModel(
   }
   if (why || !bytes) {
     if (requested === 'onnx') throw new FinetuneError(`Cannot use --engine onnx: ${why}`);
-    return { model: tfjs(), engine: 'tfjs', reason: why };
+    return { model: await tfjs(), engine: 'tfjs', reason: why };
   }
   const model = await OnnxFrozenModel.create(bytes, {
     inputSize: source.inputSize,

@@ -25,6 +25,8 @@ export interface ClassifierRunOptions {
   threads?: number;
   /** Images per batch. Default 16. */
   batchSize?: number;
+  /** Worker threads of the tfjs engine on wasm. Default all cores. */
+  workers?: number;
 }
 
 /** A loaded classifier, ready to run on raw pixels. */
@@ -61,11 +63,13 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
         outputSize: metadata.labels.length,
         forward,
         hash: null,
+        ...(bb ? {} : { recipe: { kind: 'classifier' as const, model: file } }),
       },
       {
         engine: options.engine ?? 'auto',
         backend,
         ...(options.threads !== undefined ? { threads: options.threads } : {}),
+        ...(options.workers !== undefined ? { workers: options.workers } : {}),
       },
     );
     return {

@@ -1,5 +1,5 @@
 import * as tf from '@tensorflow/tfjs';
-import type { Backbone } from '../backbones/load.js';
+import { type Backbone, backboneRecipe } from '../backbones/load.js';
 import type { BackendInfo } from '../backend/index.js';
 import { type AugmentKind, applyAugment, augmentPlan } from '../data/augment.js';
 import type { CacheNamespace, EmbeddingCache } from '../data/cache.js';
@@ -298,6 +298,7 @@ export interface FineTuneInputs {
     readonly engine: EngineOption;
     readonly backend: BackendInfo;
     readonly threads?: number;
+    readonly workers?: number;
   };
   readonly callbacks: readonly TrainingCallback[];
   readonly warn: (message: string) => void;
@@ -346,11 +347,13 @@ export async function runFineTune(
       outputSize: rowLength,
       forward: (x) => split.prefix.predict(x) as tf.Tensor,
       hash: null,
+      recipe: backboneRecipe(backbone, split.cutLayer),
     },
     {
       engine: inputs.engine.engine,
       backend: inputs.engine.backend,
       ...(inputs.engine.threads ? { threads: inputs.engine.threads } : {}),
+      ...(inputs.engine.workers ? { workers: inputs.engine.workers } : {}),
     },
   );
   const prefix = nhwcRows(choice.model, split.cutShape);

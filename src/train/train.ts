@@ -1,7 +1,7 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
-import { type Backbone, loadBackbone } from '../backbones/load.js';
+import { type Backbone, backboneRecipe, loadBackbone } from '../backbones/load.js';
 import { DEFAULT_BACKBONE, resolveBackboneSpec } from '../backbones/registry.js';
 import { type BackendInfo, type BackendOption, initBackend } from '../backend/index.js';
 import { type AugmentKind, parseAugment } from '../data/augment.js';
@@ -59,6 +59,8 @@ export interface TrainOptions {
   engine?: EngineOption;
   /** ONNX Runtime threads. Default all cores. */
   threads?: number;
+  /** Worker threads of the tfjs engine on wasm (the fallback of frozen passes). Default all cores. */
+  workers?: number;
   /** Held-out fraction per class when there is no val/ folder. Default 0.2. */
   valSplit?: number;
   /** Seed of split, shuffles, initialisation and dropout. Default 42. */
@@ -188,10 +190,20 @@ export interface TrainSummary {
 export type ResolvedTrainOptions = Required<
   Omit<
     TrainOptions,
-    'onEvent' | 'alpha' | 'featureLayer' | 'inputSize' | 'threads' | 'unfreeze' | 'augment'
+    | 'onEvent'
+    | 'alpha'
+    | 'featureLayer'
+    | 'inputSize'
+    | 'threads'
+    | 'workers'
+    | 'unfreeze'
+    | 'augment'
   >
 > &
-  Pick<TrainOptions, 'alpha' | 'featureLayer' | 'inputSize' | 'threads' | 'unfreeze'> & {
+  Pick<
+    TrainOptions,
+    'alpha' | 'featureLayer' | 'inputSize' | 'threads' | 'workers' | 'unfreeze'
+  > & {
     augment: AugmentKind[];
   };
 
@@ -294,6 +306,7 @@ export function resolveTrainOptions(o: TrainOptions): ResolvedTrainOptions {
     r.featureLayer = is.nonEmptyString('featureLayer', o.featureLayer);
   if (o.inputSize !== undefined) r.inputSize = is.positiveInteger('inputSize', o.inputSize);
   if (o.threads !== undefined) r.threads = is.positiveInteger('threads', o.threads);
+  if (o.workers !== undefined) r.workers = is.positiveInteger('workers', o.workers);
   if (!r.swa) {
     const given = (
       [
@@ -509,6 +522,7 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
             engine: o.engine,
             backend,
             ...(o.threads !== undefined ? { threads: o.threads } : {}),
+            ...(o.workers !== undefined ? { workers: o.workers } : {}),
           },
           callbacks: [finetuneLogger],
           cache: o.cache ? new EmbeddingCache(o.cacheDir) : null,
@@ -656,11 +670,13 @@ async function embedSplits(
           outputSize: backbone.featureSize,
           forward: (x) => backbone.embed(x),
           hash: backbone.weightsHash,
+          recipe: backboneRecipe(backbone),
         },
         {
           engine: o.engine,
           backend,
           ...(o.threads !== undefined ? { threads: o.threads } : {}),
+          ...(o.workers !== undefined ? { workers: o.workers } : {}),
           cacheDir: o.cache ? o.cacheDir : null,
         },
       );
