@@ -200,6 +200,23 @@ describe('kernels match the cpu backend', () => {
     });
   }
 
+  // The matMul override for 1×1 stride-1 convs, and shapes it hands back to the native kernel.
+  for (const c of convCases()) {
+    test(`Conv2DBackpropInput ${describeCase(c)}`, async () => {
+      const xShape: Shape4 = [c.batch, c.height, c.width, IN_CHANNELS];
+      const filterShape: Shape4 = [c.kernel, c.kernel, IN_CHANNELS, OUT_CHANNELS];
+      const info = tf.backend_util.computeConv2DInfo(xShape, filterShape, c.stride, 1, c.pad);
+      await compareWithCpu(
+        tf.Conv2DBackpropInput,
+        {
+          dy: { shape: info.outShape, data: values(sizeOf(info.outShape), 7) },
+          filter: { shape: filterShape, data: values(sizeOf(filterShape), 8) },
+        },
+        { strides: c.stride, pad: c.pad, dataFormat: 'NHWC', inputShape: xShape },
+      );
+    });
+  }
+
   const depthwiseCases = [
     ...convCases(),
     { batch: 2, height: 7, width: 8, kernel: 3, stride: 2, pad: 'same', multiplier: 2 },
