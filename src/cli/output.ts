@@ -54,22 +54,22 @@ export function createOutput(
         lastPrinted = -1;
       }
       const elapsed = (performance.now() - started) / 1000;
-      const rate = done / Math.max(elapsed, 1e-9);
-      const eta = done ? (total - done) / rate : Number.NaN;
+      // A rate over the first fraction of a second says nothing (and a cache hit is instant).
+      const rate = elapsed >= 0.25 ? done / elapsed : Number.NaN;
+      const eta = done && Number.isFinite(rate) ? (total - done) / rate : Number.NaN;
+      const shown = Number.isFinite(rate) ? `${rate.toFixed(0)}/s` : '--/s';
       const pct = total ? Math.floor((100 * done) / total) : 100;
       if (tty) {
         const width = 28;
         const filled = Math.round((width * pct) / 100);
         stderr.write(
-          `\r${label} [${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${done}/${total} ${rate.toFixed(0)}/s ETA ${formatSeconds(eta)}  `,
+          `\r${label} [${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${done}/${total} ${shown} ETA ${formatSeconds(eta)}  `,
         );
         open = true;
       } else if (Math.floor(pct / 10) !== lastPrinted || done === total) {
         // Without a terminal, a line per 10% keeps logs short.
         lastPrinted = Math.floor(pct / 10);
-        stderr.write(
-          `${label} ${done}/${total} (${pct}%) ${rate.toFixed(0)}/s ETA ${formatSeconds(eta)}\n`,
-        );
+        stderr.write(`${label} ${done}/${total} (${pct}%) ${shown} ETA ${formatSeconds(eta)}\n`);
       }
     },
     endProgress() {

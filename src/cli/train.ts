@@ -86,7 +86,7 @@ export function builder(y: Argv) {
     })
     .option('decode-concurrency', {
       type: 'number',
-      describe: 'Images decoded at once [default: 4]',
+      describe: 'Images decoded at once [default: 8]',
     })
     .option('max-pixels', {
       type: 'number',

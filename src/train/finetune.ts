@@ -149,22 +149,48 @@ export function splitBody(body: tf.LayersModel, firstUnfrozen: string): SplitBod
   };
 }
 
+/** The parts of a tfjs BatchNormalization layer the inference-mode call reads. */
+interface BatchNormInternals {
+  call: (
+    inputs: tf.Tensor | tf.Tensor[],
+    kwargs: Record<string, unknown>,
+  ) => tf.Tensor | tf.Tensor[];
+  axis: number;
+  epsilon: number;
+  gamma: { read(): tf.Tensor } | null;
+  beta: { read(): tf.Tensor } | null;
+  movingMean: { read(): tf.Tensor };
+  movingVariance: { read(): tf.Tensor };
+}
+
 /**
  * Makes every BatchNormalization layer in `layers` normalise with its moving statistics
  * even when called with `training: true` (Keras's `training=False` rule for fine-tuning):
  * tfjs-layers ignores `trainable` for BN and would otherwise use batch statistics and
  * update the moving ones. Gamma and beta still train. Returns a function that undoes it.
+ *
+ * For channels-last BN the layer becomes `x · s + t` with s = γ/√(σ² + ε) and
+ * t = β − μ·s, whose gradients are plain broadcast reductions; tfjs's batchNorm gradient
+ * goes through Tile, which cost ~0.4 s of a 1.7 s MobileNetV2 step on wasm.
  */
 export function inferenceModeBatchNorm(layers: readonly tf.layers.Layer[]): () => void {
   const restores: (() => void)[] = [];
   for (const layer of layers) {
     if (layer.getClassName() !== 'BatchNormalization') continue;
-    const l = layer as unknown as {
-      call: (inputs: unknown, kwargs: Record<string, unknown>) => unknown;
-    };
+    const l = layer as unknown as BatchNormInternals;
     const original = l.call;
-    l.call = function (this: unknown, inputs: unknown, kwargs: Record<string, unknown>) {
-      return original.call(this, inputs, { ...kwargs, training: false });
+    l.call = function (this: BatchNormInternals, inputs, kwargs) {
+      const x = Array.isArray(inputs) ? inputs[0]! : inputs;
+      const lastAxis = this.axis === -1 || this.axis === x.rank - 1;
+      if (!lastAxis) return original.call(this, inputs, { ...kwargs, training: false });
+      return tf.tidy(() => {
+        const mean = this.movingMean.read();
+        let scale = tf.rsqrt(tf.add(this.movingVariance.read(), this.epsilon));
+        if (this.gamma) scale = tf.mul(scale, this.gamma.read());
+        let shift = tf.neg(tf.mul(mean, scale));
+        if (this.beta) shift = tf.add(shift, this.beta.read());
+        return tf.add(tf.mul(x, scale), shift);
+      });
     };
     restores.push(() => {
       l.call = original;

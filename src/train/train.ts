@@ -7,6 +7,7 @@ import { type BackendInfo, type BackendOption, initBackend } from '../backend/in
 import { type AugmentKind, parseAugment } from '../data/augment.js';
 import { defaultCacheDir, EmbeddingCache } from '../data/cache.js';
 import {
+  EMBED_CONCURRENCY,
   type EmbedProgress,
   embedFiles,
   type LazyFrozenModel,
@@ -96,7 +97,7 @@ export interface TrainOptions {
   swaAnnealEpochs?: number;
   /** Images per frozen-pass batch. Default 16. */
   embedBatchSize?: number;
-  /** Images decoded at once. Default 4. */
+  /** Images in flight (read, hashed, decoded) at once while embedding. Default 8. */
   decodeConcurrency?: number;
   /** Larger images (width × height) are skipped as unusable. Default 100,000,000. */
   maxPixels?: number;
@@ -246,7 +247,10 @@ export function resolveTrainOptions(o: TrainOptions): ResolvedTrainOptions {
     swaLr: is.positiveNumber('swaLr', o.swaLr ?? lr / 2),
     swaAnnealEpochs: is.nonNegativeInteger('swaAnnealEpochs', o.swaAnnealEpochs ?? 0),
     embedBatchSize: is.positiveInteger('embedBatchSize', o.embedBatchSize ?? 16),
-    decodeConcurrency: is.positiveInteger('decodeConcurrency', o.decodeConcurrency ?? 4),
+    decodeConcurrency: is.positiveInteger(
+      'decodeConcurrency',
+      o.decodeConcurrency ?? EMBED_CONCURRENCY,
+    ),
     maxPixels: is.positiveInteger('maxPixels', o.maxPixels ?? 100_000_000),
     cache: is.boolean('cache', o.cache ?? true),
     cacheDir: o.cacheDir ?? defaultCacheDir(),
