@@ -1,7 +1,12 @@
 // The public API of tfjs-finetune. Named exports only; the CLI uses nothing else.
 
 // Backbones
-export { type Backbone, type LoadBackboneOptions, loadBackbone } from './backbones/load.js';
+export {
+  type Backbone,
+  backboneRecipe,
+  type LoadBackboneOptions,
+  loadBackbone,
+} from './backbones/load.js';
 export {
   BACKBONES,
   type BackboneSpec,
@@ -17,6 +22,14 @@ export {
   type BackendOption,
   initBackend,
 } from './backend/index.js';
+export {
+  AUGMENT_KINDS,
+  type AugmentKind,
+  type AugmentPlan,
+  applyAugment,
+  augmentPlan,
+  parseAugment,
+} from './data/augment.js';
 // Data
 export {
   type CacheClearOptions,
@@ -28,7 +41,14 @@ export {
   parseDuration,
 } from './data/cache.js';
 export { type DecodeResult, decodeImage, sniffImageType } from './data/decode.js';
-export { type EmbedOptions, type EmbedResult, embedFiles, type SkippedFile } from './data/embed.js';
+export {
+  EMBED_CONCURRENCY,
+  type EmbedOptions,
+  type EmbedResult,
+  embedFiles,
+  type LazyFrozenModel,
+  type SkippedFile,
+} from './data/embed.js';
 export {
   type LabelledFile,
   listFiles,
@@ -44,6 +64,9 @@ export {
   type EngineOption,
 } from './engine/index.js';
 export { canLowerToOnnx, lowerToOnnx, UnsupportedLayerError } from './engine/onnx/lower.js';
+export { executionProviders, OnnxFrozenModel } from './engine/onnx/session.js';
+export { WorkerPoolFrozenModel, type WorkerRecipe } from './engine/pool.js';
+export { TfjsFrozenModel } from './engine/tfjs.js';
 export type { EngineName, FrozenModel } from './engine/types.js';
 export { FinetuneError } from './errors.js';
 // Results
@@ -76,6 +99,18 @@ export {
   swaLearningRate,
 } from './swa/schedule.js';
 export type { BatchLogs, EpochLogs, TrainingCallback } from './train/callbacks.js';
+export {
+  type FineTuneInputs,
+  type FineTuneResult,
+  type FineTuneSettings,
+  firstUnfrozenLayer,
+  inferenceModeBatchNorm,
+  parseUnfreeze,
+  runFineTune,
+  type SplitBody,
+  splitBody,
+  type Unfreeze,
+} from './train/finetune.js';
 export { ArrayBatches, type Batches, evaluateBatches, type FitOptions, fit } from './train/fit.js';
 export { createOptimizer, OPTIMIZERS, type OptimizerName } from './train/optimizers.js';
 export { runStage, type StageOptions, type StageResult, type SwaSettings } from './train/stage.js';

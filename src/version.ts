@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import * as tf from '@tensorflow/tfjs';
 import sharp from 'sharp';
@@ -26,9 +27,9 @@ function dependencyVersion(name: string): string | null {
     const main = require.resolve(name);
     let dir = main;
     for (let i = 0; i < 6; i++) {
-      dir = dir.slice(0, dir.lastIndexOf('/'));
+      dir = path.dirname(dir);
       try {
-        const pkg = JSON.parse(readFileSync(`${dir}/package.json`, 'utf8')) as {
+        const pkg = JSON.parse(readFileSync(path.join(dir, 'package.json'), 'utf8')) as {
           name?: string;
           version?: string;
         };

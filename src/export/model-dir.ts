@@ -1,4 +1,4 @@
-import { readFile, writeFile } from 'node:fs/promises';
+import { access, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import type { Preprocessing } from '../backbones/registry.js';
@@ -55,7 +55,7 @@ export async function locateModelJson(location: string): Promise<string> {
     : [path.join(location, MODEL_DIR, 'model.json'), path.join(location, 'model.json')];
   for (const c of candidates) {
     try {
-      await readFile(c, { flag: 'r' }).then(() => undefined);
+      await access(c);
       return c;
     } catch {
       // try the next
