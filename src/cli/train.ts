@@ -244,6 +244,8 @@ export async function handler(argv: Args): Promise<void> {
           );
           break;
         case 'done':
+          if (e.summary.engine === 'cache')
+            out.info('engine: none needed (every embedding came from the cache)');
           break;
       }
     },
