@@ -71,25 +71,8 @@ function pointwiseBackpropInput(native: tf.KernelFunc): tf.KernelFunc {
     const dilated =
       dilations !== undefined &&
       (Array.isArray(dilations) ? dilations.some((d) => d !== 1) : dilations !== 1);
-    const info = tf.backend_util.computeConv2DInfo(
-      inputShape,
-      as4D(filter.shape),
-      strides,
-      1,
-      pad as Pad,
-      dimRoundingMode as RoundingMode | undefined,
-      false,
-      'channelsLast',
-    );
-    const plain =
-      !dilated &&
-      info.strideHeight === 1 &&
-      info.strideWidth === 1 &&
-      info.padInfo.top === 0 &&
-      info.padInfo.left === 0 &&
-      info.padInfo.bottom === 0 &&
-      info.padInfo.right === 0;
-    if (!plain) return native(args);
+    const info = convInfo(inputShape, filter.shape, strides, pad, dimRoundingMode);
+    if (dilated || !isPointwise(info)) return native(args);
     return compose(backend as tf.KernelBackend, [dy, filter], (dy4, w4) => {
       const rows = info.batchSize * info.inHeight * info.inWidth;
       // Explicit transposes: wasm hands a matMul to XNNPACK only without transpose flags.
@@ -200,14 +183,17 @@ function inputWindow(x: tf.Tensor4D, info: Conv2DInfo): tf.Tensor4D {
   );
 }
 
-function conv2DBackpropFilter({ inputs, attrs, backend }: KernelArgs): tf.TensorInfo {
-  const { strides, pad, dataFormat, dimRoundingMode, filterShape } =
-    attrs as unknown as tf.Conv2DBackpropFilterAttrs;
-  checkDataFormat(tf.Conv2DBackpropFilter, dataFormat);
-  const [x, dy] = requireInputs(tf.Conv2DBackpropFilter, inputs['x'], inputs['dy']);
-  const info = tf.backend_util.computeConv2DInfo(
-    as4D(x.shape),
-    filterShape,
+/** A regular (not depthwise) NHWC conv's geometry. */
+function convInfo(
+  xShape: number[],
+  filterShape: number[],
+  strides: number | [number, number],
+  pad: unknown,
+  dimRoundingMode: unknown,
+): Conv2DInfo {
+  return tf.backend_util.computeConv2DInfo(
+    as4D(xShape),
+    as4D(filterShape),
     strides,
     1,
     pad as Pad,
@@ -215,16 +201,32 @@ function conv2DBackpropFilter({ inputs, attrs, backend }: KernelArgs): tf.Tensor
     false,
     'channelsLast',
   );
-  const { filterHeight, filterWidth, inChannels, outChannels, padInfo } = info;
-  const pointwise =
-    filterHeight === 1 &&
-    filterWidth === 1 &&
+}
+
+/** A 1×1, stride-1, unpadded conv: each of its gradients is a single matMul. */
+function isPointwise(info: Conv2DInfo): boolean {
+  const p = info.padInfo;
+  return (
+    info.filterHeight === 1 &&
+    info.filterWidth === 1 &&
     info.strideHeight === 1 &&
     info.strideWidth === 1 &&
-    padInfo.top === 0 &&
-    padInfo.left === 0;
+    p.top === 0 &&
+    p.left === 0 &&
+    p.bottom === 0 &&
+    p.right === 0
+  );
+}
+
+function conv2DBackpropFilter({ inputs, attrs, backend }: KernelArgs): tf.TensorInfo {
+  const { strides, pad, dataFormat, dimRoundingMode, filterShape } =
+    attrs as unknown as tf.Conv2DBackpropFilterAttrs;
+  checkDataFormat(tf.Conv2DBackpropFilter, dataFormat);
+  const [x, dy] = requireInputs(tf.Conv2DBackpropFilter, inputs['x'], inputs['dy']);
+  const info = convInfo(x.shape, filterShape, strides, pad, dimRoundingMode);
+  const { inChannels, outChannels } = info;
   return compose(backend as tf.KernelBackend, [x, dy], (x4, dy4) => {
-    if (pointwise) {
+    if (isPointwise(info)) {
       // dW = x^T dy over all positions. wasm hands a matMul to XNNPACK only
       // without transpose flags, so transpose the narrower operand explicitly.
       const rows = info.batchSize * info.outHeight * info.outWidth;
