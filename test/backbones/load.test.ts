@@ -111,6 +111,34 @@ test('a model.json from disk and from a URL: cut at the last 4-D layer or a name
   );
 });
 
+test('TF Hub MobileNets ask for the right model, up to the network boundary', async () => {
+  const asked: string[] = [];
+  const realFetch = globalThis.fetch;
+  // tfjs fetches through globalThis.fetch in Node: answer as an unreachable host would.
+  globalThis.fetch = (async (url: string | URL | Request) => {
+    asked.push(String(url));
+    throw new TypeError('fetch failed');
+  }) as typeof fetch;
+  try {
+    await assert.rejects(
+      loadBackbone('mobilenet_v2', { alpha: 0.5 }),
+      /^FinetuneError: Could not download backbone mobilenet_v2_0\.5 from TF Hub \(.*fetch failed/,
+    );
+    await assert.rejects(
+      loadBackbone('mobilenet_v1'),
+      /Could not download backbone mobilenet_v1 from TF Hub/,
+    );
+  } finally {
+    globalThis.fetch = realFetch;
+  }
+  assert.equal(asked.length, 2);
+  assert.match(
+    asked[0]!,
+    /^https:\/\/tfhub\.dev\/google\/imagenet\/mobilenet_v2_050_224\/classification\/2\/model\.json\?tfjs-format=file$/,
+  );
+  assert.match(asked[1]!, /mobilenet_v1_100_224\/classification\/1\/model\.json/);
+});
+
 test('registry lookups validate ids and alphas', () => {
   assert.throws(() => resolveBackboneSpec('resnet'), {
     message:
