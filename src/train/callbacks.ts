@@ -36,12 +36,21 @@ export interface TrainingCallback {
 export function learningRateSchedule(
   setLr: (lr: number) => void,
   lrAt: (epoch: number) => number,
+  warmupSteps = 0,
 ): TrainingCallback & { current: number } {
+  let step = 0;
   const cb = {
     current: Number.NaN,
     onEpochBegin(epoch: number) {
       cb.current = lrAt(epoch);
       setLr(cb.current);
+    },
+    onBatchBegin() {
+      // Linear warm-up over the first steps (fastai's one-cycle and most fine-tuning
+      // recipes start low): Adam's first updates are full-size whatever the gradient.
+      if (step < warmupSteps) setLr((cb.current * (step + 1)) / warmupSteps);
+      else if (step === warmupSteps && warmupSteps > 0) setLr(cb.current);
+      step++;
     },
   };
   return cb;

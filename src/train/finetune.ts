@@ -473,6 +473,7 @@ export async function runFineTune(
       seed: s.seed + 1,
       swa: s.swa,
       keepRaw: s.keep === 'best',
+      warmupSteps: Math.ceil(trainBatches.size / batchSize),
       callbacks: [viewCallback, ...inputs.callbacks],
     });
     let kept = `finetune-${stage.kept}`;

@@ -34,6 +34,8 @@ export interface StageOptions {
   /** null: no averaging. */
   readonly swa: SwaSettings | null;
   readonly callbacks?: readonly TrainingCallback[];
+  /** Steps of linear LR warm-up at the start (0: none). */
+  readonly warmupSteps?: number;
   /** Also return copies of the final raw weights (before SWA is applied); the caller disposes them. */
   readonly keepRaw?: boolean;
 }
@@ -80,12 +82,14 @@ export async function runStage(
     lrCallback = learningRateSchedule(
       (lr) => setLearningRate(optimizer, lr),
       (epoch) => swaLearningRate(s, o.lr, epoch),
+      o.warmupSteps ?? 0,
     );
     callbacks.push(lrCallback, swaCallback(averager, schedule));
   } else {
     lrCallback = learningRateSchedule(
       (lr) => setLearningRate(optimizer, lr),
       () => o.lr,
+      o.warmupSteps ?? 0,
     );
     callbacks.push(lrCallback);
   }
