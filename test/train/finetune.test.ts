@@ -9,9 +9,11 @@ import { applyAugment, augmentPlan, parseAugment } from '../../src/data/augment.
 import { fileLoadHandler } from '../../src/io/files.js';
 import {
   firstUnfrozenLayer,
+  fittingBatchSize,
   inferenceModeBatchNorm,
   parseUnfreeze,
   splitBody,
+  WASM_STEP_BUDGET,
 } from '../../src/train/finetune.js';
 import { train } from '../../src/train/train.js';
 import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
@@ -92,6 +94,15 @@ test('--unfreeze values and the layers they pick', async () => {
   undo();
   split.release();
   assert.deepEqual(diffs, [0, 0]);
+  // a batch that would overflow the 4 GiB wasm heap is lowered: the whole body at 224
+  // trains at batch 12 and aborts at 16; the top three blocks fit 32
+  const whole = splitBody(bb.model!, firstUnfrozenLayer(bb, { kind: 'all' }));
+  const top = splitBody(bb.model!, firstUnfrozenLayer(bb, { kind: 'blocks', count: 3 }));
+  const lowered = fittingBatchSize(whole.layers, 32, WASM_STEP_BUDGET);
+  assert.ok(lowered >= 4 && lowered <= 12, `lowered to ${lowered}`);
+  assert.equal(fittingBatchSize(top.layers, 32, WASM_STEP_BUDGET), 32);
+  whole.release();
+  top.release();
   bb.dispose();
   assert.equal(tf.memory().numTensors, before);
   const tinyBb = await loadBackbone(tiny);
