@@ -83,6 +83,10 @@ export class OnnxFrozenModel implements FrozenModel {
         // MobileNetV2: ~190 images/s with 1 thread, 300–370 with 2 on a 2-core machine).
         interOpNumThreads: 1,
         intraOpNumThreads: threads,
+        // Idle intra-op threads would spin between batches, taking the cores that decode
+        // the next batch meanwhile: embedding 500 images, ~5% faster without spinning,
+        // with no loss in inference alone.
+        extra: { session: { intra_op: { allow_spinning: '0' } } },
       });
     } catch (err) {
       throw new FinetuneError(
