@@ -1,7 +1,11 @@
 """Logistic-regression probe on frozen features, tuned by cross-validation: the bar the
 head's defaults must reach. Input: the JSON written by dist/scripts/dump-embeddings.js.
 
-    python3 scripts/logreg-probe.py /tmp/emb.json
+    apt-get install python3-sklearn          # Debian's scikit-learn, for the system python
+    node dist/scripts/dump-embeddings.js datasets/fashion-mnist-mini /tmp/emb.json
+    /usr/bin/python3 scripts/logreg-probe.py /tmp/emb.json
+
+On the sample set it gave C=0.003 and 75.5% test accuracy (500 training images).
 """
 import json
 import sys
