@@ -183,13 +183,14 @@ function inputWindow(x: tf.Tensor4D, info: Conv2DInfo): tf.Tensor4D {
   );
 }
 
-/** A regular (not depthwise) NHWC conv's geometry. */
+/** An NHWC conv's geometry (regular or depthwise). */
 function convInfo(
   xShape: number[],
   filterShape: number[],
   strides: number | [number, number],
   pad: unknown,
   dimRoundingMode: unknown,
+  depthwise = false,
 ): Conv2DInfo {
   return tf.backend_util.computeConv2DInfo(
     as4D(xShape),
@@ -198,7 +199,7 @@ function convInfo(
     1,
     pad as Pad,
     dimRoundingMode as RoundingMode | undefined,
-    false,
+    depthwise,
     'channelsLast',
   );
 }
@@ -255,15 +256,7 @@ function depthwiseBackpropFilter({ inputs, attrs, backend }: KernelArgs): tf.Ten
     attrs as unknown as tf.DepthwiseConv2dNativeBackpropFilterAttrs;
   checkDilations(tf.DepthwiseConv2dNativeBackpropFilter, dilations);
   const [x, dy] = requireInputs(tf.DepthwiseConv2dNativeBackpropFilter, inputs['x'], inputs['dy']);
-  const info = tf.backend_util.computeConv2DInfo(
-    as4D(x.shape),
-    filterShape,
-    strides,
-    1,
-    pad as Pad,
-    dimRoundingMode as RoundingMode | undefined,
-    true,
-  );
+  const info = convInfo(x.shape, filterShape, strides, pad, dimRoundingMode, true);
   const { batchSize, filterHeight, filterWidth, inChannels, outChannels } = info;
   const multiplier = outChannels / inChannels;
   return compose(backend as tf.KernelBackend, [x, dy], (x4, dy4) => {
@@ -324,15 +317,7 @@ function depthwiseBackpropInput({ inputs, attrs, backend }: KernelArgs): tf.Tens
     inputs['dy'],
     inputs['filter'],
   );
-  const info = tf.backend_util.computeConv2DInfo(
-    inputShape,
-    as4D(filter.shape),
-    strides,
-    1,
-    pad as Pad,
-    dimRoundingMode as RoundingMode | undefined,
-    true,
-  );
+  const info = convInfo(inputShape, filter.shape, strides, pad, dimRoundingMode, true);
   const { filterHeight, filterWidth, inChannels, outChannels, padInfo } = info;
   const multiplier = outChannels / inChannels;
   return compose(backend as tf.KernelBackend, [dy, filter], (dy4, filter4) => {

@@ -400,11 +400,12 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
   });
   // Known graph models fail before anything is downloaded or decoded.
   if (o.finetuneEpochs > 0 && spec.format === 'graph') throw graphModelError(spec.id);
-  const backbone = await loadBackbone(spec, {
-    ...(o.alpha !== undefined ? { alpha: o.alpha } : {}),
-    ...(o.featureLayer !== undefined ? { featureLayer: o.featureLayer } : {}),
-    ...(o.inputSize !== undefined ? { inputSize: o.inputSize } : {}),
-  });
+  // alpha and the feature layer are already in the spec.
+  const backbone = await loadBackbone(
+    spec,
+    o.inputSize !== undefined ? { inputSize: o.inputSize } : {},
+  );
+  const cache = o.cache ? new EmbeddingCache(o.cacheDir) : null;
   if (o.finetuneEpochs > 0 && !backbone.model) {
     backbone.dispose();
     throw graphModelError(backbone.spec.id);
@@ -422,6 +423,8 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
       splits,
       backbone,
       o,
+      backend,
+      cache,
       emit,
     );
     lap('embed');
@@ -529,7 +532,7 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
             ...(o.workers !== undefined ? { workers: o.workers } : {}),
           },
           callbacks: [finetuneLogger],
-          cache: o.cache ? new EmbeddingCache(o.cacheDir) : null,
+          cache,
           warn: (message) => {
             warnings.push(message);
             emit({ type: 'warning', message });
@@ -652,6 +655,8 @@ async function embedSplits(
   splits: Splits,
   backbone: Backbone,
   o: ResolvedTrainOptions,
+  backend: BackendInfo,
+  cache: EmbeddingCache | null,
   emit: (e: TrainEvent) => void,
 ): Promise<{
   embedded: Embedded[];
@@ -660,7 +665,6 @@ async function embedSplits(
   engine: string;
   engineReason: string | null;
 }> {
-  const backend = await initBackend(o.backend);
   let choice: EngineChoice | null = null;
   // Opened at the first cache miss: a warm cache loads no engine at all.
   const lazy: LazyFrozenModel = {
@@ -698,12 +702,7 @@ async function embedSplits(
         batchSize: o.embedBatchSize,
         concurrency: o.decodeConcurrency,
         maxPixels: o.maxPixels,
-        cache: o.cache
-          ? {
-              store: new EmbeddingCache(o.cacheDir),
-              namespace: cacheNamespace(backbone, 'features'),
-            }
-          : null,
+        cache: cache ? { store: cache, namespace: cacheNamespace(backbone, 'features') } : null,
         onProgress: (progress) => emit({ type: 'embed-progress', progress }),
       },
     );
