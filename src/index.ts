@@ -69,6 +69,7 @@ export { WorkerPoolFrozenModel, type WorkerRecipe } from './engine/pool.js';
 export { TfjsFrozenModel } from './engine/tfjs.js';
 export type { EngineName, FrozenModel } from './engine/types.js';
 export { FinetuneError } from './errors.js';
+export { type ExportResult, exportClassifier } from './export/classifier.js';
 // Results
 export {
   type ClassificationReport,
@@ -93,12 +94,25 @@ export {
 export { applyHead, buildHead, type HeadOptions } from './head/build.js';
 export { type AveragerKind, type AveragerState, WeightAverager } from './swa/averager.js';
 export {
+  checkSwaStart,
   isSnapshotEpoch,
   resolveSwaStart,
   type SwaSchedule,
   swaLearningRate,
 } from './swa/schedule.js';
 export type { BatchLogs, EpochLogs, TrainingCallback } from './train/callbacks.js';
+export {
+  type EmbeddingSource,
+  type StageName,
+  type StageSummary,
+  type TrainEvent,
+  type TrainSummary,
+  type ValFigures,
+  type WeightsChoice,
+  type WeightsKind,
+  type WeightsName,
+  weightsName,
+} from './train/events.js';
 export {
   type FineTuneInputs,
   type FineTuneResult,
@@ -113,14 +127,34 @@ export {
 } from './train/finetune.js';
 export { ArrayBatches, type Batches, evaluateBatches, type FitOptions, fit } from './train/fit.js';
 export { createOptimizer, OPTIMIZERS, type OptimizerName } from './train/optimizers.js';
-export { runStage, type StageOptions, type StageResult, type SwaSettings } from './train/stage.js';
-// Running a whole job
+// Running a whole job: options, the phases of a run, and their composition
 export {
+  type OptionPhase,
+  type OptionRow,
+  optionRow,
+  optionsMarkdown,
   type ResolvedTrainOptions,
   resolveTrainOptions,
-  type TrainEvent,
+  TRAIN_OPTIONS,
   type TrainOptions,
-  type TrainSummary,
-  train,
-} from './train/train.js';
+} from './train/options.js';
+export {
+  evaluateTest,
+  type FinetuneStageResult,
+  type HeadResult,
+  trainFinetune,
+  trainHead,
+} from './train/phases.js';
+export { writeRunRecords } from './train/records.js';
+export {
+  type Embedded,
+  type EmbeddedSplits,
+  type EngineSettings,
+  embedSplits,
+  type FinetunePlan,
+  type PreparedRun,
+  prepareRun,
+} from './train/run.js';
+export { runStage, type StageOptions, type StageResult, type SwaSettings } from './train/stage.js';
+export { train } from './train/train.js';
 export { VERSION, versions } from './version.js';

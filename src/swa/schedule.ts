@@ -14,19 +14,35 @@ export interface SwaSchedule {
 }
 
 /**
- * `--swa-start` as an epoch (an integer ≥ 1 means "from that epoch count on") or a
- * fraction of the epochs (0 < x < 1). Returns the 0-based epoch of the first snapshot.
+ * Checks a SWA start: an epoch (an integer from 1 to epochs − 1, "from that epoch count
+ * on") or a fraction of the epochs (0 ≤ x < 1). The one rule and wording for every stage.
+ */
+export function checkSwaStart(name: string, value: unknown, epochs: number): number {
+  const ok =
+    typeof value === 'number' &&
+    Number.isFinite(value) &&
+    value >= 0 &&
+    (value < 1 || (Number.isInteger(value) && value < epochs));
+  if (!ok) {
+    throw invalidOption(
+      name,
+      epochs > 1
+        ? `an epoch from 1 to ${epochs - 1} or a fraction of the epochs below 1`
+        : 'a fraction of the epochs below 1',
+      value,
+    );
+  }
+  return value as number;
+}
+
+/**
+ * `--swa-start` resolved to the 0-based epoch of the first snapshot (see `checkSwaStart`).
  *
  * @example resolveSwaStart(0.75, 40) // → 30: snapshots after epochs 31…40
  */
 export function resolveSwaStart(swaStart: number, epochs: number, name = 'swaStart'): number {
-  if (!Number.isFinite(swaStart) || swaStart < 0)
-    throw invalidOption(name, 'an epoch or a fraction of the epochs', swaStart);
-  const start = swaStart < 1 ? Math.floor(swaStart * epochs) : Math.floor(swaStart);
-  if (start >= epochs) {
-    throw invalidOption(name, `an epoch before the last (epochs is ${epochs})`, swaStart);
-  }
-  return start;
+  checkSwaStart(name, swaStart, epochs);
+  return swaStart < 1 ? Math.floor(swaStart * epochs) : swaStart;
 }
 
 /** True when the end of `epoch` (0-based) takes a snapshot. */

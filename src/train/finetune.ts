@@ -340,7 +340,7 @@ export interface FineTuneResult {
   readonly trainableVariables: number;
   readonly prefixEngine: string;
   /** Which weights the model holds now: 'finetune-swa', 'finetune-raw' or 'head-…' (stage one's, with --keep best). */
-  readonly kept: string;
+  readonly kept: 'head' | 'finetune-raw' | 'finetune-swa';
   /** Inference on raw pixels through prefix, suffix and head, for test figures. */
   readonly evaluate: (files: readonly string[], labels: Int32Array) => Promise<Evaluation>;
   dispose(): Promise<void>;
@@ -489,12 +489,14 @@ export async function runFineTune(
       warmupSteps: Math.ceil(trainBatches.size / batchSize),
       callbacks: [viewCallback, ...inputs.callbacks],
     });
-    let kept = `finetune-${stage.kept}`;
+    let kept: FineTuneResult['kept'] = `finetune-${stage.kept}`;
     if (s.keep === 'best') {
-      const candidates: [string, number, tf.Tensor[] | null][] = [
+      const candidates: [FineTuneResult['kept'], number, tf.Tensor[] | null][] = [
         ['head', inputs.headAcc ?? -1, before],
         ['finetune-raw', stage.raw?.acc ?? -1, stage.rawWeights],
-        ...(stage.swa ? [['finetune-swa', stage.swa.acc, null] as [string, number, null]] : []),
+        ...(stage.swa
+          ? [['finetune-swa', stage.swa.acc, null] as [FineTuneResult['kept'], number, null]]
+          : []),
       ];
       // Ties keep the later stage: it has seen the most training.
       const best = candidates.reduce((a, b) => (b[1] >= a[1] ? b : a));

@@ -1,10 +1,10 @@
 import type * as tf from '@tensorflow/tfjs';
 import { WeightAverager } from '../swa/averager.js';
-import { swaCallback } from '../swa/callback.js';
 import { resolveSwaStart, type SwaSchedule, swaLearningRate } from '../swa/schedule.js';
 import { type EpochLogs, learningRateSchedule, type TrainingCallback } from './callbacks.js';
 import { type Batches, type Evaluation, evaluateBatches, type Forward, fit } from './fit.js';
 import { createOptimizer, type OptimizerName, setLearningRate } from './optimizers.js';
+import { swaCallback } from './swa-callback.js';
 
 /** SWA settings of one stage. */
 export interface SwaSettings {

@@ -2,7 +2,6 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
 import { WeightAverager } from '../../src/swa/averager.js';
-import { swaCallback } from '../../src/swa/callback.js';
 import {
   isSnapshotEpoch,
   resolveSwaStart,
@@ -10,6 +9,7 @@ import {
   swaLearningRate,
 } from '../../src/swa/schedule.js';
 import type { EpochLogs } from '../../src/train/callbacks.js';
+import { swaCallback } from '../../src/train/swa-callback.js';
 
 const logs = (epoch: number): EpochLogs => ({
   stage: 't',
@@ -95,7 +95,7 @@ test('swa start as a fraction or an epoch, and the LR schedule', () => {
   assert.equal(resolveSwaStart(5, 10), 5);
   assert.throws(
     () => resolveSwaStart(10, 10),
-    /Expected an epoch before the last \(epochs is 10\) for swaStart but received 10/,
+    /Expected an epoch from 1 to 9 or a fraction of the epochs below 1 for swaStart but received 10/,
   );
   const s: SwaSchedule = {
     startEpoch: 4,

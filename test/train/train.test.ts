@@ -6,7 +6,8 @@ import * as tf from '@tensorflow/tfjs';
 import sharp from 'sharp';
 import { initBackend } from '../../src/backend/index.js';
 import { fileLoadHandler } from '../../src/io/files.js';
-import { resolveTrainOptions, train } from '../../src/train/train.js';
+import { resolveTrainOptions } from '../../src/train/options.js';
+import { train } from '../../src/train/train.js';
 import { tempDir, writeColourDataset, writeImage, writeTinyBackbone } from '../helpers.js';
 
 let dir: string;

@@ -1,6 +1,6 @@
-import type { EpochLogs, TrainingCallback } from '../train/callbacks.js';
-import type { WeightAverager } from './averager.js';
-import { isSnapshotEpoch, type SwaSchedule } from './schedule.js';
+import type { WeightAverager } from '../swa/averager.js';
+import { isSnapshotEpoch, type SwaSchedule } from '../swa/schedule.js';
+import type { EpochLogs, TrainingCallback } from './callbacks.js';
 
 /** Takes a snapshot at the end of every snapshot epoch and records the count in the logs. */
 export function swaCallback(averager: WeightAverager, schedule: SwaSchedule): TrainingCallback {

@@ -1,0 +1,78 @@
+import type { BackendInfo } from '../backend/index.js';
+import type { EmbedProgress, SkippedFile } from '../data/embed.js';
+import type { EngineName } from '../engine/types.js';
+import type { EpochLogs } from './callbacks.js';
+
+/** Which weights a stage left, and so which weights an export holds. */
+export type StageName = 'head' | 'finetune';
+export type WeightsKind = 'raw' | 'swa';
+/** `head-swa`, `finetune-raw`, …: the name summary.json and the CLI use. */
+export type WeightsName = `${StageName}-${WeightsKind}`;
+
+export interface WeightsChoice {
+  readonly stage: StageName;
+  readonly weights: WeightsKind;
+}
+
+export function weightsName(c: WeightsChoice): WeightsName {
+  return `${c.stage}-${c.weights}`;
+}
+
+/**
+ * Which engine answered the embedding phase: `cache` when every embedding came from the
+ * embedding cache and no engine was loaded.
+ */
+export type EmbeddingSource = EngineName | 'cache';
+
+export type TrainEvent =
+  | { type: 'backend'; backend: BackendInfo }
+  | { type: 'backbone'; id: string; inputSize: number; featureSize: number }
+  | { type: 'engine'; engine: EngineName; reason: string | null }
+  | { type: 'data'; classes: readonly string[]; counts: Record<string, number> }
+  | { type: 'warning'; message: string }
+  | { type: 'embed-progress'; progress: EmbedProgress }
+  | { type: 'skipped'; file: SkippedFile }
+  | { type: 'epoch'; logs: EpochLogs; epochs: number }
+  | { type: 'stage-end'; stage: StageName; raw: number | null; swa: number | null }
+  | { type: 'done'; summary: TrainSummary };
+
+export interface ValFigures {
+  readonly loss: number;
+  readonly acc: number;
+}
+
+export interface StageSummary {
+  readonly raw: ValFigures | null;
+  readonly swa: ValFigures | null;
+  readonly snapshots: number;
+  /**
+   * Which weights the stage left in the model: the head stage says `raw` or `swa`; the
+   * fine-tune stage names the stage too, or `head` when --keep best went back to the head's.
+   */
+  readonly kept: WeightsKind | 'head' | `finetune-${WeightsKind}`;
+  readonly unfreezeFrom?: string;
+  readonly batchSize?: number;
+  readonly trainableVariables?: number;
+}
+
+export interface TrainSummary {
+  readonly out: string;
+  readonly classes: readonly string[];
+  readonly counts: Record<'train' | 'val' | 'test', Record<string, number>>;
+  readonly skipped: readonly SkippedFile[];
+  readonly warnings: readonly string[];
+  readonly backend: string;
+  readonly engine: EmbeddingSource;
+  readonly engineReason: string | null;
+  /** Images whose features came from the embedding cache. */
+  readonly cachedEmbeddings: number;
+  readonly backbone: string;
+  readonly stages: Partial<Record<StageName, StageSummary>>;
+  /** Which weights model/ holds. */
+  readonly exported: WeightsName;
+  /** model/model.onnx when the classifier could be lowered (not for graph backbones). */
+  readonly onnx: string | null;
+  readonly val: ValFigures | null;
+  readonly test: (ValFigures & { macroF1: number }) | null;
+  readonly seconds: Record<string, number>;
+}

@@ -1,0 +1,228 @@
+import type * as tf from '@tensorflow/tfjs';
+import { classificationReport } from '../export/metrics.js';
+import { buildHead, dropoutSeeder, logitsView } from '../head/build.js';
+import type { TrainingCallback } from './callbacks.js';
+import type { StageSummary, ValFigures, WeightsChoice } from './events.js';
+import { type FineTuneResult, runFineTune } from './finetune.js';
+import { ArrayBatches, argmax, balancedWeights, type Evaluation, evaluateBatches } from './fit.js';
+import type { ResolvedTrainOptions } from './options.js';
+import type { Embedded, EmbeddedSplits, PreparedRun } from './run.js';
+import { runStage, type StageResult } from './stage.js';
+
+export function figures(e: Evaluation | null): ValFigures | null {
+  return e ? { loss: e.loss, acc: e.acc } : null;
+}
+
+function featureBatches(e: Embedded, dim: number): ArrayBatches {
+  return new ArrayBatches(e.features, [dim], e.labels);
+}
+
+function classWeights(o: ResolvedTrainOptions, labels: Int32Array, numClasses: number) {
+  return o.classWeights === 'balanced' ? balancedWeights(labels, numClasses) : null;
+}
+
+/** Emits an event per epoch (the logs reach metrics.jsonl through the stage's history). */
+function epochLogger(run: PreparedRun, epochs: number): TrainingCallback {
+  return {
+    onEpochEnd(_epoch, logs) {
+      run.emit({ type: 'epoch', logs, epochs });
+    },
+  };
+}
+
+/** A trained head: the model (owned by the caller until `dispose`) and its stage's figures. */
+export interface HeadResult {
+  readonly head: tf.LayersModel;
+  readonly stage: StageResult;
+  readonly summary: StageSummary;
+  /** The weights the head holds, and the validation figures of those weights. */
+  readonly kept: WeightsChoice;
+  readonly val: ValFigures | null;
+  dispose(): void;
+}
+
+/**
+ * Trains a head on embedded features: the head stage, with SWA over the head's trainable
+ * variables. It reads only `embedded` and the head options, so it can run many times on
+ * one embedding (a sweep passes each configuration's resolved options).
+ *
+ * @example
+ *   const run = await prepareRun({ data: 'photos' });
+ *   const embedded = await embedSplits(run);
+ *   const a = await trainHead(run, embedded);
+ *   const b = await trainHead(run, embedded, resolveTrainOptions({ data: 'photos', hidden: 256 }));
+ */
+export async function trainHead(
+  run: PreparedRun,
+  embedded: EmbeddedSplits,
+  options: ResolvedTrainOptions = run.options,
+): Promise<HeadResult> {
+  const o = options;
+  const numClasses = run.splits.classes.length;
+  const dim = embedded.featureSize;
+  const head = buildHead(dim, numClasses, { hidden: o.hidden, dropout: o.dropout, seed: o.seed });
+  try {
+    const logits = logitsView(head);
+    const stage = await runStage(
+      featureBatches(embedded.train, dim),
+      embedded.val.files.length ? featureBatches(embedded.val, dim) : null,
+      {
+        name: 'head',
+        forward: (x, training) => logits.apply(x, { training }) as tf.Tensor,
+        variables: head.trainableWeights.map((w) => w.read() as tf.Variable),
+        reseed: dropoutSeeder(head),
+        epochs: o.epochs,
+        batchSize: o.batchSize,
+        optimizer: o.optimizer,
+        lr: o.lr,
+        labelSmoothing: o.labelSmoothing,
+        classWeights: classWeights(o, embedded.train.labels, numClasses),
+        numClasses,
+        seed: o.seed,
+        swa: o.swa
+          ? { start: o.swaStart, freq: o.swaFreq, lr: o.swaLr, annealEpochs: o.swaAnnealEpochs }
+          : null,
+        callbacks: [epochLogger(run, o.epochs)],
+      },
+    );
+    run.emit({
+      type: 'stage-end',
+      stage: 'head',
+      raw: stage.raw?.acc ?? null,
+      swa: stage.swa?.acc ?? null,
+    });
+    return {
+      head,
+      stage,
+      summary: {
+        raw: figures(stage.raw),
+        swa: figures(stage.swa),
+        snapshots: stage.snapshots,
+        kept: stage.kept,
+      },
+      kept: { stage: 'head', weights: stage.kept },
+      val: figures(stage.kept === 'swa' ? stage.swa : stage.raw),
+      dispose: () => head.dispose(),
+    };
+  } catch (err) {
+    head.dispose();
+    throw err;
+  }
+}
+
+/** The fine-tune stage's result, with what the export holds after it. */
+export interface FinetuneStageResult {
+  readonly result: FineTuneResult;
+  readonly summary: StageSummary;
+  readonly kept: WeightsChoice;
+  readonly val: ValFigures | null;
+}
+
+/**
+ * Stage two on top of a trained head (whose variables train on): the plan's cut of the
+ * backbone unfrozen, its own optimizer and averager. The caller disposes `result`.
+ */
+export async function trainFinetune(
+  run: PreparedRun,
+  embedded: EmbeddedSplits,
+  head: HeadResult,
+  options: ResolvedTrainOptions = run.options,
+): Promise<FinetuneStageResult> {
+  const o = options;
+  const plan = run.finetune;
+  if (!plan) throw new Error('trainFinetune needs a run prepared with finetuneEpochs > 0');
+  const numClasses = run.splits.classes.length;
+  const paths = (e: Embedded) => e.files.map((f) => f.path);
+  const result = await runFineTune(
+    {
+      backbone: run.backbone,
+      head: head.head,
+      train: { files: paths(embedded.train), labels: embedded.train.labels },
+      val: { files: paths(embedded.val), labels: embedded.val.labels },
+      numClasses,
+      headAcc: head.val?.acc ?? null,
+      engine: run.engine,
+      callbacks: [epochLogger(run, o.finetuneEpochs)],
+      cache: run.cache,
+      warn: (message) => run.warn(message),
+    },
+    {
+      epochs: o.finetuneEpochs,
+      unfreeze: plan.unfreeze,
+      lr: o.finetuneLr,
+      batchSize: o.batchSize,
+      optimizer: o.optimizer,
+      freezeBn: o.freezeBn,
+      swa: o.swa
+        ? {
+            start: o.finetuneSwaStart,
+            freq: o.finetuneSwaFreq,
+            lr: o.finetuneSwaLr,
+            annealEpochs: 0,
+          }
+        : null,
+      augment: o.augment,
+      augmentViews: o.augmentViews,
+      keep: o.keep,
+      labelSmoothing: o.labelSmoothing,
+      classWeights: classWeights(o, embedded.train.labels, numClasses),
+      seed: o.seed,
+      decodeConcurrency: o.decodeConcurrency,
+      embedBatchSize: o.embedBatchSize,
+    },
+  );
+  const st = result.stage;
+  run.emit({
+    type: 'stage-end',
+    stage: 'finetune',
+    raw: st.raw?.acc ?? null,
+    swa: st.swa?.acc ?? null,
+  });
+  const kept: WeightsChoice =
+    result.kept === 'head'
+      ? head.kept
+      : { stage: 'finetune', weights: result.kept === 'finetune-swa' ? 'swa' : 'raw' };
+  const val = kept.stage === 'head' ? head.val : figures(kept.weights === 'swa' ? st.swa : st.raw);
+  return {
+    result,
+    summary: {
+      raw: figures(st.raw),
+      swa: figures(st.swa),
+      snapshots: st.snapshots,
+      kept: result.kept,
+      unfreezeFrom: result.firstUnfrozen,
+      batchSize: result.batchSize,
+      trainableVariables: result.trainableVariables,
+    },
+    kept,
+    val,
+  };
+}
+
+/** Test-split figures of what the run ended with (through the fine-tuned body when there is one). */
+export async function evaluateTest(
+  run: PreparedRun,
+  embedded: EmbeddedSplits,
+  head: HeadResult,
+  finetune: FinetuneStageResult | null,
+): Promise<(ValFigures & { macroF1: number }) | null> {
+  const test = embedded.test;
+  if (!test.files.length) return null;
+  const numClasses = run.splits.classes.length;
+  const ev = finetune
+    ? await finetune.result.evaluate(
+        test.files.map((f) => f.path),
+        test.labels,
+      )
+    : await evaluateBatches(
+        (x) => head.head.apply(x) as tf.Tensor,
+        featureBatches(test, embedded.featureSize),
+        256,
+        numClasses,
+      );
+  const predicted = Array.from({ length: test.labels.length }, (_, i) =>
+    argmax(ev.probs, i * numClasses, numClasses),
+  );
+  const report = classificationReport(test.labels, predicted, run.splits.classes);
+  return { loss: ev.loss, acc: report.accuracy, macroF1: report.macro.f1 };
+}
