@@ -1,4 +1,5 @@
 import type { Writable } from 'node:stream';
+import { MultiBar, Presets, type SingleBar } from 'cli-progress';
 
 /** Where the CLI writes: results on stdout, progress and warnings on stderr. */
 export interface Output {
@@ -30,25 +31,40 @@ export function createOutput(
   let started = 0;
   let lastLabel = '';
   let lastPrinted = -1;
-  let open = false;
+  // On a terminal: one cli-progress bar; lines printed meanwhile go above it (MultiBar.log).
+  let bars: MultiBar | null = null;
+  let bar: SingleBar | null = null;
+  /** Prints a line above the bar at once (MultiBar.log alone waits for the next redraw). */
+  const above = (line: string): void => {
+    bars!.log(`${line}\n`);
+    bars!.update();
+  };
+  const closeBar = (): void => {
+    bars?.stop();
+    bars = null;
+    bar = null;
+  };
   return {
     quiet,
     json,
     info(line) {
-      if (!quiet && !json) stderr.write(`${line}\n`);
+      if (quiet || json) return;
+      if (bars) above(line);
+      else stderr.write(`${line}\n`);
     },
     warn(line) {
       if (quiet) return;
-      if (open && tty) stderr.write('\n');
-      open = false;
-      stderr.write(`${line}\n`);
+      if (bars) above(line);
+      else stderr.write(`${line}\n`);
     },
     result(text) {
+      closeBar();
       process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
     },
     progress(label, done, total) {
       if (quiet || json) return;
       if (label !== lastLabel) {
+        closeBar();
         started = performance.now();
         lastLabel = label;
         lastPrinted = -1;
@@ -56,25 +72,36 @@ export function createOutput(
       const elapsed = (performance.now() - started) / 1000;
       // A rate over the first fraction of a second says nothing (and a cache hit is instant).
       const rate = elapsed >= 0.25 ? done / elapsed : Number.NaN;
-      const eta = done && Number.isFinite(rate) ? (total - done) / rate : Number.NaN;
       const shown = Number.isFinite(rate) ? `${rate.toFixed(0)}/s` : '--/s';
-      const pct = total ? Math.floor((100 * done) / total) : 100;
       if (tty) {
-        const width = 28;
-        const filled = Math.round((width * pct) / 100);
-        stderr.write(
-          `\r${label} [${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${done}/${total} ${shown} ETA ${formatSeconds(eta)}  `,
-        );
-        open = true;
-      } else if (Math.floor(pct / 10) !== lastPrinted || done === total) {
+        if (!bars) {
+          bars = new MultiBar(
+            {
+              stream: stderr,
+              format: `${label} [{bar}] {value}/{total} {rate} ETA {eta_formatted}`,
+              barsize: 28,
+              hideCursor: true,
+              clearOnComplete: false,
+              etaBuffer: 50,
+            },
+            Presets.legacy,
+          );
+          bar = bars.create(total, done, { rate: shown });
+        }
+        bar!.setTotal(total);
+        bar!.update(done, { rate: shown });
+        return;
+      }
+      const pct = total ? Math.floor((100 * done) / total) : 100;
+      if (Math.floor(pct / 10) !== lastPrinted || done === total) {
         // Without a terminal, a line per 10% keeps logs short.
         lastPrinted = Math.floor(pct / 10);
+        const eta = done && Number.isFinite(rate) ? (total - done) / rate : Number.NaN;
         stderr.write(`${label} ${done}/${total} (${pct}%) ${shown} ETA ${formatSeconds(eta)}\n`);
       }
     },
     endProgress() {
-      if (open && tty) stderr.write('\n');
-      open = false;
+      closeBar();
     },
   };
 }
