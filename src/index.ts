@@ -92,6 +92,7 @@ export {
 } from './export/predict.js';
 // Heads, training loop, SWA
 export { applyHead, buildHead, type HeadOptions } from './head/build.js';
+export { openRunFolder, type RunFolder, removePendingSync } from './io/run-folder.js';
 export { type AveragerKind, type AveragerState, WeightAverager } from './swa/averager.js';
 export {
   checkSwaStart,

@@ -6,6 +6,7 @@ import * as cacheCommand from './cache.js';
 import * as evaluateCommand from './evaluate.js';
 import * as modelsCommand from './models.js';
 import * as predictCommand from './predict.js';
+import { exitCleanlyOnSignals } from './signals.js';
 import * as trainCommand from './train.js';
 
 function report(err: unknown): never {
@@ -55,6 +56,7 @@ function distance(a: string, b: string): number {
 }
 
 async function main(): Promise<void> {
+  exitCleanlyOnSignals();
   const cli = yargs(hideBin(process.argv));
   await cli
     .scriptName('finetune')

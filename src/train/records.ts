@@ -9,14 +9,15 @@ import type { PreparedRun } from './run.js';
 /**
  * Writes the run's records beside model/: config.json (every resolved option, versions,
  * backend, backbone and its hash), labels.json, metrics.jsonl (a line per epoch of every
- * stage) and summary.json. Reports and sweeps read only these files.
+ * stage) and summary.json, into `out` (default the run's --out). Reports and sweeps read
+ * only these files.
  */
 export async function writeRunRecords(
   run: PreparedRun,
   summary: TrainSummary,
   history: readonly EpochLogs[],
+  out: string = run.options.out,
 ): Promise<void> {
-  const out = run.options.out;
   await mkdir(out, { recursive: true });
   await writeFile(
     path.join(out, 'metrics.jsonl'),

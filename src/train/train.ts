@@ -1,8 +1,10 @@
+import path from 'node:path';
 import { FinetuneError } from '../errors.js';
 import { exportClassifier } from '../export/classifier.js';
+import { openRunFolder } from '../io/run-folder.js';
 import type { EpochLogs } from './callbacks.js';
 import { type TrainSummary, weightsName } from './events.js';
-import type { TrainOptions } from './options.js';
+import { resolveTrainOptions, type TrainOptions } from './options.js';
 import {
   evaluateTest,
   type FinetuneStageResult,
@@ -58,7 +60,17 @@ function checkCounts(run: PreparedRun, embedded: EmbeddedSplits): TrainSummary['
  */
 export async function train(options: TrainOptions): Promise<TrainSummary> {
   const t0 = performance.now();
-  const run = await prepareRun(options);
+  // --out is checked and locked before any work; the run writes into a staging folder
+  // that replaces it whole at the end, so a folder is a complete run or visibly not one.
+  const out = resolveTrainOptions(options).out;
+  const folder = await openRunFolder(out);
+  let run: PreparedRun;
+  try {
+    run = await prepareRun({ ...options, out });
+  } catch (err) {
+    await folder.abandon();
+    throw err;
+  }
   const o = run.options;
   const seconds: Record<string, number> = { ...run.seconds };
   let mark = performance.now();
@@ -69,6 +81,7 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
   };
   let head: HeadResult | null = null;
   let finetune: FinetuneStageResult | null = null;
+  let committed = false;
   try {
     const embedded = await embedSplits(run);
     lap('embed');
@@ -94,7 +107,7 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
 
     const exported = weightsName(kept);
     const { onnx } = await exportClassifier(
-      o.out,
+      folder.staging,
       run.backbone,
       head.head,
       { hidden: o.hidden, dropout: o.dropout, seed: o.seed },
@@ -116,17 +129,20 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
       backbone: run.backbone.spec.id,
       stages,
       exported,
-      onnx,
+      onnx: onnx && path.join(o.out, path.relative(folder.staging, onnx)),
       val,
       test,
       seconds,
     };
-    await writeRunRecords(run, summary, history);
+    await writeRunRecords(run, summary, history, folder.staging);
+    await folder.commit();
+    committed = true;
     run.emit({ type: 'done', summary });
     return summary;
   } finally {
     await finetune?.result.dispose();
     head?.dispose();
     run.dispose();
+    if (!committed) await folder.abandon();
   }
 }
