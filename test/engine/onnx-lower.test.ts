@@ -4,13 +4,22 @@ import { before, test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
 import '@tensorflow/tfjs-backend-wasm';
 import { loadBackbone } from '../../src/backbones/load.js';
-import { canLowerToOnnx, lowerToOnnx, UnsupportedLayerError } from '../../src/engine/onnx/lower.js';
+import {
+  canLowerToOnnx,
+  LOWERABLE_ACTIVATIONS,
+  LOWERABLE_LAYERS,
+  lowerToOnnx,
+  UnsupportedLayerError,
+} from '../../src/engine/onnx/lower.js';
 import { OnnxFrozenModel } from '../../src/engine/onnx/session.js';
 import { FinetuneError } from '../../src/errors.js';
 
 const TOLERANCE = 1e-4;
 
-/** sha256 of lowerToOnnx's bytes: a change to the lowering that changes the graph shows up here. */
+/**
+ * sha256 of lowerToOnnx's bytes, recorded before the lowering became a table of rows: a
+ * change to the lowering that changes the graph must show up here.
+ */
 const GOLDEN_SHA256 = {
   backbone224: '899967ec98ecb32ff1c2e9e712b2b6eae2ae0a93b5e83ce08e284fa1c01b76d5',
   backbone224Cut: 'e9f6a6e94ae1b65d90452c65dc8166876cdd819aeb3921530ae54fa810519720',
@@ -179,7 +188,10 @@ function functional(inputs: T, outputs: T, name: string): tf.LayersModel {
   });
 }
 
-/** A small model using every layer type and activation the lowering supports, with seeded weights. */
+/**
+ * A small model using every layer type the lowering supports (every row of its tables, as
+ * the test 'every lowering row is exercised' checks), with seeded weights.
+ */
 function everyLayerModel(): tf.LayersModel {
   const input = tf.input({ shape: [16, 16, 3], name: 'image' });
   const r = apply(L.rescaling({ scale: 1 / 127.5, offset: -1, name: 'rescale' }), input);
@@ -432,11 +444,45 @@ test('a model with every supported layer type lowers within 1e-4 of tfjs', async
   }
 });
 
-test('an unsupported layer is named in the error and in canLowerToOnnx', () => {
+test('every lowering row is exercised by the model compared with tfjs', () => {
+  const model = everyLayerModel();
+  try {
+    const layers = allLayers(model);
+    const classes = new Set(layers.map((l) => l.getClassName()));
+    classes.add(model.getClassName());
+    const activations = new Set(layers.map((l) => l.getConfig()['activation']));
+    assert.deepEqual(
+      LOWERABLE_LAYERS.filter((c) => !classes.has(c)),
+      [],
+      'layer rows without a case in everyLayerModel',
+    );
+    assert.deepEqual(
+      LOWERABLE_ACTIVATIONS.filter((a) => !activations.has(a)),
+      [],
+      'activation rows without a case in everyLayerModel',
+    );
+  } finally {
+    model.dispose();
+  }
+});
+
+test('the tables are frozen and their keys sorted', () => {
+  assert.ok(Object.isFrozen(LOWERABLE_LAYERS));
+  assert.deepEqual(LOWERABLE_LAYERS, [...LOWERABLE_LAYERS].sort());
+  assert.ok(LOWERABLE_LAYERS.includes('Conv2D') && !LOWERABLE_LAYERS.includes('InputLayer'));
+  assert.ok(Object.isFrozen(LOWERABLE_ACTIVATIONS));
+  assert.ok(LOWERABLE_ACTIVATIONS.includes('relu6'));
+});
+
+test('an unsupported layer is named in the error, with the supported classes', () => {
   const input = tf.input({ shape: [5, 3] });
   const y = apply(L.lstm({ units: 4, name: 'rnn' }), input);
   const model = tf.model({ inputs: input, outputs: y });
-  const message = "Cannot lower layer 'rnn' (LSTM) to ONNX: unsupported layer type";
+  const message = `Cannot lower layer 'rnn' (LSTM) to ONNX: unsupported layer type; expected one of ${LOWERABLE_LAYERS.join(', ')}`;
+  assert.match(
+    message,
+    /; expected one of Activation, ActivityRegularization, Add, AlphaDropout, /,
+  );
   assert.throws(
     () => lowerToOnnx(model),
     (err: unknown) =>
@@ -450,6 +496,46 @@ test('an unsupported layer is named in the error and in canLowerToOnnx', () => {
     /Expected the name of a layer of the model for output but received 'nope'/,
   );
   model.dispose();
+});
+
+test('a layer class whose name is an Object.prototype key is unsupported, not a crash', () => {
+  const input = tf.input({ shape: [4] });
+  const model = tf.model({
+    inputs: input,
+    outputs: apply(kerasOnlyLayer('toString', 'odd'), input),
+  });
+  assert.throws(() => lowerToOnnx(model), {
+    message: `Cannot lower layer 'odd' (toString) to ONNX: unsupported layer type; expected one of ${LOWERABLE_LAYERS.join(', ')}`,
+  });
+  model.dispose();
+});
+
+test('a supported class in a configuration the lowering does not cover says which', () => {
+  // An activation tfjs knows (registered) but the lowering has no row for.
+  tf.serialization.registerClass(
+    class HardSilu extends Silu {
+      static override className = 'hard_silu';
+    },
+  );
+  const cases: [tf.layers.Layer, number[], string][] = [
+    [
+      L.conv2d({ filters: 2, kernelSize: 1, dataFormat: 'channelsFirst', name: 'nchw' }),
+      [3, 4, 4],
+      "Cannot lower layer 'nchw' (Conv2D) to ONNX: channelsFirst data format is not supported",
+    ],
+    [
+      L.dense({ units: 2, activation: 'hard_silu' as 'relu', name: 'odd_act' }),
+      [4],
+      "Cannot lower layer 'odd_act' (Dense) to ONNX: unsupported activation 'hard_silu'",
+    ],
+  ];
+  for (const [layer, shape, message] of cases) {
+    const input = tf.input({ shape });
+    const model = tf.model({ inputs: input, outputs: apply(layer, input) });
+    assert.throws(() => lowerToOnnx(model), { message });
+    assert.deepEqual(canLowerToOnnx(model), { ok: false, reason: message });
+    model.dispose();
+  }
 });
 
 test('ONNX Runtime providers come from FINETUNE_ORT_PROVIDERS, checked', async () => {
