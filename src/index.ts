@@ -63,7 +63,12 @@ export {
   type EngineChoice,
   type EngineOption,
 } from './engine/index.js';
-export { canLowerToOnnx, lowerToOnnx, UnsupportedLayerError } from './engine/onnx/lower.js';
+export {
+  canLowerToOnnx,
+  LOWERABLE_LAYERS,
+  lowerToOnnx,
+  UnsupportedLayerError,
+} from './engine/onnx/lower.js';
 export { executionProviders, OnnxFrozenModel } from './engine/onnx/session.js';
 export { WorkerPoolFrozenModel, type WorkerRecipe } from './engine/pool.js';
 export { TfjsFrozenModel } from './engine/tfjs.js';

@@ -1,13 +1,31 @@
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { before, test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
 import '@tensorflow/tfjs-backend-wasm';
 import { loadBackbone } from '../../src/backbones/load.js';
-import { canLowerToOnnx, lowerToOnnx, UnsupportedLayerError } from '../../src/engine/onnx/lower.js';
+import {
+  canLowerToOnnx,
+  LOWERABLE_ACTIVATIONS,
+  LOWERABLE_LAYERS,
+  lowerToOnnx,
+  UnsupportedLayerError,
+} from '../../src/engine/onnx/lower.js';
 import { OnnxFrozenModel } from '../../src/engine/onnx/session.js';
 import { FinetuneError } from '../../src/errors.js';
 
 const TOLERANCE = 1e-4;
+
+/**
+ * sha256 of lowerToOnnx's bytes, recorded before the lowering became a table of rows: a
+ * change to the lowering that changes the graph must show up here.
+ */
+const GOLDEN_SHA256 = {
+  backbone224: '899967ec98ecb32ff1c2e9e712b2b6eae2ae0a93b5e83ce08e284fa1c01b76d5',
+  backbone224Cut: 'e9f6a6e94ae1b65d90452c65dc8166876cdd819aeb3921530ae54fa810519720',
+  backbone160: 'ded09e22e626f27869e6c0bd384186b7b0f033f8a6841639384eded62ba12b0d',
+  everyLayer: '444915c6d1ad7c8ea789cc1df62cb0e769f44d6cdca85fb3700380da2a95a2bc',
+};
 
 before(async () => {
   await tf.setBackend('wasm');
@@ -26,9 +44,10 @@ async function compare(
   model: tf.LayersModel,
   x: tf.Tensor4D,
   output?: string,
-): Promise<{ maxDiff: number; size: number }> {
+): Promise<{ maxDiff: number; size: number; sha256: string }> {
   const before = tf.memory().numTensors;
   const bytes = lowerToOnnx(model, output === undefined ? {} : { output });
+  const sha256 = createHash('sha256').update(bytes).digest('hex');
   assert.equal(tf.memory().numTensors, before, 'lowering must not allocate tensors');
   const [n, size] = x.shape;
   const frozen = await OnnxFrozenModel.create(bytes, { inputSize: size, threads: 2 });
@@ -55,7 +74,7 @@ async function compare(
       // NaN fails the comparison below through maxDiff = NaN.
       maxDiff = Number.isNaN(d) ? Number.NaN : Math.max(maxDiff, d);
     }
-    return { maxDiff, size: frozen.outputSize };
+    return { maxDiff, size: frozen.outputSize, sha256 };
   } finally {
     await frozen.dispose();
   }
@@ -66,12 +85,14 @@ test('the default backbone at 224 lowers within 1e-4 of tfjs', async () => {
   const x = pixels(2, 224, 1);
   try {
     assert.deepEqual(canLowerToOnnx(bb.model!), { ok: true });
-    const { maxDiff, size } = await compare(bb.model!, x);
+    const { maxDiff, size, sha256 } = await compare(bb.model!, x);
     assert.equal(size, 1280);
     assert.ok(maxDiff <= TOLERANCE, `max abs diff ${maxDiff}`);
+    assert.equal(sha256, GOLDEN_SHA256.backbone224);
     // Cut mid-network: a 4-D NCHW output [192, 28, 28].
     const cut = await compare(bb.model!, x, 'block_6_expand_relu');
     assert.equal(cut.size, 192 * 28 * 28);
+    assert.equal(cut.sha256, GOLDEN_SHA256.backbone224Cut);
     assert.ok(cut.maxDiff <= TOLERANCE, `max abs diff ${cut.maxDiff} at block_6_expand_relu`);
   } finally {
     x.dispose();
@@ -83,9 +104,10 @@ test('the default backbone at 160 lowers within 1e-4 of tfjs', async () => {
   const bb = await loadBackbone('nsfwjs_mobilenet_v2', { inputSize: 160 });
   const x = pixels(2, 160, 2);
   try {
-    const { maxDiff, size } = await compare(bb.model!, x);
+    const { maxDiff, size, sha256 } = await compare(bb.model!, x);
     assert.equal(size, 1280);
     assert.ok(maxDiff <= TOLERANCE, `max abs diff ${maxDiff}`);
+    assert.equal(sha256, GOLDEN_SHA256.backbone160);
   } finally {
     x.dispose();
     bb.dispose();
@@ -96,10 +118,18 @@ type T = tf.SymbolicTensor;
 const L = tf.layers;
 const apply = (layer: tf.layers.Layer, x: T | T[]): T => layer.apply(x) as T;
 
-/** Gives biases, BN statistics and PReLU slopes random values (kernels are random already). */
+/** The layers of `model` and of the models nested in it, depth first. */
+function allLayers(model: tf.LayersModel): tf.layers.Layer[] {
+  return model.layers.flatMap((l) => (l instanceof tf.LayersModel ? [l, ...allLayers(l)] : [l]));
+}
+
+/**
+ * Gives every weight a seeded random value (kernels LeCun-uniform, BN statistics and
+ * PReLU slopes in their ranges), so the model and its lowered bytes are the same each run.
+ */
 function randomizeWeights(model: tf.LayersModel): void {
   let seed = 100;
-  for (const layer of model.layers) {
+  for (const layer of allLayers(model)) {
     if (layer instanceof tf.LayersModel || layer.weights.length === 0) continue;
     const values = layer.weights.map((w) => {
       const shape = w.shape as number[];
@@ -108,7 +138,10 @@ function randomizeWeights(model: tf.LayersModel): void {
       if (key === 'gamma' || key === 'moving_variance')
         return tf.randomUniform(shape, 0.5, 1.5, 'float32', seed);
       if (key === 'alpha') return tf.randomUniform(shape, 0, 0.4, 'float32', seed);
-      if (key.endsWith('kernel')) return w.read().clone();
+      if (key.endsWith('kernel')) {
+        const limit = Math.sqrt(3 / shape.slice(0, -1).reduce((a, d) => a * d, 1));
+        return tf.randomUniform(shape, -limit, limit, 'float32', seed);
+      }
       return tf.randomNormal(shape, 0, 0.2, 'float32', seed);
     });
     layer.setWeights(values);
@@ -116,7 +149,49 @@ function randomizeWeights(model: tf.LayersModel): void {
   }
 }
 
-/** A small model using every layer type the lowering supports. */
+/**
+ * A layer of a Keras class tfjs has no class for, as it appears once a Keras model using
+ * it is loaded with a class registered under that name: the identity at inference.
+ */
+function kerasOnlyLayer(className: string, name: string): tf.layers.Layer {
+  class KerasOnly extends tf.layers.Layer {
+    static className = className;
+  }
+  return new KerasOnly({ name });
+}
+
+/** Keras's 'silu' (x·sigmoid(x)), which tfjs lacks, registered as a Keras model would need. */
+class Silu extends tf.serialization.Serializable {
+  static className = 'silu';
+  apply(x: tf.Tensor): tf.Tensor {
+    return tf.mul(x, tf.sigmoid(x));
+  }
+  override getConfig(): tf.serialization.ConfigDict {
+    return {};
+  }
+}
+tf.serialization.registerClass(Silu);
+
+/** tfjs's Functional class (what Keras ≥ 2.4 files name a nested model), not exported by tfjs. */
+function functional(inputs: T, outputs: T, name: string): tf.LayersModel {
+  const [Functional] = tf.serialization.SerializationMap.getMap().classNameMap['Functional']!;
+  return new (
+    Functional as unknown as new (args: {
+      inputs: T;
+      outputs: T;
+      name: string;
+    }) => tf.LayersModel
+  )({
+    inputs,
+    outputs,
+    name,
+  });
+}
+
+/**
+ * A small model using every layer type the lowering supports (every row of its tables, as
+ * the test 'every lowering row is exercised' checks), with seeded weights.
+ */
 function everyLayerModel(): tf.LayersModel {
   const input = tf.input({ shape: [16, 16, 3], name: 'image' });
   const r = apply(L.rescaling({ scale: 1 / 127.5, offset: -1, name: 'rescale' }), input);
@@ -220,6 +295,7 @@ function everyLayerModel(): tf.LayersModel {
   const pr2 = apply(L.prelu({ sharedAxes: [1, 2], name: 'prelu_shared' }), pr);
   const drop = apply(L.dropout({ rate: 0.5, name: 'drop' }), pr2);
   const noise = apply(L.gaussianNoise({ stddev: 1, name: 'noise' }), drop);
+  const spatial2d = apply(kerasOnlyLayer('SpatialDropout2D', 'spatial_drop_2d'), noise);
   const crop = apply(
     L.cropping2D({
       cropping: [
@@ -228,7 +304,7 @@ function everyLayerModel(): tf.LayersModel {
       ],
       name: 'crop',
     }),
-    noise,
+    spatial2d,
   ); // [4, 4, 16]
 
   // Heads, all 2-D.
@@ -240,7 +316,8 @@ function everyLayerModel(): tf.LayersModel {
   );
   const reshaped = apply(L.reshape({ targetShape: [16, 16], name: 'to_seq' }), crop);
   const seq = apply(L.dense({ units: 5, activation: 'tanh', name: 'seq_dense' }), reshaped); // MatMul on 3-D
-  const seqAvg = apply(L.globalAveragePooling1d({ name: 'seq_avg' }), seq);
+  const seqDrop = apply(L.spatialDropout1d({ rate: 0.5, name: 'spatial_drop_1d' }), seq);
+  const seqAvg = apply(L.globalAveragePooling1d({ name: 'seq_avg' }), seqDrop);
   const seqMax = apply(L.globalMaxPooling1d({ name: 'seq_max' }), seq);
   const back = apply(L.reshape({ targetShape: [2, 8, 16], name: 'to_image' }), reshaped);
   const perm = apply(L.permute({ dims: [2, 1, 3], name: 'permute' }), back); // [8, 2, 16]
@@ -278,6 +355,8 @@ function everyLayerModel(): tf.LayersModel {
     'gelu_new',
     'relu6',
     'softmax',
+    'silu',
+    'linear',
   ].map((a) => apply(L.activation({ activation: a as 'relu', name: `act_${a}` }), gap));
   const elu = apply(L.elu({ name: 'elu_layer' }), gap);
   const thr = apply(L.thresholdedReLU({ theta: 0.1, name: 'thresholded' }), gap);
@@ -292,6 +371,21 @@ function everyLayerModel(): tf.LayersModel {
     ],
   });
   const nested = apply(inner, gap);
+  const modelIn = tf.input({ shape: [16], name: 'nested_model_in' });
+  const nestedModel = tf.model({
+    inputs: modelIn,
+    outputs: apply(L.dense({ units: 2, name: 'nested_model_dense' }), modelIn),
+    name: 'nested_model',
+  });
+  const functionalIn = tf.input({ shape: [16], name: 'nested_functional_in' });
+  const nestedFunctional = functional(
+    functionalIn,
+    apply(L.dense({ units: 2, activation: 'relu', name: 'nested_functional_dense' }), functionalIn),
+    'nested_functional',
+  );
+  const regularized = apply(kerasOnlyLayer('ActivityRegularization', 'activity_reg'), gap);
+  const gaussDrop = apply(L.gaussianDropout({ rate: 0.5, name: 'gauss_drop' }), regularized);
+  const alphaDrop = apply(L.alphaDropout({ rate: 0.5, name: 'alpha_drop' }), gaussDrop);
   const outputs = [
     fc,
     fcBn,
@@ -309,6 +403,8 @@ function everyLayerModel(): tf.LayersModel {
     relu,
     softLayer,
     nested,
+    apply(nestedModel, alphaDrop),
+    apply(nestedFunctional, gap),
   ];
   const out = apply(L.concatenate({ name: 'features' }), outputs);
   const model = tf.model({ inputs: input, outputs: out, name: 'every_layer' });
@@ -322,6 +418,7 @@ test('a model with every supported layer type lowers within 1e-4 of tfjs', async
   try {
     const whole = await compare(model, x);
     assert.ok(whole.maxDiff <= TOLERANCE, `max abs diff ${whole.maxDiff}`);
+    assert.equal(whole.sha256, GOLDEN_SHA256.everyLayer);
     // Cuts: a folded BN, a pending-pad layer's consumer, a Pad node, 4-D outputs, Reshape back to 4-D.
     for (const cut of [
       'bn1',
@@ -347,11 +444,45 @@ test('a model with every supported layer type lowers within 1e-4 of tfjs', async
   }
 });
 
-test('an unsupported layer is named in the error and in canLowerToOnnx', () => {
+test('every lowering row is exercised by the model compared with tfjs', () => {
+  const model = everyLayerModel();
+  try {
+    const layers = allLayers(model);
+    const classes = new Set(layers.map((l) => l.getClassName()));
+    classes.add(model.getClassName());
+    const activations = new Set(layers.map((l) => l.getConfig()['activation']));
+    assert.deepEqual(
+      LOWERABLE_LAYERS.filter((c) => !classes.has(c)),
+      [],
+      'layer rows without a case in everyLayerModel',
+    );
+    assert.deepEqual(
+      LOWERABLE_ACTIVATIONS.filter((a) => !activations.has(a)),
+      [],
+      'activation rows without a case in everyLayerModel',
+    );
+  } finally {
+    model.dispose();
+  }
+});
+
+test('the tables are frozen and their keys sorted', () => {
+  assert.ok(Object.isFrozen(LOWERABLE_LAYERS));
+  assert.deepEqual(LOWERABLE_LAYERS, [...LOWERABLE_LAYERS].sort());
+  assert.ok(LOWERABLE_LAYERS.includes('Conv2D') && !LOWERABLE_LAYERS.includes('InputLayer'));
+  assert.ok(Object.isFrozen(LOWERABLE_ACTIVATIONS));
+  assert.ok(LOWERABLE_ACTIVATIONS.includes('relu6'));
+});
+
+test('an unsupported layer is named in the error, with the supported classes', () => {
   const input = tf.input({ shape: [5, 3] });
   const y = apply(L.lstm({ units: 4, name: 'rnn' }), input);
   const model = tf.model({ inputs: input, outputs: y });
-  const message = "Cannot lower layer 'rnn' (LSTM) to ONNX: unsupported layer type";
+  const message = `Cannot lower layer 'rnn' (LSTM) to ONNX: unsupported layer type; expected one of ${LOWERABLE_LAYERS.join(', ')}`;
+  assert.match(
+    message,
+    /; expected one of Activation, ActivityRegularization, Add, AlphaDropout, /,
+  );
   assert.throws(
     () => lowerToOnnx(model),
     (err: unknown) =>
@@ -365,6 +496,46 @@ test('an unsupported layer is named in the error and in canLowerToOnnx', () => {
     /Expected the name of a layer of the model for output but received 'nope'/,
   );
   model.dispose();
+});
+
+test('a layer class whose name is an Object.prototype key is unsupported, not a crash', () => {
+  const input = tf.input({ shape: [4] });
+  const model = tf.model({
+    inputs: input,
+    outputs: apply(kerasOnlyLayer('toString', 'odd'), input),
+  });
+  assert.throws(() => lowerToOnnx(model), {
+    message: `Cannot lower layer 'odd' (toString) to ONNX: unsupported layer type; expected one of ${LOWERABLE_LAYERS.join(', ')}`,
+  });
+  model.dispose();
+});
+
+test('a supported class in a configuration the lowering does not cover says which', () => {
+  // An activation tfjs knows (registered) but the lowering has no row for.
+  tf.serialization.registerClass(
+    class HardSilu extends Silu {
+      static override className = 'hard_silu';
+    },
+  );
+  const cases: [tf.layers.Layer, number[], string][] = [
+    [
+      L.conv2d({ filters: 2, kernelSize: 1, dataFormat: 'channelsFirst', name: 'nchw' }),
+      [3, 4, 4],
+      "Cannot lower layer 'nchw' (Conv2D) to ONNX: channelsFirst data format is not supported",
+    ],
+    [
+      L.dense({ units: 2, activation: 'hard_silu' as 'relu', name: 'odd_act' }),
+      [4],
+      "Cannot lower layer 'odd_act' (Dense) to ONNX: unsupported activation 'hard_silu'",
+    ],
+  ];
+  for (const [layer, shape, message] of cases) {
+    const input = tf.input({ shape });
+    const model = tf.model({ inputs: input, outputs: apply(layer, input) });
+    assert.throws(() => lowerToOnnx(model), { message });
+    assert.deepEqual(canLowerToOnnx(model), { ok: false, reason: message });
+    model.dispose();
+  }
 });
 
 test('ONNX Runtime providers come from FINETUNE_ORT_PROVIDERS, checked', async () => {
