@@ -70,7 +70,13 @@ async function takeLock(lock: string, out: string): Promise<void> {
           `${out}: another run (pid ${pid}) is writing this run folder; wait for it or choose another --out`,
         );
       }
-      // The writer died without releasing it: a stale lock.
+      // The writer died without releasing it: a stale lock, and its staging folders are debris.
+      const dir = path.dirname(lock);
+      const prefix = `${path.basename(lock).slice(0, -'lock'.length)}partial-`;
+      for (const name of await readdir(dir)) {
+        if (name.startsWith(prefix))
+          await rm(path.join(dir, name), { recursive: true, force: true });
+      }
       await rm(lock, { force: true });
     }
   }

@@ -192,6 +192,9 @@ export async function fit(
       tf.dispose([lossT, correctT]);
       lossSum += loss * rows.length;
       await callbacks.batchEnd(batch, { batch, size: rows.length, loss });
+      // On wasm every await above resolves as a microtask, so without this the loop never
+      // lets the event loop run: signals (Ctrl-C), timers and I/O would wait for the end.
+      await new Promise<void>((resolve) => setImmediate(resolve));
     }
     const logs: EpochLogs = {
       stage: options.stage,

@@ -61,9 +61,15 @@ test('a second writer is refused while the first holds the lock; a dead writerâ€
   const pid = child.pid!;
   await new Promise((r) => child.on('close', r));
   await writeFile(path.join(dir, '.c.lock'), `${pid}\n`);
+  await mkdir(path.join(dir, '.c.partial-dead01'));
   const g = await openRunFolder(out);
   await g.commit();
   assert.deepEqual(await readdir(out), []);
+  // the dead writer's staging folder went with its lock
+  assert.deepEqual(
+    (await readdir(dir)).filter((n) => n.startsWith('.c.')),
+    [],
+  );
 });
 
 test('--out that cannot be a run folder fails at once, naming it', async () => {
