@@ -38,7 +38,6 @@ export {
   type CacheNamespaceInfo,
   defaultCacheDir,
   EmbeddingCache,
-  parseDuration,
 } from './data/cache.js';
 export { type DecodeResult, decodeImage, sniffImageType } from './data/decode.js';
 export {

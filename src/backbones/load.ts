@@ -3,7 +3,8 @@ import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import * as mobilenet from '@tensorflow-models/mobilenet';
 import { FinetuneError } from '../errors.js';
-import { concatBuffers, fileLoadHandler, sha256 } from '../io/files.js';
+import { concatBuffers, fileLoadHandler } from '../io/files.js';
+import { sha256 } from '../io/hash.js';
 import { type BackboneSpec, type Preprocessing, resolveBackboneSpec } from './registry.js';
 import { editTopology } from './topology.js';
 

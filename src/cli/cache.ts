@@ -1,6 +1,7 @@
 import type { Argv } from 'yargs';
 import { FinetuneError } from '../errors.js';
-import { defaultCacheDir, EmbeddingCache, parseDuration } from '../index.js';
+import { defaultCacheDir, EmbeddingCache } from '../index.js';
+import { parseDuration } from './duration.js';
 import { createOutput, table } from './output.js';
 
 export const command = 'cache <action>';

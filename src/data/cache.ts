@@ -1,20 +1,10 @@
-import { createHash, randomBytes } from 'node:crypto';
 import type { Dirent, Stats } from 'node:fs';
-import {
-  mkdir,
-  open,
-  readdir,
-  readFile,
-  rename,
-  rmdir,
-  stat,
-  unlink,
-  utimes,
-  writeFile,
-} from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rmdir, stat, unlink, utimes } from 'node:fs/promises';
 import { endianness, homedir } from 'node:os';
 import path from 'node:path';
 import { FinetuneError, fileError, invalidOption } from '../errors.js';
+import { TMP_EXT, writeFileAtomic } from '../io/atomic.js';
+import { sha256 } from '../io/hash.js';
 import { nonEmptyString, nonNegativeInteger, positiveInteger } from '../util/is.js';
 
 /**
@@ -88,7 +78,6 @@ const VERSION = 1;
 const HEADER_BYTES = 20;
 const CHECKSUM_BYTES = 8;
 const ENTRY_EXT = '.bin';
-const TMP_EXT = '.tmp';
 const NAMESPACE_FILE = 'namespace.json';
 /**
  * Touch an entry on read only if its mtime is older than this, so reading a large cache
@@ -109,29 +98,6 @@ export function defaultCacheDir(): string {
   const xdg = process.env['XDG_CACHE_HOME'];
   if (xdg && path.isAbsolute(xdg)) return path.join(xdg, 'tfjs-finetune');
   return path.join(homedir(), '.cache', 'tfjs-finetune');
-}
-
-const DURATION_UNITS: Readonly<Record<string, number>> = {
-  s: 1000,
-  m: 60 * 1000,
-  h: 60 * 60 * 1000,
-  d: 24 * 60 * 60 * 1000,
-  w: 7 * 24 * 60 * 60 * 1000,
-};
-
-/**
- * Milliseconds in `30d`, `12h`, `45m`, `10s` (also `w` for weeks and decimals such as `1.5h`).
- *
- * @throws FinetuneError `Expected a duration such as 30d, 12h or 45m for older-than but received …`
- */
-export function parseDuration(text: string): number {
-  const m = typeof text === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$/.exec(text) : null;
-  if (!m) throw invalidOption('older-than', 'a duration such as 30d, 12h or 45m', text);
-  return Math.round(Number(m[1]) * DURATION_UNITS[m[2]!]!);
-}
-
-function sha256(bytes: Uint8Array | string): Buffer {
-  return createHash('sha256').update(bytes).digest();
 }
 
 function isMissing(err: unknown): boolean {
@@ -156,6 +122,11 @@ async function statOrNull(file: string): Promise<Stats | null> {
   }
 }
 
+/** The first CHECKSUM_BYTES of sha256(payload). */
+function checksum(payload: Uint8Array): Buffer {
+  return Buffer.from(sha256(payload).slice(0, 2 * CHECKSUM_BYTES), 'hex');
+}
+
 /** Serialises one entry: header + little-endian float32 payload. */
 function encodeEntry(values: Float32Array): Buffer {
   const out = Buffer.allocUnsafe(HEADER_BYTES + values.length * 4);
@@ -168,7 +139,7 @@ function encodeEntry(values: Float32Array): Buffer {
   out.writeUInt32LE(MAGIC, 0);
   out.writeUInt32LE(VERSION, 4);
   out.writeUInt32LE(values.length, 8);
-  sha256(payload).copy(out, 12, 0, CHECKSUM_BYTES);
+  checksum(payload).copy(out, 12);
   return out;
 }
 
@@ -178,31 +149,13 @@ function decodeEntry(bytes: Buffer, length: number): Float32Array | null {
   if (bytes.readUInt32LE(0) !== MAGIC || bytes.readUInt32LE(4) !== VERSION) return null;
   if (bytes.readUInt32LE(8) !== length) return null;
   const payload = bytes.subarray(HEADER_BYTES);
-  const sum = sha256(payload);
-  if (!sum.subarray(0, CHECKSUM_BYTES).equals(bytes.subarray(12, 12 + CHECKSUM_BYTES))) return null;
+  if (!checksum(payload).equals(bytes.subarray(12, 12 + CHECKSUM_BYTES))) return null;
   // Copy rather than view: a Buffer from the pool may sit at an offset that is not a multiple
   // of 4, which a Float32Array view cannot start at.
   const out = new Float32Array(length);
   if (LITTLE_ENDIAN) new Uint8Array(out.buffer).set(payload);
   else for (let i = 0; i < length; i++) out[i] = payload.readFloatLE(i * 4);
   return out;
-}
-
-function tempName(final: string): string {
-  // pid alone is not unique across worker threads; the random part is.
-  return `${final}.${process.pid}.${randomBytes(6).toString('hex')}${TMP_EXT}`;
-}
-
-/** Writes `data` to a temp file next to `final` and renames it into place. */
-async function writeAtomic(final: string, data: Uint8Array | string): Promise<void> {
-  const tmp = tempName(final);
-  try {
-    await writeFile(tmp, data);
-    await rename(tmp, final);
-  } catch (err) {
-    await unlink(tmp).catch(() => {});
-    throw err;
-  }
 }
 
 /**
@@ -220,12 +173,12 @@ export class EmbeddingCache {
 
   /** The namespace's folder name: sha256 of its canonical JSON, first 32 hex chars. */
   namespaceId(ns: CacheNamespace): string {
-    return sha256(canonicalNamespace(ns)).toString('hex').slice(0, 32);
+    return sha256(canonicalNamespace(ns)).slice(0, 32);
   }
 
   /** The key of an image: sha256 hex of its file bytes. */
   key(imageBytes: Uint8Array): string {
-    return sha256(imageBytes).toString('hex');
+    return sha256(imageBytes);
   }
 
   /** Where the entry for `key` in `ns` lives (it may not exist). */
@@ -284,7 +237,7 @@ export class EmbeddingCache {
       try {
         const created = await mkdir(path.dirname(file), { recursive: true });
         await this.describe(ns, created !== undefined);
-        await writeAtomic(file, data);
+        await writeFileAtomic(file, data);
         return;
       } catch (err) {
         if (attempt === 0 && isMissing(err)) continue;
@@ -408,7 +361,7 @@ export class EmbeddingCache {
     const file = path.join(nsDir, NAMESPACE_FILE);
     if (!(await statOrNull(file))) {
       const record = { ...JSON.parse(canonicalNamespace(ns)), createdAt: new Date().toISOString() };
-      await writeAtomic(file, `${JSON.stringify(record, null, 2)}\n`);
+      await writeFileAtomic(file, `${JSON.stringify(record, null, 2)}\n`);
     }
     this.described.add(nsDir);
   }

@@ -1,9 +1,10 @@
-import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import { mkdir, readFile } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import type * as tf from '@tensorflow/tfjs';
 import type { BackendInfo } from '../backend/index.js';
 import { FinetuneError } from '../errors.js';
+import { writeFileAtomic } from '../io/atomic.js';
 import { oneOfValues, positiveInteger } from '../util/is.js';
 import { lowerToOnnx, UnsupportedLayerError } from './onnx/lower.js';
 import { OnnxFrozenModel } from './onnx/session.js';
@@ -108,8 +109,6 @@ async function loweredBytes(
   }
   const bytes = lowerToOnnx(model);
   await mkdir(path.dirname(file), { recursive: true });
-  const tmp = `${file}.${process.pid}.${Date.now()}.tmp`;
-  await writeFile(tmp, bytes);
-  await rename(tmp, file);
+  await writeFileAtomic(file, bytes);
   return bytes;
 }

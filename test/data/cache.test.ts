@@ -4,12 +4,7 @@ import { mkdir, mkdtemp, readdir, readFile, rm, stat, utimes, writeFile } from '
 import { homedir, tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import {
-  type CacheNamespace,
-  defaultCacheDir,
-  EmbeddingCache,
-  parseDuration,
-} from '../../src/data/cache.js';
+import { type CacheNamespace, defaultCacheDir, EmbeddingCache } from '../../src/data/cache.js';
 import { FinetuneError } from '../../src/errors.js';
 
 const NS: CacheNamespace = {
@@ -228,7 +223,7 @@ describe('EmbeddingCache', () => {
     await writeFile(stray, 'x'.repeat(10));
     await writeFile(fresher, 'y');
     await utimes(stray, old, old);
-    assert.deepEqual(await cache.clear({ olderThanMs: parseDuration('30d') }), {
+    assert.deepEqual(await cache.clear({ olderThanMs: 30 * DAY }), {
       removed: 2,
       bytes: 2 * (20 + 64 * 4) + 10,
     });
@@ -318,30 +313,6 @@ describe('EmbeddingCache', () => {
       for (const f of await readdir(path.join(cache.dir, 'embeddings', cache.namespaceId(NS), s))) {
         assert.ok(f.endsWith('.bin'), f);
       }
-    }
-  });
-});
-
-describe('parseDuration', () => {
-  test('units', () => {
-    assert.equal(parseDuration('10s'), 10_000);
-    assert.equal(parseDuration('45m'), 45 * 60_000);
-    assert.equal(parseDuration('12h'), 12 * 3_600_000);
-    assert.equal(parseDuration('30d'), 30 * DAY);
-    assert.equal(parseDuration('1.5h'), 5_400_000);
-    assert.equal(parseDuration('0d'), 0);
-  });
-
-  test('bad values use the project wording', () => {
-    for (const bad of ['30', 'd', '30x', '-1d', '', '3 days', '1e3s']) {
-      assert.throws(
-        () => parseDuration(bad),
-        (err: unknown) =>
-          err instanceof FinetuneError &&
-          err.message ===
-            `Expected a duration such as 30d, 12h or 45m for older-than but received '${bad}'`,
-        bad,
-      );
     }
   });
 });
