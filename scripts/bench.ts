@@ -25,6 +25,7 @@ import {
   initBackend,
   listFiles,
   loadBackbone,
+  resolveEngineContext,
   versions,
 } from '../src/index.js';
 import { firstUnfrozenLayer, inferenceModeBatchNorm, splitBody } from '../src/train/finetune.js';
@@ -212,7 +213,7 @@ async function prefixOnOnnx(batch: number, runs: number): Promise<number> {
       forward: (x) => split.prefix.predict(x) as tf.Tensor,
       hash: null,
     },
-    { engine: 'onnx', backend: await initBackend('wasm') },
+    resolveEngineContext({ engine: 'onnx', backend: await initBackend('wasm') }),
   );
   const rate = await imagesPerSecond(c.model, batch, runs);
   await c.model.dispose();
@@ -244,7 +245,7 @@ for (const [name, engine, threads] of [
   [`onnx_${os.availableParallelism()}_threads`, 'onnx', os.availableParallelism()],
   ['tfjs_wasm', 'tfjs', undefined],
 ] as const) {
-  const c = await createFrozenModel(source, { engine, backend, ...(threads ? { threads } : {}) });
+  const c = await createFrozenModel(source, resolveEngineContext({ engine, backend, threads }));
   embed[name] = round(
     await imagesPerSecond(c.model, 16, engine === 'tfjs' ? Math.max(2, batches / 4) : batches),
   );

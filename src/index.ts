@@ -60,7 +60,11 @@ export {
   createFrozenModel,
   ENGINE_OPTIONS,
   type EngineChoice,
+  type EngineContext,
+  type EngineContextOptions,
   type EngineOption,
+  type FrozenModelSource,
+  resolveEngineContext,
 } from './engine/index.js';
 export { canLowerToOnnx, lowerToOnnx, UnsupportedLayerError } from './engine/onnx/lower.js';
 export { executionProviders, OnnxFrozenModel } from './engine/onnx/session.js';

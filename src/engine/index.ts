@@ -1,22 +1,25 @@
 import { mkdir, readFile } from 'node:fs/promises';
-import { availableParallelism } from 'node:os';
 import path from 'node:path';
 import type * as tf from '@tensorflow/tfjs';
-import type { BackendInfo } from '../backend/index.js';
 import { FinetuneError } from '../errors.js';
 import { writeFileAtomic } from '../io/atomic.js';
-import { oneOfValues, positiveInteger } from '../util/is.js';
+import type { EngineContext } from './context.js';
 import { lowerToOnnx, UnsupportedLayerError } from './onnx/lower.js';
 import { OnnxFrozenModel } from './onnx/session.js';
 import { WorkerPoolFrozenModel, type WorkerRecipe } from './pool.js';
 import { TfjsFrozenModel } from './tfjs.js';
 import type { EngineName, FrozenModel } from './types.js';
 
+export {
+  ENGINE_OPTIONS,
+  type EngineContext,
+  type EngineContextOptions,
+  type EngineOption,
+  resolveEngineContext,
+} from './context.js';
+
 /** Bumped whenever the lowering changes what it writes, so stale cached graphs are not reused. */
 const LOWERING_VERSION = 1;
-
-export type EngineOption = 'auto' | EngineName;
-export const ENGINE_OPTIONS: readonly EngineOption[] = ['auto', 'onnx', 'tfjs'];
 
 /** A frozen model to run, which engine runs it, and why when auto passed onnx over. */
 export interface EngineChoice {
@@ -38,46 +41,45 @@ export interface FrozenModelSource {
   readonly hash: string | null;
   /** How a worker thread builds the same model, for the tfjs engine's worker pool on wasm. */
   readonly recipe?: WorkerRecipe;
-}
-
-export interface EngineOptions {
-  engine?: EngineOption;
-  backend: BackendInfo;
-  /** ONNX Runtime intra-op threads; default all cores. */
-  threads?: number;
-  /** Where lowered models are cached (`<dir>/onnx/<hash>.onnx`); null for no cache. */
-  cacheDir?: string | null;
   /**
-   * Worker threads for the tfjs engine on wasm (which has no threads of its own in
-   * Node); default all cores. 1 runs in this thread.
+   * Order of each row of a 4-D output: 'nhwc' (default) is what tfjs gives and tfjs
+   * consumers read, whichever engine runs; 'nchw' leaves ONNX Runtime's rows as the graph
+   * computes them (and only suits the onnx engine).
    */
-  workers?: number;
+  readonly rows?: 'nhwc' | 'nchw';
 }
 
 /**
  * Picks the engine for a frozen forward pass. `auto` lowers to ONNX Runtime unless the
  * model cannot be lowered or the tfjs backend is a GPU one (then tfjs, with the reason).
+ * Every engine returns rows in the order `source.rows` asks for.
+ *
+ * @example
+ *   const context = resolveEngineContext({ backend: await initBackend('auto') });
+ *   const { model, engine } = await createFrozenModel(source, context);
  */
 export async function createFrozenModel(
   source: FrozenModelSource,
-  options: EngineOptions,
+  context: EngineContext,
 ): Promise<EngineChoice> {
-  const requested = oneOfValues('engine', options.engine ?? 'auto', ENGINE_OPTIONS);
-  if (options.workers !== undefined) positiveInteger('workers', options.workers);
-  const workers = options.workers ?? availableParallelism();
-  const tfjs = async (): Promise<FrozenModel> =>
-    source.recipe && workers > 1 && options.backend.tfBackend === 'wasm'
-      ? WorkerPoolFrozenModel.create(source.recipe, { workers })
+  const requested = context.engine;
+  const rows = source.rows ?? 'nhwc';
+  const tfjs = async (): Promise<FrozenModel> => {
+    if (rows !== 'nhwc')
+      throw new FinetuneError("Cannot give 'nchw' rows on the tfjs engine: tfjs computes NHWC");
+    return source.recipe && context.workers > 1 && context.backend.tfBackend === 'wasm'
+      ? WorkerPoolFrozenModel.create(source.recipe, { workers: context.workers })
       : new TfjsFrozenModel(source.inputSize, source.outputSize, source.forward);
+  };
   if (requested === 'tfjs') return { model: await tfjs(), engine: 'tfjs', reason: null };
   let why: string | null = null;
   let bytes: Uint8Array | null = null;
-  if (requested === 'auto' && options.backend.gpu) why = 'the tfjs backend runs on a GPU';
+  if (requested === 'auto' && context.backend.gpu) why = 'the tfjs backend runs on a GPU';
   else if (source.onnx) bytes = source.onnx;
   else if (!source.layersModel) why = 'graph models cannot be lowered to ONNX';
   else {
     try {
-      bytes = await loweredBytes(source.layersModel, source.hash, options.cacheDir ?? null);
+      bytes = await loweredBytes(source.layersModel, source.hash, context.cacheDir);
     } catch (err) {
       if (!(err instanceof UnsupportedLayerError)) throw err;
       why = err.message;
@@ -89,7 +91,8 @@ export async function createFrozenModel(
   }
   const model = await OnnxFrozenModel.create(bytes, {
     inputSize: source.inputSize,
-    ...(options.threads !== undefined ? { threads: options.threads } : {}),
+    threads: context.threads,
+    rows,
   });
   return { model, engine: 'onnx', reason: null };
 }

@@ -6,7 +6,7 @@ import type { BackboneSpec } from '../backbones/registry.js';
 import { type BackendOption, initBackend } from '../backend/index.js';
 import { embedFiles, type SkippedFile } from '../data/embed.js';
 import { listFiles, scanClassFolders } from '../data/scan.js';
-import { createFrozenModel, type EngineOption } from '../engine/index.js';
+import { createFrozenModel, type EngineOption, resolveEngineContext } from '../engine/index.js';
 import type { FrozenModel } from '../engine/types.js';
 import { FinetuneError, fileError } from '../errors.js';
 import { argmax } from '../train/fit.js';
@@ -41,9 +41,15 @@ export interface Classifier {
 /** Loads a classifier exported by `train` onto the chosen engine. */
 export async function loadClassifier(options: ClassifierRunOptions): Promise<Classifier> {
   const backend = await initBackend(options.backend ?? 'auto');
+  const context = resolveEngineContext({
+    engine: options.engine,
+    backend,
+    threads: options.threads,
+    workers: options.workers,
+  });
   const { model, metadata, file } = await loadClassifierModel(options.model);
   const onnx =
-    metadata.contents === 'full' && options.engine !== 'tfjs'
+    metadata.contents === 'full' && context.engine !== 'tfjs'
       ? await readOptional(path.join(path.dirname(file), ONNX_FILE))
       : null;
   let backbone: Backbone | null = null;
@@ -65,12 +71,7 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
         hash: null,
         ...(bb ? {} : { recipe: { kind: 'classifier' as const, model: file } }),
       },
-      {
-        engine: options.engine ?? 'auto',
-        backend,
-        ...(options.threads !== undefined ? { threads: options.threads } : {}),
-        ...(options.workers !== undefined ? { workers: options.workers } : {}),
-      },
+      context,
     );
     return {
       labels: metadata.labels,

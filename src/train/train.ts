@@ -14,7 +14,13 @@ import {
   type SkippedFile,
 } from '../data/embed.js';
 import { type LabelledFile, loadSplits, type Splits } from '../data/scan.js';
-import { createFrozenModel, type EngineChoice, type EngineOption } from '../engine/index.js';
+import {
+  createFrozenModel,
+  type EngineChoice,
+  type EngineContext,
+  type EngineOption,
+  resolveEngineContext,
+} from '../engine/index.js';
 import { lowerToOnnx, UnsupportedLayerError } from '../engine/onnx/lower.js';
 import { FinetuneError, invalidOption } from '../errors.js';
 import { classificationReport } from '../export/metrics.js';
@@ -390,6 +396,13 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
 
   const backend = await initBackend(o.backend);
   emit({ type: 'backend', backend });
+  const engineContext = resolveEngineContext({
+    engine: o.engine,
+    backend,
+    threads: o.threads,
+    workers: o.workers,
+    cacheDir: o.cache ? o.cacheDir : null,
+  });
   const splits = await loadSplits(o.data, { valSplit: o.valSplit, seed: o.seed });
   for (const w of splits.warnings) emit({ type: 'warning', message: w });
   lap('scan');
@@ -423,7 +436,7 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
       splits,
       backbone,
       o,
-      backend,
+      engineContext,
       cache,
       emit,
     );
@@ -525,12 +538,7 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
           val: { files: files(valSet!), labels: valSet!.labels },
           numClasses,
           headAcc: val?.acc ?? null,
-          engine: {
-            engine: o.engine,
-            backend,
-            ...(o.threads !== undefined ? { threads: o.threads } : {}),
-            ...(o.workers !== undefined ? { workers: o.workers } : {}),
-          },
+          engine: engineContext,
           callbacks: [finetuneLogger],
           cache,
           warn: (message) => {
@@ -655,7 +663,7 @@ async function embedSplits(
   splits: Splits,
   backbone: Backbone,
   o: ResolvedTrainOptions,
-  backend: BackendInfo,
+  engineContext: EngineContext,
   cache: EmbeddingCache | null,
   emit: (e: TrainEvent) => void,
 ): Promise<{
@@ -680,13 +688,7 @@ async function embedSplits(
           hash: backbone.weightsHash,
           recipe: backboneRecipe(backbone),
         },
-        {
-          engine: o.engine,
-          backend,
-          ...(o.threads !== undefined ? { threads: o.threads } : {}),
-          ...(o.workers !== undefined ? { workers: o.workers } : {}),
-          cacheDir: o.cache ? o.cacheDir : null,
-        },
+        engineContext,
       );
       emit({ type: 'engine', engine: choice.engine, reason: choice.reason });
       return choice.model;
