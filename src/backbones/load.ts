@@ -324,13 +324,13 @@ async function hubBackbone(
 }
 
 /**
- * How another thread loads the same backbone (cut at `cutAt` if given): the recipe of a
- * tfjs worker pool.
+ * How another thread loads the same backbone (only the frozen prefix before
+ * `firstUnfrozen` if given): the recipe of a tfjs worker pool.
  */
 export function backboneRecipe(
   backbone: Backbone,
-  cutAt?: string,
-): { kind: 'backbone'; backbone: string; options: LoadBackboneOptions; cutAt?: string } {
+  firstUnfrozen?: string,
+): { kind: 'backbone'; backbone: string; options: LoadBackboneOptions; firstUnfrozen?: string } {
   const src = backbone.spec.source;
   const name =
     src.kind === 'model-json'
@@ -342,5 +342,5 @@ export function backboneRecipe(
   if (src.kind === 'tfjs-models-mobilenet') options.alpha = src.alpha;
   if (src.kind === 'model-json' && backbone.spec.featureLayer)
     options.featureLayer = backbone.spec.featureLayer;
-  return { kind: 'backbone', backbone: name, options, ...(cutAt ? { cutAt } : {}) };
+  return { kind: 'backbone', backbone: name, options, ...(firstUnfrozen ? { firstUnfrozen } : {}) };
 }

@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs';
 import { type Backbone, backboneRecipe } from '../backbones/load.js';
+import { cutPrefix } from '../backbones/prefix.js';
 import { type AugmentKind, applyAugment, augmentPlan } from '../data/augment.js';
 import type { CacheNamespace, EmbeddingCache } from '../data/cache.js';
 import { embedFiles } from '../data/embed.js';
@@ -103,15 +104,9 @@ type Symbolic = tf.SymbolicTensor;
  * connection across the cut) makes the cut impossible: the error names both.
  */
 export function splitBody(body: tf.LayersModel, firstUnfrozen: string): SplitBody {
+  const { cut, cutLayer, cutShape, model: prefix } = cutPrefix(body, firstUnfrozen);
   const first = body.getLayer(firstUnfrozen);
-  const inbound = first.inboundNodes[0]!.inputTensors as Symbolic[];
-  if (inbound.length !== 1)
-    throw new FinetuneError(
-      `Cannot cut the backbone at ${firstUnfrozen}: it has ${inbound.length} inputs`,
-    );
-  const cut = inbound[0]!;
-  const cutShape = cut.shape.slice(1) as number[];
-  const input = tf.input({ shape: cutShape, name: `${firstUnfrozen}_input` });
+  const input = tf.input({ shape: [...cutShape], name: `${firstUnfrozen}_input` });
   const mapped = new Map<number, Symbolic>([[cut.id, input]]);
   const layers: tf.layers.Layer[] = [];
   const startIndex = body.layers.indexOf(first);
@@ -137,9 +132,9 @@ export function splitBody(body: tf.LayersModel, firstUnfrozen: string): SplitBod
     );
   const suffix = tf.model({ inputs: input, outputs: output, name: 'trainable_suffix' });
   return {
-    cutLayer: cut.sourceLayer.name,
+    cutLayer,
     cutShape,
-    prefix: tf.model({ inputs: body.inputs, outputs: cut, name: 'frozen_prefix' }),
+    prefix,
     suffix,
     layers,
     release: () => {
@@ -355,7 +350,7 @@ export async function runFineTune(
       outputSize: rowLength,
       forward: (x) => split.prefix.predict(x) as tf.Tensor,
       hash: null,
-      recipe: backboneRecipe(backbone, split.cutLayer),
+      recipe: backboneRecipe(backbone, firstUnfrozen),
     },
     inputs.engine,
   );
