@@ -211,7 +211,6 @@ async function prefixOnOnnx(batch: number, runs: number): Promise<number> {
       inputSize: 224,
       outputSize: size,
       forward: (x) => split.prefix.predict(x) as tf.Tensor,
-      hash: null,
     },
     resolveEngineContext({ engine: 'onnx', backend: await initBackend('wasm') }),
   );
@@ -236,7 +235,6 @@ const source = {
   inputSize: 224,
   outputSize: bb.featureSize,
   forward: (x: tf.Tensor4D) => bb.embed(x),
-  hash: null,
 };
 const batches = quick ? 4 : 10;
 const embed: Record<string, number> = {};

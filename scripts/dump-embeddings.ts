@@ -29,7 +29,6 @@ const { model } = await createFrozenModel(
     inputSize: backbone.inputSize,
     outputSize: backbone.featureSize,
     forward: (x) => backbone.embed(x),
-    hash: null,
   },
   resolveEngineContext({ backend }),
 );

@@ -33,11 +33,14 @@ export {
 // Data
 export {
   type CacheClearOptions,
+  type CacheClearResult,
   type CacheInfo,
   type CacheNamespace,
   type CacheNamespaceInfo,
   defaultCacheDir,
   EmbeddingCache,
+  type LoweredModelInfo,
+  type LoweredModelKey,
 } from './data/cache.js';
 export { type DecodeResult, decodeImage, sniffImageType } from './data/decode.js';
 export {

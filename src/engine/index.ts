@@ -1,8 +1,6 @@
-import { mkdir, readFile } from 'node:fs/promises';
-import path from 'node:path';
 import type * as tf from '@tensorflow/tfjs';
+import { EmbeddingCache, type LoweredModelKey } from '../data/cache.js';
 import { FinetuneError } from '../errors.js';
-import { writeFileAtomic } from '../io/atomic.js';
 import type { EngineContext } from './context.js';
 import { lowerToOnnx, UnsupportedLayerError } from './onnx/lower.js';
 import { OnnxFrozenModel } from './onnx/session.js';
@@ -26,6 +24,11 @@ export interface EngineChoice {
   readonly model: FrozenModel;
   readonly engine: EngineName;
   readonly reason: string | null;
+  /**
+   * Where the ONNX graph came from: 'cache' (lowered by an earlier run), 'now' (lowered
+   * here), or null (given as bytes, or the tfjs engine runs).
+   */
+  readonly lowered: 'cache' | 'now' | null;
 }
 
 export interface FrozenModelSource {
@@ -37,8 +40,11 @@ export interface FrozenModelSource {
   readonly outputSize: number;
   /** The tfjs forward pass (the fallback). */
   readonly forward: (pixels: tf.Tensor4D) => tf.Tensor;
-  /** Keys the lowered-model cache; null disables it. */
-  readonly hash: string | null;
+  /**
+   * Keys the lowered copy in the context's cache folder (the lowering version is added
+   * here); omitted or null: lowered on every call, never cached.
+   */
+  readonly cacheKey?: Omit<LoweredModelKey, 'lowering'> | null;
   /** How a worker thread builds the same model, for the tfjs engine's worker pool on wasm. */
   readonly recipe?: WorkerRecipe;
   /**
@@ -71,15 +77,21 @@ export async function createFrozenModel(
       ? WorkerPoolFrozenModel.create(source.recipe, { workers: context.workers })
       : new TfjsFrozenModel(source.inputSize, source.outputSize, source.forward);
   };
-  if (requested === 'tfjs') return { model: await tfjs(), engine: 'tfjs', reason: null };
+  if (requested === 'tfjs')
+    return { model: await tfjs(), engine: 'tfjs', reason: null, lowered: null };
   let why: string | null = null;
   let bytes: Uint8Array | null = null;
+  let lowered: 'cache' | 'now' | null = null;
   if (requested === 'auto' && context.backend.gpu) why = 'the tfjs backend runs on a GPU';
   else if (source.onnx) bytes = source.onnx;
   else if (!source.layersModel) why = 'graph models cannot be lowered to ONNX';
   else {
     try {
-      bytes = await loweredBytes(source.layersModel, source.hash, context.cacheDir);
+      ({ bytes, from: lowered } = await loweredBytes(
+        source.layersModel,
+        source.cacheKey ?? null,
+        context.cacheDir,
+      ));
     } catch (err) {
       if (!(err instanceof UnsupportedLayerError)) throw err;
       why = err.message;
@@ -87,31 +99,32 @@ export async function createFrozenModel(
   }
   if (why || !bytes) {
     if (requested === 'onnx') throw new FinetuneError(`Cannot use --engine onnx: ${why}`);
-    return { model: await tfjs(), engine: 'tfjs', reason: why };
+    return { model: await tfjs(), engine: 'tfjs', reason: why, lowered: null };
   }
   const model = await OnnxFrozenModel.create(bytes, {
     inputSize: source.inputSize,
     threads: context.threads,
     rows,
   });
-  return { model, engine: 'onnx', reason: null };
+  return { model, engine: 'onnx', reason: null, lowered };
 }
 
-/** Lowers once per machine: the ONNX bytes are kept beside the embedding cache, keyed by the weights' hash. */
+/**
+ * Lowers once per machine: the ONNX bytes are kept in the cache folder (see `EmbeddingCache`)
+ * under the backbone's weights hash, the cut and the lowering version; a damaged copy is
+ * lowered again.
+ */
 async function loweredBytes(
   model: tf.LayersModel,
-  hash: string | null,
+  key: Omit<LoweredModelKey, 'lowering'> | null,
   cacheDir: string | null,
-): Promise<Uint8Array> {
-  if (!hash || !cacheDir) return lowerToOnnx(model);
-  const file = path.join(cacheDir, 'onnx', `${hash}-lowering${LOWERING_VERSION}.onnx`);
-  try {
-    return new Uint8Array(await readFile(file));
-  } catch {
-    // not cached yet
-  }
+): Promise<{ bytes: Uint8Array; from: 'cache' | 'now' }> {
+  if (!key || !cacheDir) return { bytes: lowerToOnnx(model), from: 'now' };
+  const cache = new EmbeddingCache(cacheDir);
+  const full: LoweredModelKey = { ...key, lowering: LOWERING_VERSION };
+  const cached = await cache.getLowered(full);
+  if (cached) return { bytes: cached, from: 'cache' };
   const bytes = lowerToOnnx(model);
-  await mkdir(path.dirname(file), { recursive: true });
-  await writeFileAtomic(file, bytes);
-  return bytes;
+  await cache.putLowered(full, bytes);
+  return { bytes, from: 'now' };
 }

@@ -68,7 +68,6 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
         inputSize: metadata.input.size,
         outputSize: metadata.labels.length,
         forward,
-        hash: null,
         ...(bb ? {} : { recipe: { kind: 'classifier' as const, model: file } }),
       },
       context,

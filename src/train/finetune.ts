@@ -349,7 +349,11 @@ export async function runFineTune(
       inputSize: backbone.inputSize,
       outputSize: rowLength,
       forward: (x) => split.prefix.predict(x) as tf.Tensor,
-      hash: null,
+      cacheKey: {
+        backboneId: backbone.spec.id,
+        weightsHash: backbone.weightsHash,
+        cut: split.cutLayer,
+      },
       recipe: backboneRecipe(backbone, firstUnfrozen),
     },
     inputs.engine,

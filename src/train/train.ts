@@ -685,7 +685,7 @@ async function embedSplits(
           inputSize: backbone.inputSize,
           outputSize: backbone.featureSize,
           forward: (x) => backbone.embed(x),
-          hash: backbone.weightsHash,
+          cacheKey: { backboneId: backbone.spec.id, weightsHash: backbone.weightsHash, cut: null },
           recipe: backboneRecipe(backbone),
         },
         engineContext,

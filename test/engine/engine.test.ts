@@ -1,25 +1,32 @@
 import assert from 'node:assert/strict';
+import { readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
+import path from 'node:path';
 import { after, before, test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
 import { type Backbone, loadBackbone } from '../../src/backbones/load.js';
+import { cutPrefix } from '../../src/backbones/prefix.js';
 import { type BackendInfo, initBackend } from '../../src/backend/index.js';
+import { EmbeddingCache } from '../../src/data/cache.js';
 import {
   createFrozenModel,
   type FrozenModelSource,
   resolveEngineContext,
 } from '../../src/engine/index.js';
-import { tempDir, writeTinyBackbone } from '../helpers.js';
+import { train } from '../../src/train/train.js';
+import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
 let backend: BackendInfo;
 let tiny: Backbone;
+let tinyFile: string;
 
 before(async () => {
   backend = await initBackend('wasm');
   ({ dir, cleanup } = await tempDir('engine'));
-  tiny = await loadBackbone(await writeTinyBackbone(dir));
+  tinyFile = await writeTinyBackbone(dir);
+  tiny = await loadBackbone(tinyFile);
 });
 after(async () => {
   tiny?.dispose();
@@ -98,7 +105,6 @@ test('4-D rows come back in tfjs order (NHWC) from both engines', async () => {
     inputSize: 32,
     outputSize: row,
     forward: (x) => prefix.predict(x) as tf.Tensor,
-    hash: null,
   };
   const n = 3;
   const x = pixels(n, 32, 11);
@@ -138,4 +144,118 @@ test('4-D rows come back in tfjs order (NHWC) from both engines', async () => {
     ),
     /Cannot give 'nchw' rows on the tfjs engine/,
   );
+});
+
+test('lowered body and prefix are found again in the cache; a damaged copy is lowered again', async () => {
+  const cacheDir = path.join(dir, 'lowered-cache');
+  const context = resolveEngineContext({ engine: 'onnx', backend, threads: 1, cacheDir });
+  const body = tiny.model!;
+  const { model: prefixModel, cutLayer, cutShape } = cutPrefix(body, 'dw1');
+  const key = { backboneId: tiny.spec.id, weightsHash: tiny.weightsHash };
+  const sources: FrozenModelSource[] = [
+    {
+      layersModel: body,
+      inputSize: 32,
+      outputSize: tiny.featureSize,
+      forward: (x) => tiny.embed(x),
+      cacheKey: { ...key, cut: null },
+    },
+    {
+      layersModel: prefixModel,
+      inputSize: 32,
+      outputSize: cutShape.reduce((a, b) => a * b, 1),
+      forward: (x) => prefixModel.predict(x) as tf.Tensor,
+      cacheKey: { ...key, cut: cutLayer },
+    },
+  ];
+  const x = inLayout(pixels(2, 32, 3), 2, 32, 'nchw');
+  const runOnce = async (source: FrozenModelSource) => {
+    const choice = await createFrozenModel(source, context);
+    try {
+      return { lowered: choice.lowered, out: await choice.model.run(x, 2) };
+    } finally {
+      await choice.model.dispose();
+    }
+  };
+  const first = await Promise.all(sources.map(runOnce));
+  assert.deepEqual(
+    first.map((r) => r.lowered),
+    ['now', 'now'],
+  );
+  const cache = new EmbeddingCache(cacheDir);
+  const info = await cache.info();
+  assert.deepEqual(
+    info.lowered.models.map((m) => m.cut),
+    [null, cutLayer],
+  );
+  const second = await Promise.all(sources.map(runOnce));
+  assert.deepEqual(
+    second.map((r) => r.lowered),
+    ['cache', 'cache'],
+  );
+  second.forEach((r, i) => assert.deepEqual(r.out, first[i]!.out));
+  // A damaged copy is neither fatal nor used: lowered again and rewritten.
+  const file = cache.loweredPath({ ...key, cut: cutLayer, lowering: 1 });
+  const bytes = await readFile(file);
+  bytes[bytes.length - 10]! ^= 0xff;
+  await writeFile(file, bytes);
+  const again = await runOnce(sources[1]!);
+  assert.equal(again.lowered, 'now');
+  assert.deepEqual(again.out, first[1]!.out);
+  assert.equal((await runOnce(sources[1]!)).lowered, 'cache');
+  // Without a cache folder nothing is kept.
+  const uncached = await createFrozenModel(
+    sources[0]!,
+    resolveEngineContext({ engine: 'onnx', backend, threads: 1 }),
+  );
+  assert.equal(uncached.lowered, 'now');
+  await uncached.model.dispose();
+});
+
+test('a second training run finds the lowered body and fine-tune prefix of the first', async () => {
+  const before = tf.memory().numTensors;
+  const data = path.join(dir, 'data');
+  await writeColourDataset(data, 4, { red: [220, 30, 30], blue: [30, 30, 220] });
+  const cacheDir = path.join(dir, 'run-cache');
+  const run = (out: string) =>
+    train({
+      data,
+      out: path.join(dir, out),
+      backbone: tinyFile,
+      engine: 'onnx',
+      threads: 1,
+      epochs: 2,
+      batchSize: 4,
+      finetuneEpochs: 1,
+      unfreeze: 'from:dw1',
+      cacheDir,
+    });
+  await run('r1');
+  const cache = new EmbeddingCache(cacheDir);
+  const first = (await cache.info()).lowered.models;
+  assert.deepEqual(
+    first.map((m) => m.cut),
+    [null, 'relu1'],
+  );
+  const stats = async () =>
+    Promise.all(
+      first.map(async (m) => {
+        const st = await stat(
+          cache.loweredPath({
+            backboneId: m.backboneId,
+            weightsHash: tiny.weightsHash,
+            cut: m.cut,
+            lowering: m.lowering,
+          }),
+        );
+        return [st.ino, st.mtimeMs];
+      }),
+    );
+  const before2 = await stats();
+  // Clear the embeddings only, so the second run needs the body's engine again.
+  await rm(path.join(cacheDir, 'embeddings'), { recursive: true });
+  await run('r2');
+  assert.equal((await cache.info()).lowered.count, 2);
+  assert.deepEqual(await stats(), before2);
+  assert.equal(tf.memory().numTensors, before);
 });
