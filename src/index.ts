@@ -90,6 +90,7 @@ export {
   evaluate,
   expandInputs,
   loadClassifier,
+  type OnnxFallback,
   type Prediction,
   type PredictOptions,
   type PredictResult,
