@@ -2,11 +2,17 @@
 
 // Backbones
 export {
+  BACKBONE_SOURCES,
   type Backbone,
+  type BackboneRecord,
+  type BackboneReference,
+  type BackboneSourceRow,
+  backboneFromRecord,
   backboneRecipe,
   type LoadBackboneOptions,
   loadBackbone,
 } from './backbones/load.js';
+export { cutPrefix, type PrefixCut } from './backbones/prefix.js';
 export {
   BACKBONES,
   type BackboneSpec,
