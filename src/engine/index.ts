@@ -1,6 +1,7 @@
 import type * as tf from '@tensorflow/tfjs';
 import { EmbeddingCache, type LoweredModelKey } from '../data/cache.js';
 import { FinetuneError } from '../errors.js';
+import { oneOfValues } from '../util/is.js';
 import type { EngineContext } from './context.js';
 import { lowerToOnnx, UnsupportedLayerError } from './onnx/lower.js';
 import { OnnxFrozenModel } from './onnx/session.js';
@@ -18,6 +19,8 @@ export {
 
 /** Bumped whenever the lowering changes what it writes, so stale cached graphs are not reused. */
 const LOWERING_VERSION = 1;
+
+const ROW_ORDERS: readonly ('nhwc' | 'nchw')[] = Object.freeze(['nhwc', 'nchw']);
 
 /** A frozen model to run, which engine runs it, and why when auto passed onnx over. */
 export interface EngineChoice {
@@ -69,7 +72,7 @@ export async function createFrozenModel(
   context: EngineContext,
 ): Promise<EngineChoice> {
   const requested = context.engine;
-  const rows = source.rows ?? 'nhwc';
+  const rows = oneOfValues('rows', source.rows ?? 'nhwc', ROW_ORDERS);
   const tfjs = async (): Promise<FrozenModel> => {
     if (rows !== 'nhwc')
       throw new FinetuneError("Cannot give 'nchw' rows on the tfjs engine: tfjs computes NHWC");

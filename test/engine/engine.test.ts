@@ -144,6 +144,13 @@ test('4-D rows come back in tfjs order (NHWC) from both engines', async () => {
     ),
     /Cannot give 'nchw' rows on the tfjs engine/,
   );
+  await assert.rejects(
+    createFrozenModel(
+      { ...source, rows: 'chw' as 'nchw' },
+      resolveEngineContext({ engine: 'onnx', backend }),
+    ),
+    { message: "Expected one of nhwc, nchw for rows but received 'chw'" },
+  );
 });
 
 test('lowered body and prefix are found again in the cache; a damaged copy is lowered again', async () => {
