@@ -200,7 +200,9 @@ test('lowered body and prefix are found again in the cache; a damaged copy is lo
     second.map((r) => r.lowered),
     ['cache', 'cache'],
   );
-  second.forEach((r, i) => assert.deepEqual(r.out, first[i]!.out));
+  second.forEach((r, i) => {
+    assert.deepEqual(r.out, first[i]!.out);
+  });
   // A damaged copy is neither fatal nor used: lowered again and rewritten.
   const file = cache.loweredPath({ ...key, cut: cutLayer, lowering: 1 });
   const bytes = await readFile(file);
