@@ -25,6 +25,7 @@ import {
   initBackend,
   listFiles,
   loadBackbone,
+  resolveEngineContext,
   versions,
 } from '../src/index.js';
 import { firstUnfrozenLayer, inferenceModeBatchNorm, splitBody } from '../src/train/finetune.js';
@@ -210,9 +211,8 @@ async function prefixOnOnnx(batch: number, runs: number): Promise<number> {
       inputSize: 224,
       outputSize: size,
       forward: (x) => split.prefix.predict(x) as tf.Tensor,
-      hash: null,
     },
-    { engine: 'onnx', backend: await initBackend('wasm') },
+    resolveEngineContext({ engine: 'onnx', backend: await initBackend('wasm') }),
   );
   const rate = await imagesPerSecond(c.model, batch, runs);
   await c.model.dispose();
@@ -235,7 +235,6 @@ const source = {
   inputSize: 224,
   outputSize: bb.featureSize,
   forward: (x: tf.Tensor4D) => bb.embed(x),
-  hash: null,
 };
 const batches = quick ? 4 : 10;
 const embed: Record<string, number> = {};
@@ -244,7 +243,7 @@ for (const [name, engine, threads] of [
   [`onnx_${os.availableParallelism()}_threads`, 'onnx', os.availableParallelism()],
   ['tfjs_wasm', 'tfjs', undefined],
 ] as const) {
-  const c = await createFrozenModel(source, { engine, backend, ...(threads ? { threads } : {}) });
+  const c = await createFrozenModel(source, resolveEngineContext({ engine, backend, threads }));
   embed[name] = round(
     await imagesPerSecond(c.model, 16, engine === 'tfjs' ? Math.max(2, batches / 4) : batches),
   );

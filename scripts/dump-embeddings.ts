@@ -13,6 +13,7 @@ import {
   initBackend,
   loadBackbone,
   loadSplits,
+  resolveEngineContext,
 } from '../src/index.js';
 
 const [root, out] = process.argv.slice(2);
@@ -28,9 +29,8 @@ const { model } = await createFrozenModel(
     inputSize: backbone.inputSize,
     outputSize: backbone.featureSize,
     forward: (x) => backbone.embed(x),
-    hash: null,
   },
-  { backend },
+  resolveEngineContext({ backend }),
 );
 const result: Record<string, { x: number[][]; y: number[] }> = {};
 for (const split of ['train', 'test']) {

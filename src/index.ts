@@ -2,11 +2,17 @@
 
 // Backbones
 export {
+  BACKBONE_SOURCES,
   type Backbone,
+  type BackboneRecord,
+  type BackboneReference,
+  type BackboneSourceRow,
+  backboneFromRecord,
   backboneRecipe,
   type LoadBackboneOptions,
   loadBackbone,
 } from './backbones/load.js';
+export { cutPrefix, type PrefixCut } from './backbones/prefix.js';
 export {
   BACKBONES,
   type BackboneSpec,
@@ -33,12 +39,14 @@ export {
 // Data
 export {
   type CacheClearOptions,
+  type CacheClearResult,
   type CacheInfo,
   type CacheNamespace,
   type CacheNamespaceInfo,
   defaultCacheDir,
   EmbeddingCache,
-  parseDuration,
+  type LoweredModelInfo,
+  type LoweredModelKey,
 } from './data/cache.js';
 export { type DecodeResult, decodeImage, sniffImageType } from './data/decode.js';
 export {
@@ -61,7 +69,11 @@ export {
   createFrozenModel,
   ENGINE_OPTIONS,
   type EngineChoice,
+  type EngineContext,
+  type EngineContextOptions,
   type EngineOption,
+  type FrozenModelSource,
+  resolveEngineContext,
 } from './engine/index.js';
 export {
   canLowerToOnnx,
@@ -90,6 +102,7 @@ export {
   evaluate,
   expandInputs,
   loadClassifier,
+  type OnnxFallback,
   type Prediction,
   type PredictOptions,
   type PredictResult,
@@ -155,7 +168,6 @@ export { writeRunRecords } from './train/records.js';
 export {
   type Embedded,
   type EmbeddedSplits,
-  type EngineSettings,
   embedSplits,
   type FinetunePlan,
   type PreparedRun,

@@ -2,9 +2,17 @@ import { createRequire } from 'node:module';
 import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import * as mobilenet from '@tensorflow-models/mobilenet';
-import { FinetuneError } from '../errors.js';
-import { concatBuffers, fileLoadHandler, sha256 } from '../io/files.js';
-import { type BackboneSpec, type Preprocessing, resolveBackboneSpec } from './registry.js';
+import { FinetuneError, invalidOption } from '../errors.js';
+import { concatBuffers, fileLoadHandler } from '../io/files.js';
+import { sha256 } from '../io/hash.js';
+import * as is from '../util/is.js';
+import {
+  type BackboneSource,
+  type BackboneSpec,
+  HUB_ALPHAS,
+  type Preprocessing,
+  resolveBackboneSpec,
+} from './registry.js';
 import { editTopology } from './topology.js';
 
 /** A loaded backbone: raw RGB pixels (NHWC, 0–255) in, a feature vector out. */
@@ -190,20 +198,22 @@ export async function loadBackbone(
   options: LoadBackboneOptions = {},
 ): Promise<Backbone> {
   const spec = typeof backbone === 'string' ? resolveBackboneSpec(backbone, options) : backbone;
-  const src = spec.source;
-  if (src.kind === 'nsfwjs') {
-    const a = nsfwjsArtifacts(src.model);
-    const size = options.inputSize ?? spec.inputSize;
-    const { model, topology } = await layersBody(spec, a, size, spec.featureLayer!);
-    return layersBackbone(
-      spec,
-      model,
-      sha256(JSON.stringify(topology), new Uint8Array(a.weightData)),
-    );
-  }
-  if (src.kind === 'tfjs-models-mobilenet')
-    return hubBackbone(spec, src.version, src.alpha, options.inputSize);
-  return modelJsonBackbone(spec, src.location, options);
+  return sourceRow(spec.source).load(spec, spec.source, options);
+}
+
+async function nsfwjsBackbone(
+  spec: BackboneSpec,
+  which: 'mobilenet_v2',
+  options: LoadBackboneOptions,
+): Promise<Backbone> {
+  const a = nsfwjsArtifacts(which);
+  const size = options.inputSize ?? spec.inputSize;
+  const { model, topology } = await layersBody(spec, a, size, spec.featureLayer!);
+  return layersBackbone(
+    spec,
+    model,
+    sha256(JSON.stringify(topology), new Uint8Array(a.weightData)),
+  );
 }
 
 async function modelJsonBackbone(
@@ -322,24 +332,122 @@ async function hubBackbone(
   };
 }
 
+/** A backbone named so that `loadBackbone(backbone, options)` loads it again. */
+export interface BackboneReference {
+  readonly backbone: string;
+  readonly options: LoadBackboneOptions;
+}
+
+/** What a run records about its backbone (an exported model's `metadata.backbone`). */
+export interface BackboneRecord<S = unknown> {
+  readonly id: string;
+  readonly source: S;
+  readonly inputSize: number;
+  readonly featureLayer?: string;
+}
+
+/** One kind of backbone source: how it loads, and how it is named again elsewhere. */
+export interface BackboneSourceRow<S extends BackboneSource = BackboneSource> {
+  /** Loads the backbone of a spec whose source is `source`. */
+  load(spec: BackboneSpec, source: S, options: LoadBackboneOptions): Promise<Backbone>;
+  /** What a worker thread, or a later run, passes to `loadBackbone` for the same backbone. */
+  reference(record: BackboneRecord<S>): BackboneReference;
+  /** Checks a source read back from a model's metadata (JSON from disk), in the one wording. */
+  parse(source: Readonly<Record<string, unknown>>): S;
+}
+
+type SourceTable = {
+  readonly [K in BackboneSource['kind']]: BackboneSourceRow<Extract<BackboneSource, { kind: K }>>;
+};
+
+const sizeAndLayer = (r: BackboneRecord): LoadBackboneOptions => ({
+  inputSize: r.inputSize,
+  ...(r.featureLayer ? { featureLayer: r.featureLayer } : {}),
+});
+
 /**
- * How another thread loads the same backbone (cut at `cutAt` if given): the recipe of a
- * tfjs worker pool.
+ * Backbone sources by kind: a new kind of source is one row here (and its case in
+ * `BackboneSource`), never another branch in the code that loads or exports backbones.
+ */
+export const BACKBONE_SOURCES: SourceTable = Object.freeze({
+  nsfwjs: {
+    load: (spec, source, options) => nsfwjsBackbone(spec, source.model, options),
+    reference: (r) => ({ backbone: r.id, options: sizeAndLayer(r) }),
+    parse: (s) => ({
+      kind: 'nsfwjs' as const,
+      model: is.oneOfValues('backbone.source.model', s['model'], ['mobilenet_v2'] as const),
+    }),
+  },
+  'tfjs-models-mobilenet': {
+    load: (spec, source, options) =>
+      hubBackbone(spec, source.version, source.alpha, options.inputSize),
+    reference: (r) => ({
+      backbone: `mobilenet_v${r.source.version}`,
+      options: { inputSize: r.inputSize, alpha: r.source.alpha },
+    }),
+    parse: (s) => {
+      const version = s['version'];
+      if (version !== 1 && version !== 2)
+        throw invalidOption('backbone.source.version', '1 or 2', version);
+      const alphas = HUB_ALPHAS[version];
+      if (!alphas.includes(s['alpha'] as number))
+        throw invalidOption('backbone.source.alpha', `one of ${alphas.join(', ')}`, s['alpha']);
+      return { kind: 'tfjs-models-mobilenet' as const, version, alpha: s['alpha'] as number };
+    },
+  },
+  'model-json': {
+    load: (spec, source, options) => modelJsonBackbone(spec, source.location, options),
+    reference: (r) => ({ backbone: r.source.location, options: sizeAndLayer(r) }),
+    parse: (s) => ({
+      kind: 'model-json' as const,
+      location: is.nonEmptyString('backbone.source.location', s['location']),
+    }),
+  },
+});
+
+/** The row of a source; the one place its kind is looked up. */
+function sourceRow(source: BackboneSource): BackboneSourceRow {
+  return is.oneOf('backbone source', source.kind, BACKBONE_SOURCES) as BackboneSourceRow;
+}
+
+/**
+ * How another thread loads the same backbone (only the frozen prefix before
+ * `firstUnfrozen` if given): the recipe of a tfjs worker pool.
  */
 export function backboneRecipe(
   backbone: Backbone,
-  cutAt?: string,
-): { kind: 'backbone'; backbone: string; options: LoadBackboneOptions; cutAt?: string } {
-  const src = backbone.spec.source;
-  const name =
-    src.kind === 'model-json'
-      ? src.location
-      : src.kind === 'tfjs-models-mobilenet'
-        ? `mobilenet_v${src.version}`
-        : backbone.spec.id;
-  const options: LoadBackboneOptions = { inputSize: backbone.inputSize };
-  if (src.kind === 'tfjs-models-mobilenet') options.alpha = src.alpha;
-  if (src.kind === 'model-json' && backbone.spec.featureLayer)
-    options.featureLayer = backbone.spec.featureLayer;
-  return { kind: 'backbone', backbone: name, options, ...(cutAt ? { cutAt } : {}) };
+  firstUnfrozen?: string,
+): { kind: 'backbone'; backbone: string; options: LoadBackboneOptions; firstUnfrozen?: string } {
+  const { spec } = backbone;
+  const ref = sourceRow(spec.source).reference({
+    id: spec.id,
+    source: spec.source,
+    inputSize: backbone.inputSize,
+    ...(spec.featureLayer ? { featureLayer: spec.featureLayer } : {}),
+  });
+  return { kind: 'backbone', ...ref, ...(firstUnfrozen ? { firstUnfrozen } : {}) };
+}
+
+/**
+ * The backbone an exported model's metadata names, checked, as `loadBackbone` arguments.
+ *
+ * @example
+ *   const { backbone, options } = backboneFromRecord(metadata.backbone);
+ *   const bb = await loadBackbone(backbone, options);
+ */
+export function backboneFromRecord(record: BackboneRecord): BackboneReference {
+  const raw = record?.source;
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw))
+    throw invalidOption('backbone.source', 'an object', raw);
+  const kind = (raw as { kind?: unknown }).kind;
+  const row = is.oneOf('backbone.source.kind', kind, BACKBONE_SOURCES) as BackboneSourceRow;
+  const source = row.parse(raw as Record<string, unknown>);
+  return row.reference({
+    id: is.nonEmptyString('backbone.id', record.id),
+    source,
+    inputSize: is.positiveInteger('backbone.inputSize', record.inputSize),
+    ...(record.featureLayer !== undefined
+      ? { featureLayer: is.nonEmptyString('backbone.featureLayer', record.featureLayer) }
+      : {}),
+  });
 }

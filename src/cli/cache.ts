@@ -1,10 +1,11 @@
 import type { Argv } from 'yargs';
 import { FinetuneError } from '../errors.js';
-import { defaultCacheDir, EmbeddingCache, parseDuration } from '../index.js';
+import { defaultCacheDir, EmbeddingCache } from '../index.js';
+import { parseDuration } from './duration.js';
 import { createOutput, table } from './output.js';
 
 export const command = 'cache <action>';
-export const describe = 'Show or clear the embedding cache';
+export const describe = 'Show or clear the cache (embeddings and lowered ONNX models)';
 
 export function builder(y: Argv) {
   return y
@@ -12,7 +13,7 @@ export function builder(y: Argv) {
       type: 'string',
       choices: ['info', 'clear'] as const,
       demandOption: true,
-      describe: 'info: entries per backbone; clear: remove entries',
+      describe: 'info: entries per backbone and lowered models; clear: remove them',
     })
     .option('cache-dir', {
       type: 'string',
@@ -22,7 +23,8 @@ export function builder(y: Argv) {
     .option('backbone', { type: 'string', describe: 'clear: only this backbone id' })
     .option('older-than', {
       type: 'string',
-      describe: 'clear: only entries last used longer ago than this, e.g. 30d, 12h, 45m',
+      describe:
+        'clear: only entries and lowered models last used longer ago than this, e.g. 30d, 12h, 45m',
     })
     .option('json', { type: 'boolean', describe: 'Print the result as JSON' });
 }
@@ -31,6 +33,11 @@ type Args = Awaited<ReturnType<ReturnType<typeof builder>['parseAsync']>>;
 
 function megabytes(bytes: number): string {
   return (bytes / 1e6).toFixed(1);
+}
+
+/** ISO to the minute, without the 'T': readable and still sorts. */
+function minute(iso: string): string {
+  return iso.slice(0, 16).replace('T', ' ');
 }
 
 export async function handler(argv: Args): Promise<void> {
@@ -47,27 +54,44 @@ export async function handler(argv: Args): Promise<void> {
       out.result(JSON.stringify(info, null, 2));
       return;
     }
-    const summary = `${info.dir}: ${info.entries} entries, ${megabytes(info.bytes)} MB`;
-    if (!info.namespaces.length) {
-      out.result(summary);
-      return;
-    }
-    out.result(
-      `${summary}\n${table([
-        ['namespace', 'backbone', 'layer', 'size', 'view', 'entries', 'MB', 'last used'],
-        ...info.namespaces.map((n) => [
-          n.id.slice(0, 8),
-          n.backboneId,
-          n.layer,
-          String(n.inputSize),
-          n.view,
-          String(n.entries),
-          megabytes(n.bytes),
-          // ISO to the minute, without the 'T': readable and still sorts.
-          n.lastUsed ? n.lastUsed.slice(0, 16).replace('T', ' ') : '-',
+    const { lowered } = info;
+    const summary =
+      `${info.dir}: ${info.entries} entries, ${megabytes(info.bytes)} MB; ` +
+      `${lowered.count} lowered ${lowered.count === 1 ? 'model' : 'models'}, ${megabytes(lowered.bytes)} MB`;
+    const parts = [summary];
+    if (info.namespaces.length) {
+      parts.push(
+        table([
+          ['namespace', 'backbone', 'layer', 'size', 'view', 'entries', 'MB', 'last used'],
+          ...info.namespaces.map((n) => [
+            n.id.slice(0, 8),
+            n.backboneId,
+            n.layer,
+            String(n.inputSize),
+            n.view,
+            String(n.entries),
+            megabytes(n.bytes),
+            n.lastUsed ? minute(n.lastUsed) : '-',
+          ]),
         ]),
-      ])}`,
-    );
+      );
+    }
+    if (lowered.count) {
+      parts.push(
+        table([
+          ['lowered', 'backbone', 'cut', 'lowering', 'MB', 'last used'],
+          ...lowered.models.map((m) => [
+            m.id.slice(0, 8),
+            m.backboneId,
+            m.cut ?? '(whole body)',
+            String(m.lowering),
+            megabytes(m.bytes),
+            minute(m.lastUsed),
+          ]),
+        ]),
+      );
+    }
+    out.result(parts.join('\n\n'));
     return;
   }
   const options: { backbone?: string; olderThanMs?: number } = {};
@@ -79,6 +103,6 @@ export async function handler(argv: Args): Promise<void> {
     return;
   }
   out.result(
-    `Removed ${result.removed} ${result.removed === 1 ? 'entry' : 'entries'} (${megabytes(result.bytes)} MB) from ${cache.dir}`,
+    `Removed ${result.removed} ${result.removed === 1 ? 'entry' : 'entries'} and ${result.lowered} lowered ${result.lowered === 1 ? 'model' : 'models'} (${megabytes(result.bytes)} MB) from ${cache.dir}`,
   );
 }

@@ -23,6 +23,7 @@ export async function handler(argv: Args): Promise<void> {
   const out = createOutput({ quiet: argv.quiet, json: argv.json });
   const options: EvaluateOptions = { ...runOptionsFrom(argv), data: argv.data };
   const r = await evaluate(options);
+  if (r.onnxFallback?.error) out.warn(`model.onnx not used: ${r.onnxFallback.reason}`);
   for (const s of r.skipped) out.warn(`skipped ${s.path}: ${s.reason}`);
   if (argv.json) {
     out.result(JSON.stringify(r, null, 2));

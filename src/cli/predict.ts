@@ -30,6 +30,7 @@ export async function handler(argv: Args): Promise<void> {
   const options: PredictOptions = { ...runOptionsFrom(argv), inputs: argv.inputs as string[] };
   if (argv.topK !== undefined) options.topK = argv.topK;
   const result = await predict(options);
+  if (result.onnxFallback?.error) out.warn(`model.onnx not used: ${result.onnxFallback.reason}`);
   for (const s of result.skipped) out.warn(`skipped ${s.path}: ${s.reason}`);
   if (argv.format === 'json') {
     out.result(

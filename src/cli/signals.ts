@@ -15,7 +15,9 @@ export function exitCleanlyOnSignals(): void {
   for (const signal of Object.keys(SIGNAL_EXIT_CODES) as (keyof typeof SIGNAL_EXIT_CODES)[]) {
     process.once(signal, () => {
       removePendingSync();
-      process.stderr.write(`finetune: stopped by ${signal}; the run folder was left as it was before\n`);
+      process.stderr.write(
+        `finetune: stopped by ${signal}; the run folder was left as it was before\n`,
+      );
       process.exit(SIGNAL_EXIT_CODES[signal]);
     });
   }

@@ -1,20 +1,10 @@
-import { createHash, randomBytes } from 'node:crypto';
 import type { Dirent, Stats } from 'node:fs';
-import {
-  mkdir,
-  open,
-  readdir,
-  readFile,
-  rename,
-  rmdir,
-  stat,
-  unlink,
-  utimes,
-  writeFile,
-} from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rmdir, stat, unlink, utimes } from 'node:fs/promises';
 import { endianness, homedir } from 'node:os';
 import path from 'node:path';
 import { FinetuneError, fileError, invalidOption } from '../errors.js';
+import { TMP_EXT, writeFileAtomic } from '../io/atomic.js';
+import { sha256 } from '../io/hash.js';
 import { nonEmptyString, nonNegativeInteger, positiveInteger } from '../util/is.js';
 
 /**
@@ -35,6 +25,18 @@ import { nonEmptyString, nonNegativeInteger, positiveInteger } from '../util/is.
  * | 8      | 4    | element count n (uint32)               |
  * | 12     | 8    | first 8 bytes of sha256(payload)       |
  * | 20     | 4n   | float32 payload                        |
+ *
+ * Lowered models (ONNX graphs the engine made from a layers model) live beside them, one file
+ * per key: `<dir>/onnx/<id>.lowered`, id = the first 32 hex chars of sha256(canonical key).
+ *
+ * | offset | size | field                                          |
+ * |--------|------|------------------------------------------------|
+ * | 0      | 4    | magic `TFLO`                                   |
+ * | 4      | 4    | format version (uint32, 1)                     |
+ * | 8      | 4    | key JSON length m (uint32)                     |
+ * | 12     | 32   | sha256(key JSON ‖ model)                       |
+ * | 44     | m    | the key as canonical JSON                      |
+ * | 44 + m | rest | the ONNX ModelProto bytes                      |
  *
  * Writers go to a unique `*.tmp` file in the same folder and `rename` it over the final name,
  * which is atomic on one filesystem: a reader opens either the old complete file or the new
@@ -69,17 +71,52 @@ export interface CacheNamespaceInfo {
   lastUsed: string | null;
 }
 
+/** What a lowered ONNX graph depends on: the same key finds the same graph in the next run. */
+export interface LoweredModelKey {
+  backboneId: string;
+  /** The backbone's weights hash (it covers the edited topology: input size, cut, normalisation). */
+  weightsHash: string;
+  /** Where the graph ends: null for the whole body, else the layer a fine-tune prefix is cut at. */
+  cut: string | null;
+  /** The lowering's version: a new lowering never reads an old one's graph. */
+  lowering: number;
+}
+
+export interface LoweredModelInfo {
+  /** The file's id (32 hex chars). */
+  id: string;
+  /** `'unknown'` (cut null, lowering 0) when the file's header cannot be read. */
+  backboneId: string;
+  cut: string | null;
+  lowering: number;
+  bytes: number;
+  /** ISO time of the last use (the file's mtime). */
+  lastUsed: string;
+}
+
 export interface CacheInfo {
   dir: string;
+  /** Embedding entries, and their bytes. */
   entries: number;
   bytes: number;
   namespaces: CacheNamespaceInfo[];
+  /** Lowered ONNX models kept for the engine. */
+  lowered: { count: number; bytes: number; models: LoweredModelInfo[] };
+}
+
+export interface CacheClearResult {
+  /** Embedding entries removed. */
+  removed: number;
+  /** Lowered models removed. */
+  lowered: number;
+  /** Bytes freed: entries, lowered models and stray temp files. */
+  bytes: number;
 }
 
 export interface CacheClearOptions {
-  /** Only namespaces of this backbone id. */
+  /** Only namespaces and lowered models of this backbone id. */
   backbone?: string;
-  /** Only entries last used longer ago than this many milliseconds. */
+  /** Only entries and lowered models last used longer ago than this many milliseconds. */
   olderThanMs?: number;
 }
 
@@ -88,8 +125,15 @@ const VERSION = 1;
 const HEADER_BYTES = 20;
 const CHECKSUM_BYTES = 8;
 const ENTRY_EXT = '.bin';
-const TMP_EXT = '.tmp';
 const NAMESPACE_FILE = 'namespace.json';
+const LOWERED_MAGIC = 0x4f4c4654; // 'TFLO' read as a little-endian uint32
+const LOWERED_VERSION = 1;
+const LOWERED_HEADER_BYTES = 44;
+const LOWERED_EXT = '.lowered';
+/** Files of the first lowering cache (`<weights hash>-lowering<N>.onnx`, no checksum): cleared, never read. */
+const LEGACY_LOWERED = /^[0-9a-f]{64}-lowering\d+\.onnx$/;
+/** A key JSON longer than this is not one this code wrote. */
+const MAX_KEY_BYTES = 64 * 1024;
 /**
  * Touch an entry on read only if its mtime is older than this, so reading a large cache
  * does not turn every hit into a metadata write; `--older-than` works in hours/days anyway.
@@ -109,29 +153,6 @@ export function defaultCacheDir(): string {
   const xdg = process.env['XDG_CACHE_HOME'];
   if (xdg && path.isAbsolute(xdg)) return path.join(xdg, 'tfjs-finetune');
   return path.join(homedir(), '.cache', 'tfjs-finetune');
-}
-
-const DURATION_UNITS: Readonly<Record<string, number>> = {
-  s: 1000,
-  m: 60 * 1000,
-  h: 60 * 60 * 1000,
-  d: 24 * 60 * 60 * 1000,
-  w: 7 * 24 * 60 * 60 * 1000,
-};
-
-/**
- * Milliseconds in `30d`, `12h`, `45m`, `10s` (also `w` for weeks and decimals such as `1.5h`).
- *
- * @throws FinetuneError `Expected a duration such as 30d, 12h or 45m for older-than but received …`
- */
-export function parseDuration(text: string): number {
-  const m = typeof text === 'string' ? /^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$/.exec(text) : null;
-  if (!m) throw invalidOption('older-than', 'a duration such as 30d, 12h or 45m', text);
-  return Math.round(Number(m[1]) * DURATION_UNITS[m[2]!]!);
-}
-
-function sha256(bytes: Uint8Array | string): Buffer {
-  return createHash('sha256').update(bytes).digest();
 }
 
 function isMissing(err: unknown): boolean {
@@ -156,6 +177,11 @@ async function statOrNull(file: string): Promise<Stats | null> {
   }
 }
 
+/** The first CHECKSUM_BYTES of sha256(payload). */
+function checksum(payload: Uint8Array): Buffer {
+  return Buffer.from(sha256(payload).slice(0, 2 * CHECKSUM_BYTES), 'hex');
+}
+
 /** Serialises one entry: header + little-endian float32 payload. */
 function encodeEntry(values: Float32Array): Buffer {
   const out = Buffer.allocUnsafe(HEADER_BYTES + values.length * 4);
@@ -168,7 +194,7 @@ function encodeEntry(values: Float32Array): Buffer {
   out.writeUInt32LE(MAGIC, 0);
   out.writeUInt32LE(VERSION, 4);
   out.writeUInt32LE(values.length, 8);
-  sha256(payload).copy(out, 12, 0, CHECKSUM_BYTES);
+  checksum(payload).copy(out, 12);
   return out;
 }
 
@@ -178,31 +204,13 @@ function decodeEntry(bytes: Buffer, length: number): Float32Array | null {
   if (bytes.readUInt32LE(0) !== MAGIC || bytes.readUInt32LE(4) !== VERSION) return null;
   if (bytes.readUInt32LE(8) !== length) return null;
   const payload = bytes.subarray(HEADER_BYTES);
-  const sum = sha256(payload);
-  if (!sum.subarray(0, CHECKSUM_BYTES).equals(bytes.subarray(12, 12 + CHECKSUM_BYTES))) return null;
+  if (!checksum(payload).equals(bytes.subarray(12, 12 + CHECKSUM_BYTES))) return null;
   // Copy rather than view: a Buffer from the pool may sit at an offset that is not a multiple
   // of 4, which a Float32Array view cannot start at.
   const out = new Float32Array(length);
   if (LITTLE_ENDIAN) new Uint8Array(out.buffer).set(payload);
   else for (let i = 0; i < length; i++) out[i] = payload.readFloatLE(i * 4);
   return out;
-}
-
-function tempName(final: string): string {
-  // pid alone is not unique across worker threads; the random part is.
-  return `${final}.${process.pid}.${randomBytes(6).toString('hex')}${TMP_EXT}`;
-}
-
-/** Writes `data` to a temp file next to `final` and renames it into place. */
-async function writeAtomic(final: string, data: Uint8Array | string): Promise<void> {
-  const tmp = tempName(final);
-  try {
-    await writeFile(tmp, data);
-    await rename(tmp, final);
-  } catch (err) {
-    await unlink(tmp).catch(() => {});
-    throw err;
-  }
 }
 
 /**
@@ -220,12 +228,12 @@ export class EmbeddingCache {
 
   /** The namespace's folder name: sha256 of its canonical JSON, first 32 hex chars. */
   namespaceId(ns: CacheNamespace): string {
-    return sha256(canonicalNamespace(ns)).toString('hex').slice(0, 32);
+    return sha256(canonicalNamespace(ns)).slice(0, 32);
   }
 
   /** The key of an image: sha256 hex of its file bytes. */
   key(imageBytes: Uint8Array): string {
-    return sha256(imageBytes).toString('hex');
+    return sha256(imageBytes);
   }
 
   /** Where the entry for `key` in `ns` lives (it may not exist). */
@@ -241,28 +249,12 @@ export class EmbeddingCache {
   async get(ns: CacheNamespace, key: string, length: number): Promise<Float32Array | null> {
     nonNegativeInteger('length', length);
     const file = this.entryPath(ns, key);
-    let bytes: Buffer;
-    let st: Stats;
-    try {
-      const handle = await open(file, 'r');
-      try {
-        st = await handle.stat();
-        bytes = await handle.readFile();
-      } finally {
-        await handle.close();
-      }
-    } catch (err) {
-      if (isMissing(err)) return null;
-      throw fileError(file, `cannot read cache entry (${(err as Error).message})`, err);
-    }
+    const read = await readChecked(file);
+    if (!read) return null;
+    const { bytes, st } = read;
     const values = decodeEntry(bytes, length);
     if (!values) {
-      // Delete only the file that was read: another process may have just renamed a good
-      // entry over it, and that one must survive.
-      const now = await statOrNull(file);
-      if (now && now.ino === st.ino && now.dev === st.dev && now.mtimeMs === st.mtimeMs) {
-        await unlink(file).catch(() => {});
-      }
+      await unlinkIfSame(file, st);
       return null;
     }
     if (Date.now() - st.mtimeMs > TOUCH_AFTER_MS) {
@@ -284,7 +276,7 @@ export class EmbeddingCache {
       try {
         const created = await mkdir(path.dirname(file), { recursive: true });
         await this.describe(ns, created !== undefined);
-        await writeAtomic(file, data);
+        await writeFileAtomic(file, data);
         return;
       } catch (err) {
         if (attempt === 0 && isMissing(err)) continue;
@@ -297,7 +289,51 @@ export class EmbeddingCache {
     }
   }
 
-  /** Entry counts and sizes per namespace; `*.tmp` files are ignored. */
+  /** Where the lowered model for `key` lives (it may not exist). */
+  loweredPath(key: LoweredModelKey): string {
+    return path.join(this.loweredDir(), `${loweredId(key)}${LOWERED_EXT}`);
+  }
+
+  /**
+   * The cached ONNX bytes lowered for `key`, or null on a miss. A damaged file (bad header,
+   * checksum or key) is deleted and reported as a miss, so the model is lowered again.
+   */
+  async getLowered(key: LoweredModelKey): Promise<Uint8Array | null> {
+    const file = this.loweredPath(key);
+    const read = await readChecked(file);
+    if (!read) return null;
+    const { bytes, st } = read;
+    const decoded = decodeLowered(bytes);
+    if (!decoded || decoded.keyJson !== canonicalLoweredKey(key)) {
+      await unlinkIfSame(file, st);
+      return null;
+    }
+    if (Date.now() - st.mtimeMs > TOUCH_AFTER_MS) {
+      const t = new Date();
+      await utimes(file, t, t).catch(() => {});
+    }
+    return decoded.model;
+  }
+
+  /** Stores the ONNX bytes lowered for `key`, atomically (temp file + rename). */
+  async putLowered(key: LoweredModelKey, model: Uint8Array): Promise<void> {
+    if (!(model instanceof Uint8Array)) throw invalidOption('model', 'a Uint8Array', model);
+    const file = this.loweredPath(key);
+    const keyJson = Buffer.from(canonicalLoweredKey(key));
+    const header = Buffer.alloc(LOWERED_HEADER_BYTES);
+    header.writeUInt32LE(LOWERED_MAGIC, 0);
+    header.writeUInt32LE(LOWERED_VERSION, 4);
+    header.writeUInt32LE(keyJson.length, 8);
+    Buffer.from(sha256(keyJson, model), 'hex').copy(header, 12);
+    try {
+      await mkdir(path.dirname(file), { recursive: true });
+      await writeFileAtomic(file, Buffer.concat([header, keyJson, model]));
+    } catch (err) {
+      throw fileError(file, `cannot write lowered model (${(err as Error).message})`, err);
+    }
+  }
+
+  /** Entry counts and sizes per namespace, and the lowered models; `*.tmp` files are ignored. */
   async info(): Promise<CacheInfo> {
     const namespaces: CacheNamespaceInfo[] = [];
     for (const id of await this.namespaceIds()) {
@@ -330,21 +366,46 @@ export class EmbeddingCache {
         a.view.localeCompare(b.view) ||
         a.id.localeCompare(b.id),
     );
+    const models: LoweredModelInfo[] = [];
+    for (const { file, st, key } of await this.listLowered()) {
+      models.push({
+        id: path
+          .basename(file)
+          .replace(/\.[a-z]+$/, '')
+          .slice(0, 32),
+        backboneId: key?.backboneId ?? 'unknown',
+        cut: key?.cut ?? null,
+        lowering: key?.lowering ?? 0,
+        bytes: st.size,
+        lastUsed: new Date(st.mtimeMs).toISOString(),
+      });
+    }
+    models.sort(
+      (a, b) =>
+        a.backboneId.localeCompare(b.backboneId) ||
+        (a.cut ?? '').localeCompare(b.cut ?? '') ||
+        a.id.localeCompare(b.id),
+    );
     return {
       dir: this.dir,
       entries: namespaces.reduce((s, n) => s + n.entries, 0),
       bytes: namespaces.reduce((s, n) => s + n.bytes, 0),
       namespaces,
+      lowered: {
+        count: models.length,
+        bytes: models.reduce((s, m) => s + m.bytes, 0),
+        models,
+      },
     };
   }
 
   /**
-   * Removes entries: all of them by default, only a backbone's with `backbone`, only those
-   * last used more than `olderThanMs` ago with `olderThanMs`. Also removes `*.tmp` files older
-   * than a minute (left by killed writers) and namespace folders left empty. `removed` counts
-   * entries; `bytes` includes the removed temp files.
+   * Removes entries and lowered models: all of them by default, only a backbone's with
+   * `backbone`, only those last used more than `olderThanMs` ago with `olderThanMs`. Also
+   * removes `*.tmp` files older than a minute (left by killed writers) and namespace folders
+   * left empty. `bytes` includes the removed temp files.
    */
-  async clear(options: CacheClearOptions = {}): Promise<{ removed: number; bytes: number }> {
+  async clear(options: CacheClearOptions = {}): Promise<CacheClearResult> {
     const backbone =
       options.backbone === undefined ? undefined : nonEmptyString('backbone', options.backbone);
     const olderThanMs =
@@ -384,11 +445,53 @@ export class EmbeddingCache {
         await rmdir(nsDir).catch(() => {});
       }
     }
-    return { removed, bytes };
+    let lowered = 0;
+    for (const { file, st, key, isTmp } of await this.listLowered(true)) {
+      const old = now - st.mtimeMs;
+      const match = isTmp
+        ? old > STRAY_TMP_MS
+        : (backbone === undefined || key?.backboneId === backbone) &&
+          (olderThanMs === undefined || old > olderThanMs);
+      if (!match) continue;
+      try {
+        await unlink(file);
+      } catch (err) {
+        if (isMissing(err)) continue;
+        throw fileError(file, `cannot remove lowered model (${(err as Error).message})`, err);
+      }
+      bytes += st.size;
+      if (!isTmp) lowered++;
+    }
+    await rmdir(this.loweredDir()).catch(() => {});
+    return { removed, lowered, bytes };
   }
 
   private embeddingsDir(): string {
     return path.join(this.dir, 'embeddings');
+  }
+
+  private loweredDir(): string {
+    return path.join(this.dir, 'onnx');
+  }
+
+  /** The lowered-model files with their stats and keys (null: unreadable or legacy). */
+  private async listLowered(
+    withTmp = false,
+  ): Promise<{ file: string; st: Stats; key: LoweredModelKey | null; isTmp: boolean }[]> {
+    const out: { file: string; st: Stats; key: LoweredModelKey | null; isTmp: boolean }[] = [];
+    for (const d of await listDir(this.loweredDir())) {
+      const isTmp = d.name.endsWith(TMP_EXT);
+      const ours =
+        (d.name.endsWith(LOWERED_EXT) && ID_PATTERN.test(d.name.slice(0, -LOWERED_EXT.length))) ||
+        LEGACY_LOWERED.test(d.name);
+      if (!(ours || (withTmp && isTmp))) continue;
+      const file = path.join(this.loweredDir(), d.name);
+      const st = await statOrNull(file);
+      if (!st?.isFile()) continue;
+      const key = d.name.endsWith(LOWERED_EXT) ? await readLoweredKey(file) : null;
+      out.push({ file, st, key, isTmp });
+    }
+    return out;
   }
 
   private namespaceDir(ns: CacheNamespace): string {
@@ -408,7 +511,7 @@ export class EmbeddingCache {
     const file = path.join(nsDir, NAMESPACE_FILE);
     if (!(await statOrNull(file))) {
       const record = { ...JSON.parse(canonicalNamespace(ns)), createdAt: new Date().toISOString() };
-      await writeAtomic(file, `${JSON.stringify(record, null, 2)}\n`);
+      await writeFileAtomic(file, `${JSON.stringify(record, null, 2)}\n`);
     }
     this.described.add(nsDir);
   }
@@ -425,6 +528,86 @@ function canonicalNamespace(ns: CacheNamespace): string {
     view: nonEmptyString('namespace.view', ns.view),
     weightsHash: nonEmptyString('namespace.weightsHash', ns.weightsHash),
   });
+}
+
+/** The key as JSON with a fixed field order, checked. */
+function canonicalLoweredKey(key: LoweredModelKey): string {
+  if (typeof key !== 'object' || key === null) throw invalidOption('lowered key', 'an object', key);
+  if (key.cut !== null) nonEmptyString('lowered key.cut', key.cut);
+  return JSON.stringify({
+    backboneId: nonEmptyString('lowered key.backboneId', key.backboneId),
+    cut: key.cut,
+    lowering: positiveInteger('lowered key.lowering', key.lowering),
+    weightsHash: nonEmptyString('lowered key.weightsHash', key.weightsHash),
+  });
+}
+
+function loweredId(key: LoweredModelKey): string {
+  return sha256(canonicalLoweredKey(key)).slice(0, 32);
+}
+
+/** The key JSON and model bytes of a well-formed lowered-model file, or null. */
+function decodeLowered(bytes: Buffer): { keyJson: string; model: Uint8Array } | null {
+  if (bytes.length < LOWERED_HEADER_BYTES) return null;
+  if (bytes.readUInt32LE(0) !== LOWERED_MAGIC || bytes.readUInt32LE(4) !== LOWERED_VERSION)
+    return null;
+  const m = bytes.readUInt32LE(8);
+  if (m > MAX_KEY_BYTES || LOWERED_HEADER_BYTES + m > bytes.length) return null;
+  const rest = bytes.subarray(LOWERED_HEADER_BYTES);
+  if (sha256(rest) !== bytes.subarray(12, LOWERED_HEADER_BYTES).toString('hex')) return null;
+  // A copy, so the bytes handed to ONNX Runtime start at offset 0 of their own buffer.
+  return { keyJson: rest.subarray(0, m).toString('utf8'), model: new Uint8Array(rest.subarray(m)) };
+}
+
+/** The key in a lowered-model file's header (without reading the model), or null. */
+async function readLoweredKey(file: string): Promise<LoweredModelKey | null> {
+  try {
+    const handle = await open(file, 'r');
+    try {
+      const header = Buffer.alloc(LOWERED_HEADER_BYTES);
+      const { bytesRead } = await handle.read(header, 0, LOWERED_HEADER_BYTES, 0);
+      if (bytesRead !== LOWERED_HEADER_BYTES || header.readUInt32LE(0) !== LOWERED_MAGIC)
+        return null;
+      const m = header.readUInt32LE(8);
+      if (m > MAX_KEY_BYTES) return null;
+      const json = Buffer.alloc(m);
+      await handle.read(json, 0, m, LOWERED_HEADER_BYTES);
+      const key = JSON.parse(json.toString('utf8')) as LoweredModelKey;
+      canonicalLoweredKey(key);
+      return key;
+    } finally {
+      await handle.close();
+    }
+  } catch {
+    return null;
+  }
+}
+
+/** A file's bytes and the stats of what was read, or null when it does not exist. */
+async function readChecked(file: string): Promise<{ bytes: Buffer; st: Stats } | null> {
+  try {
+    const handle = await open(file, 'r');
+    try {
+      const st = await handle.stat();
+      return { bytes: await handle.readFile(), st };
+    } finally {
+      await handle.close();
+    }
+  } catch (err) {
+    if (isMissing(err)) return null;
+    throw fileError(file, `cannot read cache file (${(err as Error).message})`, err);
+  }
+}
+
+/**
+ * Deletes `file` only if it is still the one that was read: another process may have just
+ * renamed a good file over it, and that one must survive.
+ */
+async function unlinkIfSame(file: string, st: Stats): Promise<void> {
+  const now = await statOrNull(file);
+  if (now && now.ino === st.ino && now.dev === st.dev && now.mtimeMs === st.mtimeMs) {
+    await unlink(file).catch(() => {});
+  }
 }
 
 function olderThan(ms: unknown): number {

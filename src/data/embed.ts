@@ -1,6 +1,6 @@
-import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import type { FrozenModel } from '../engine/types.js';
+import { sha256 } from '../io/hash.js';
 import type { CacheNamespace, EmbeddingCache } from './cache.js';
 import { decodeImage, mapConcurrent, toModelInput } from './decode.js';
 
@@ -145,7 +145,7 @@ export async function embedFiles(
         reason: `unreadable file (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`,
       };
     }
-    const key = createHash('sha256').update(bytes).digest('hex');
+    const key = sha256(bytes);
     if (cache) {
       const values = await cache.store.get(cache.namespace, key, width);
       if (values) return { kind: 'hit', values };

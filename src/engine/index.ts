@@ -1,27 +1,37 @@
-import { mkdir, readFile, rename, writeFile } from 'node:fs/promises';
-import { availableParallelism } from 'node:os';
-import path from 'node:path';
 import type * as tf from '@tensorflow/tfjs';
-import type { BackendInfo } from '../backend/index.js';
+import { EmbeddingCache, type LoweredModelKey } from '../data/cache.js';
 import { FinetuneError } from '../errors.js';
-import { oneOfValues, positiveInteger } from '../util/is.js';
+import { oneOfValues } from '../util/is.js';
+import type { EngineContext } from './context.js';
 import { lowerToOnnx, UnsupportedLayerError } from './onnx/lower.js';
 import { OnnxFrozenModel } from './onnx/session.js';
 import { WorkerPoolFrozenModel, type WorkerRecipe } from './pool.js';
 import { TfjsFrozenModel } from './tfjs.js';
 import type { EngineName, FrozenModel } from './types.js';
 
+export {
+  ENGINE_OPTIONS,
+  type EngineContext,
+  type EngineContextOptions,
+  type EngineOption,
+  resolveEngineContext,
+} from './context.js';
+
 /** Bumped whenever the lowering changes what it writes, so stale cached graphs are not reused. */
 const LOWERING_VERSION = 1;
 
-export type EngineOption = 'auto' | EngineName;
-export const ENGINE_OPTIONS: readonly EngineOption[] = ['auto', 'onnx', 'tfjs'];
+const ROW_ORDERS: readonly ('nhwc' | 'nchw')[] = Object.freeze(['nhwc', 'nchw']);
 
 /** A frozen model to run, which engine runs it, and why when auto passed onnx over. */
 export interface EngineChoice {
   readonly model: FrozenModel;
   readonly engine: EngineName;
   readonly reason: string | null;
+  /**
+   * Where the ONNX graph came from: 'cache' (lowered by an earlier run), 'now' (lowered
+   * here), or null (given as bytes, or the tfjs engine runs).
+   */
+  readonly lowered: 'cache' | 'now' | null;
 }
 
 export interface FrozenModelSource {
@@ -33,50 +43,58 @@ export interface FrozenModelSource {
   readonly outputSize: number;
   /** The tfjs forward pass (the fallback). */
   readonly forward: (pixels: tf.Tensor4D) => tf.Tensor;
-  /** Keys the lowered-model cache; null disables it. */
-  readonly hash: string | null;
+  /**
+   * Keys the lowered copy in the context's cache folder (the lowering version is added
+   * here); omitted or null: lowered on every call, never cached.
+   */
+  readonly cacheKey?: Omit<LoweredModelKey, 'lowering'> | null;
   /** How a worker thread builds the same model, for the tfjs engine's worker pool on wasm. */
   readonly recipe?: WorkerRecipe;
-}
-
-export interface EngineOptions {
-  engine?: EngineOption;
-  backend: BackendInfo;
-  /** ONNX Runtime intra-op threads; default all cores. */
-  threads?: number;
-  /** Where lowered models are cached (`<dir>/onnx/<hash>.onnx`); null for no cache. */
-  cacheDir?: string | null;
   /**
-   * Worker threads for the tfjs engine on wasm (which has no threads of its own in
-   * Node); default all cores. 1 runs in this thread.
+   * Order of each row of a 4-D output: 'nhwc' (default) is what tfjs gives and tfjs
+   * consumers read, whichever engine runs; 'nchw' leaves ONNX Runtime's rows as the graph
+   * computes them (and only suits the onnx engine).
    */
-  workers?: number;
+  readonly rows?: 'nhwc' | 'nchw';
 }
 
 /**
  * Picks the engine for a frozen forward pass. `auto` lowers to ONNX Runtime unless the
  * model cannot be lowered or the tfjs backend is a GPU one (then tfjs, with the reason).
+ * Every engine returns rows in the order `source.rows` asks for.
+ *
+ * @example
+ *   const context = resolveEngineContext({ backend: await initBackend('auto') });
+ *   const { model, engine } = await createFrozenModel(source, context);
  */
 export async function createFrozenModel(
   source: FrozenModelSource,
-  options: EngineOptions,
+  context: EngineContext,
 ): Promise<EngineChoice> {
-  const requested = oneOfValues('engine', options.engine ?? 'auto', ENGINE_OPTIONS);
-  if (options.workers !== undefined) positiveInteger('workers', options.workers);
-  const workers = options.workers ?? availableParallelism();
-  const tfjs = async (): Promise<FrozenModel> =>
-    source.recipe && workers > 1 && options.backend.tfBackend === 'wasm'
-      ? WorkerPoolFrozenModel.create(source.recipe, { workers })
+  const requested = context.engine;
+  const rows = oneOfValues('rows', source.rows ?? 'nhwc', ROW_ORDERS);
+  const tfjs = async (): Promise<FrozenModel> => {
+    if (rows !== 'nhwc')
+      throw new FinetuneError("Cannot give 'nchw' rows on the tfjs engine: tfjs computes NHWC");
+    return source.recipe && context.workers > 1 && context.backend.tfBackend === 'wasm'
+      ? WorkerPoolFrozenModel.create(source.recipe, { workers: context.workers })
       : new TfjsFrozenModel(source.inputSize, source.outputSize, source.forward);
-  if (requested === 'tfjs') return { model: await tfjs(), engine: 'tfjs', reason: null };
+  };
+  if (requested === 'tfjs')
+    return { model: await tfjs(), engine: 'tfjs', reason: null, lowered: null };
   let why: string | null = null;
   let bytes: Uint8Array | null = null;
-  if (requested === 'auto' && options.backend.gpu) why = 'the tfjs backend runs on a GPU';
+  let lowered: 'cache' | 'now' | null = null;
+  if (requested === 'auto' && context.backend.gpu) why = 'the tfjs backend runs on a GPU';
   else if (source.onnx) bytes = source.onnx;
   else if (!source.layersModel) why = 'graph models cannot be lowered to ONNX';
   else {
     try {
-      bytes = await loweredBytes(source.layersModel, source.hash, options.cacheDir ?? null);
+      ({ bytes, from: lowered } = await loweredBytes(
+        source.layersModel,
+        source.cacheKey ?? null,
+        context.cacheDir,
+      ));
     } catch (err) {
       if (!(err instanceof UnsupportedLayerError)) throw err;
       why = err.message;
@@ -84,32 +102,32 @@ export async function createFrozenModel(
   }
   if (why || !bytes) {
     if (requested === 'onnx') throw new FinetuneError(`Cannot use --engine onnx: ${why}`);
-    return { model: await tfjs(), engine: 'tfjs', reason: why };
+    return { model: await tfjs(), engine: 'tfjs', reason: why, lowered: null };
   }
   const model = await OnnxFrozenModel.create(bytes, {
     inputSize: source.inputSize,
-    ...(options.threads !== undefined ? { threads: options.threads } : {}),
+    threads: context.threads,
+    rows,
   });
-  return { model, engine: 'onnx', reason: null };
+  return { model, engine: 'onnx', reason: null, lowered };
 }
 
-/** Lowers once per machine: the ONNX bytes are kept beside the embedding cache, keyed by the weights' hash. */
+/**
+ * Lowers once per machine: the ONNX bytes are kept in the cache folder (see `EmbeddingCache`)
+ * under the backbone's weights hash, the cut and the lowering version; a damaged copy is
+ * lowered again.
+ */
 async function loweredBytes(
   model: tf.LayersModel,
-  hash: string | null,
+  key: Omit<LoweredModelKey, 'lowering'> | null,
   cacheDir: string | null,
-): Promise<Uint8Array> {
-  if (!hash || !cacheDir) return lowerToOnnx(model);
-  const file = path.join(cacheDir, 'onnx', `${hash}-lowering${LOWERING_VERSION}.onnx`);
-  try {
-    return new Uint8Array(await readFile(file));
-  } catch {
-    // not cached yet
-  }
+): Promise<{ bytes: Uint8Array; from: 'cache' | 'now' }> {
+  if (!key || !cacheDir) return { bytes: lowerToOnnx(model), from: 'now' };
+  const cache = new EmbeddingCache(cacheDir);
+  const full: LoweredModelKey = { ...key, lowering: LOWERING_VERSION };
+  const cached = await cache.getLowered(full);
+  if (cached) return { bytes: cached, from: 'cache' };
   const bytes = lowerToOnnx(model);
-  await mkdir(path.dirname(file), { recursive: true });
-  const tmp = `${file}.${process.pid}.${Date.now()}.tmp`;
-  await writeFile(tmp, bytes);
-  await rename(tmp, file);
-  return bytes;
+  await cache.putLowered(full, bytes);
+  return { bytes, from: 'now' };
 }

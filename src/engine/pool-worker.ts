@@ -5,6 +5,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import * as tf from '@tensorflow/tfjs';
 import { loadBackbone } from '../backbones/load.js';
+import { cutPrefix } from '../backbones/prefix.js';
 import { initBackend } from '../backend/index.js';
 import { FinetuneError } from '../errors.js';
 import { loadClassifierModel } from '../export/model-dir.js';
@@ -61,37 +62,23 @@ async function build(recipe: WorkerRecipe): Promise<Built> {
     };
   }
   const backbone = await loadBackbone(recipe.backbone, recipe.options);
-  if (recipe.cutAt === undefined) {
+  if (recipe.firstUnfrozen === undefined) {
     return {
       inputSize: backbone.inputSize,
       outputSize: backbone.featureSize,
       forward: (x) => backbone.embed(x),
     };
   }
-  const body = backbone.model;
-  if (!body) {
+  if (!backbone.model) {
     throw new FinetuneError(
-      `Cannot cut ${recipe.backbone} at '${recipe.cutAt}': only layers-format backbones can be cut`,
+      `Cannot cut ${recipe.backbone} before '${recipe.firstUnfrozen}': only layers-format backbones can be cut`,
     );
   }
-  let output: tf.SymbolicTensor | tf.SymbolicTensor[];
-  try {
-    output = body.getLayer(recipe.cutAt).output;
-  } catch (err) {
-    throw new FinetuneError(`Backbone ${recipe.backbone} has no layer '${recipe.cutAt}'`, {
-      cause: err,
-    });
-  }
-  if (Array.isArray(output)) {
-    throw new FinetuneError(
-      `Expected layer '${recipe.cutAt}' of ${recipe.backbone} to have one output but it has ${output.length}`,
-    );
-  }
-  const prefix = tf.model({ inputs: body.inputs, outputs: output });
+  const prefix = cutPrefix(backbone.model, recipe.firstUnfrozen);
   return {
     inputSize: backbone.inputSize,
-    outputSize: rowSize(output.shape, `layer '${recipe.cutAt}'`),
-    forward: (x) => prefix.predict(x) as tf.Tensor,
+    outputSize: prefix.cutShape.reduce((a, b) => a * b, 1),
+    forward: (x) => prefix.model.predict(x) as tf.Tensor,
   };
 }
 

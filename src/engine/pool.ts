@@ -14,10 +14,10 @@ export type WorkerRecipe =
       backbone: string;
       options: { inputSize?: number; alpha?: number; featureLayer?: string };
       /**
-       * Run the body only up to this layer's output (a frozen prefix); each output row
-       * is that layer's output flattened (NHWC order).
+       * Run only the frozen prefix before this layer (see `cutPrefix`); each output row
+       * is the prefix output flattened (NHWC order).
        */
-      cutAt?: string;
+      firstUnfrozen?: string;
     }
   | {
       kind: 'classifier';

@@ -1,12 +1,11 @@
 import { readFile, stat } from 'node:fs/promises';
 import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
-import { type Backbone, loadBackbone } from '../backbones/load.js';
-import type { BackboneSpec } from '../backbones/registry.js';
+import { type Backbone, backboneFromRecord, loadBackbone } from '../backbones/load.js';
 import { type BackendOption, initBackend } from '../backend/index.js';
 import { embedFiles, type SkippedFile } from '../data/embed.js';
 import { listFiles, scanClassFolders } from '../data/scan.js';
-import { createFrozenModel, type EngineOption } from '../engine/index.js';
+import { createFrozenModel, type EngineOption, resolveEngineContext } from '../engine/index.js';
 import type { FrozenModel } from '../engine/types.js';
 import { FinetuneError, fileError } from '../errors.js';
 import { argmax } from '../train/fit.js';
@@ -29,32 +28,53 @@ export interface ClassifierRunOptions {
   workers?: number;
 }
 
+/**
+ * Why the model.onnx exported beside a full classifier was not run: `error` false for the
+ * normal case of there being none ('no model.onnx'), true when it exists but could not be
+ * read (the reason names the file). The classifier then runs as `engine` says: lowered
+ * again here, or on tfjs.
+ */
+export interface OnnxFallback {
+  readonly reason: string;
+  readonly error: boolean;
+}
+
 /** A loaded classifier, ready to run on raw pixels. */
 export interface Classifier {
   readonly labels: readonly string[];
   readonly metadata: ClassifierMetadata;
   readonly frozen: FrozenModel;
   readonly engineReason: string | null;
+  /** Set when the exported model.onnx was wanted but not used; null otherwise. */
+  readonly onnxFallback: OnnxFallback | null;
   dispose(): Promise<void>;
 }
 
 /** Loads a classifier exported by `train` onto the chosen engine. */
 export async function loadClassifier(options: ClassifierRunOptions): Promise<Classifier> {
   const backend = await initBackend(options.backend ?? 'auto');
+  const context = resolveEngineContext({
+    engine: options.engine,
+    backend,
+    threads: options.threads,
+    workers: options.workers,
+  });
   const { model, metadata, file } = await loadClassifierModel(options.model);
-  const onnx =
-    metadata.contents === 'full' && options.engine !== 'tfjs'
-      ? await readOptional(path.join(path.dirname(file), ONNX_FILE))
-      : null;
-  let backbone: Backbone | null = null;
-  if (metadata.contents === 'head') {
-    backbone = await loadBackbone(specFromMetadata(metadata), { inputSize: metadata.input.size });
-  }
-  const bb = backbone;
-  const forward = bb
-    ? (x: tf.Tensor4D) => tf.tidy(() => model.predict(bb.embed(x)) as tf.Tensor)
-    : (x: tf.Tensor4D) => model.predict(x) as tf.Tensor;
+  const exported =
+    metadata.contents === 'full' && context.engine !== 'tfjs'
+      ? await readExportedOnnx(path.join(path.dirname(file), ONNX_FILE))
+      : { bytes: null, fallback: null };
+  const onnx = exported.bytes;
+  let bb: Backbone | null = null;
   try {
+    if (metadata.contents === 'head') {
+      const ref = backboneFromRecord({ ...metadata.backbone, inputSize: metadata.input.size });
+      bb = await loadBackbone(ref.backbone, ref.options);
+    }
+    const backbone = bb;
+    const forward = backbone
+      ? (x: tf.Tensor4D) => tf.tidy(() => model.predict(backbone.embed(x)) as tf.Tensor)
+      : (x: tf.Tensor4D) => model.predict(x) as tf.Tensor;
     const choice = await createFrozenModel(
       {
         layersModel: bb ? null : model,
@@ -62,25 +82,20 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
         inputSize: metadata.input.size,
         outputSize: metadata.labels.length,
         forward,
-        hash: null,
         ...(bb ? {} : { recipe: { kind: 'classifier' as const, model: file } }),
       },
-      {
-        engine: options.engine ?? 'auto',
-        backend,
-        ...(options.threads !== undefined ? { threads: options.threads } : {}),
-        ...(options.workers !== undefined ? { workers: options.workers } : {}),
-      },
+      context,
     );
     return {
       labels: metadata.labels,
       metadata,
       frozen: choice.model,
       engineReason: choice.reason,
+      onnxFallback: exported.fallback,
       async dispose() {
         await choice.model.dispose();
         model.dispose();
-        bb?.dispose();
+        backbone?.dispose();
       },
     };
   } catch (err) {
@@ -90,20 +105,35 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
   }
 }
 
-async function readOptional(file: string): Promise<Uint8Array | null> {
-  try {
-    return new Uint8Array(await readFile(file));
-  } catch {
-    return null;
-  }
-}
+/** ONNX Runtime reads a model through protobuf, which stops at 2 GiB. */
+const MAX_ONNX_BYTES = 2 ** 31 - 1;
 
-function specFromMetadata(m: ClassifierMetadata): BackboneSpec | string {
-  const src = m.backbone.source as BackboneSpec['source'];
-  if (src.kind === 'model-json') return src.location;
-  if (src.kind === 'tfjs-models-mobilenet')
-    return src.version === 1 ? 'mobilenet_v1' : 'mobilenet_v2';
-  return m.backbone.id;
+/**
+ * The exported model.onnx, or why not: missing is the normal fallback; anything else (not a
+ * regular file, too large, unreadable) is reported, never thrown, since the classifier still
+ * runs without it. Stat first: reading a FIFO would block forever.
+ */
+async function readExportedOnnx(
+  file: string,
+): Promise<{ bytes: Uint8Array | null; fallback: OnnxFallback | null }> {
+  const fail = (reason: string) => ({ bytes: null, fallback: { reason, error: true } });
+  let size: number;
+  try {
+    const st = await stat(file);
+    if (!st.isFile()) return fail(`${file}: not a regular file`);
+    size = st.size;
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT')
+      return { bytes: null, fallback: { reason: 'no model.onnx', error: false } };
+    return fail(`${file}: cannot read (${(err as Error).message})`);
+  }
+  if (size > MAX_ONNX_BYTES) return fail(`${file}: ${size} bytes, more than ONNX Runtime reads`);
+  try {
+    return { bytes: new Uint8Array(await readFile(file)), fallback: null };
+  } catch (err) {
+    return fail(`${file}: cannot read (${(err as Error).message})`);
+  }
 }
 
 export interface PredictOptions extends ClassifierRunOptions {
@@ -123,6 +153,8 @@ export interface PredictResult {
   readonly skipped: readonly SkippedFile[];
   readonly engine: string;
   readonly labels: readonly string[];
+  /** Why the exported model.onnx was not run, if it was wanted (see `OnnxFallback`). */
+  readonly onnxFallback: OnnxFallback | null;
 }
 
 /** Expands files and folders into a sorted file list; a missing path is an error naming it. */
@@ -174,6 +206,7 @@ export async function predict(options: PredictOptions): Promise<PredictResult> {
       skipped: result.skipped,
       engine: classifier.frozen.engine,
       labels: classifier.labels,
+      onnxFallback: classifier.onnxFallback,
     };
   } finally {
     await classifier.dispose();
@@ -188,6 +221,8 @@ export interface EvaluateOptions extends ClassifierRunOptions {
 export interface EvaluateResult extends ClassificationReport {
   readonly skipped: readonly SkippedFile[];
   readonly engine: string;
+  /** Why the exported model.onnx was not run, if it was wanted (see `OnnxFallback`). */
+  readonly onnxFallback: OnnxFallback | null;
 }
 
 /** Accuracy, per-class precision/recall/F1 and the confusion matrix on a labelled folder. */
@@ -215,7 +250,12 @@ export async function evaluate(options: EvaluateOptions): Promise<EvaluateResult
       predicted,
       classifier.labels,
     );
-    return { ...report, skipped: result.skipped, engine: classifier.frozen.engine };
+    return {
+      ...report,
+      skipped: result.skipped,
+      engine: classifier.frozen.engine,
+      onnxFallback: classifier.onnxFallback,
+    };
   } finally {
     await classifier.dispose();
   }

@@ -1,4 +1,3 @@
-import { createHash } from 'node:crypto';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
@@ -86,11 +85,4 @@ export function concatBuffers(buffers: readonly Uint8Array[]): ArrayBuffer {
     offset += b.byteLength;
   }
   return out.buffer;
-}
-
-/** sha256 hex of some byte arrays and strings, in order. */
-export function sha256(...parts: ReadonlyArray<Uint8Array | string>): string {
-  const h = createHash('sha256');
-  for (const p of parts) h.update(p);
-  return h.digest('hex');
 }

@@ -1,10 +1,10 @@
 import * as tf from '@tensorflow/tfjs';
 import { type Backbone, backboneRecipe } from '../backbones/load.js';
-import type { BackendInfo } from '../backend/index.js';
+import { cutPrefix } from '../backbones/prefix.js';
 import { type AugmentKind, applyAugment, augmentPlan } from '../data/augment.js';
 import type { CacheNamespace, EmbeddingCache } from '../data/cache.js';
 import { embedFiles } from '../data/embed.js';
-import { createFrozenModel, type EngineOption } from '../engine/index.js';
+import { createFrozenModel, type EngineContext } from '../engine/index.js';
 import type { FrozenModel } from '../engine/types.js';
 import { FinetuneError, invalidOption } from '../errors.js';
 import { dropoutSeeder, logitsView } from '../head/build.js';
@@ -104,15 +104,9 @@ type Symbolic = tf.SymbolicTensor;
  * connection across the cut) makes the cut impossible: the error names both.
  */
 export function splitBody(body: tf.LayersModel, firstUnfrozen: string): SplitBody {
+  const { cut, cutLayer, cutShape, model: prefix } = cutPrefix(body, firstUnfrozen);
   const first = body.getLayer(firstUnfrozen);
-  const inbound = first.inboundNodes[0]!.inputTensors as Symbolic[];
-  if (inbound.length !== 1)
-    throw new FinetuneError(
-      `Cannot cut the backbone at ${firstUnfrozen}: it has ${inbound.length} inputs`,
-    );
-  const cut = inbound[0]!;
-  const cutShape = cut.shape.slice(1) as number[];
-  const input = tf.input({ shape: cutShape, name: `${firstUnfrozen}_input` });
+  const input = tf.input({ shape: [...cutShape], name: `${firstUnfrozen}_input` });
   const mapped = new Map<number, Symbolic>([[cut.id, input]]);
   const layers: tf.layers.Layer[] = [];
   const startIndex = body.layers.indexOf(first);
@@ -138,9 +132,9 @@ export function splitBody(body: tf.LayersModel, firstUnfrozen: string): SplitBod
     );
   const suffix = tf.model({ inputs: input, outputs: output, name: 'trainable_suffix' });
   return {
-    cutLayer: cut.sourceLayer.name,
+    cutLayer,
     cutShape,
-    prefix: tf.model({ inputs: body.inputs, outputs: cut, name: 'frozen_prefix' }),
+    prefix,
     suffix,
     layers,
     release: () => {
@@ -213,32 +207,6 @@ export function bytesPerImage(layers: readonly tf.layers.Layer[]): number {
     floats += shape.slice(1).reduce((a, b) => a * (b ?? 1), 1);
   }
   return floats * 4 * 3;
-}
-
-/** A frozen model whose 4-D output rows come back NCHW (ONNX) turned to NHWC for tfjs. */
-export function nhwcRows(model: FrozenModel, shape: readonly number[]): FrozenModel {
-  if (model.engine !== 'onnx' || shape.length !== 3) return model;
-  const [h, w, c] = shape as [number, number, number];
-  return {
-    engine: model.engine,
-    layout: model.layout,
-    inputSize: model.inputSize,
-    outputSize: model.outputSize,
-    async run(batch, n) {
-      const chw = await model.run(batch, n);
-      const out = new Float32Array(chw.length);
-      const plane = h * w;
-      for (let i = 0; i < n; i++) {
-        const base = i * plane * c;
-        for (let ch = 0; ch < c; ch++) {
-          const src = base + ch * plane;
-          for (let p = 0; p < plane; p++) out[base + p * c + ch] = chw[src + p]!;
-        }
-      }
-      return out;
-    },
-    dispose: () => model.dispose(),
-  };
 }
 
 /** Prefix activations of a list of files, for one augmented view (or the plain images). */
@@ -320,12 +288,8 @@ export interface FineTuneInputs {
   readonly numClasses: number;
   /** Validation accuracy of what stage one left in the head (for --keep best). */
   readonly headAcc: number | null;
-  readonly engine: {
-    readonly engine: EngineOption;
-    readonly backend: BackendInfo;
-    readonly threads?: number;
-    readonly workers?: number;
-  };
+  /** Where the frozen prefix runs (and its lowered copy is cached). */
+  readonly engine: EngineContext;
   readonly callbacks: readonly TrainingCallback[];
   readonly warn: (message: string) => void;
   /** Where prefix activations are kept between runs; null: in memory only. */
@@ -385,17 +349,16 @@ export async function runFineTune(
       inputSize: backbone.inputSize,
       outputSize: rowLength,
       forward: (x) => split.prefix.predict(x) as tf.Tensor,
-      hash: null,
-      recipe: backboneRecipe(backbone, split.cutLayer),
+      cacheKey: {
+        backboneId: backbone.spec.id,
+        weightsHash: backbone.weightsHash,
+        cut: split.cutLayer,
+      },
+      recipe: backboneRecipe(backbone, firstUnfrozen),
     },
-    {
-      engine: inputs.engine.engine,
-      backend: inputs.engine.backend,
-      ...(inputs.engine.threads ? { threads: inputs.engine.threads } : {}),
-      ...(inputs.engine.workers ? { workers: inputs.engine.workers } : {}),
-    },
+    inputs.engine,
   );
-  const prefix = nhwcRows(choice.model, split.cutShape);
+  const prefix = choice.model;
   const cache = inputs.cache
     ? { store: inputs.cache, namespace: cacheNamespace(backbone, split.cutLayer) }
     : null;

@@ -4,20 +4,15 @@ import { type BackendInfo, initBackend } from '../backend/index.js';
 import { EmbeddingCache } from '../data/cache.js';
 import { embedFiles, type LazyFrozenModel, type SkippedFile } from '../data/embed.js';
 import { type LabelledFile, loadSplits, type Splits } from '../data/scan.js';
-import { createFrozenModel, type EngineChoice, type EngineOption } from '../engine/index.js';
+import {
+  createFrozenModel,
+  type EngineChoice,
+  type EngineContext,
+  resolveEngineContext,
+} from '../engine/index.js';
 import type { EmbeddingSource, TrainEvent } from './events.js';
 import { cacheNamespace, firstUnfrozenLayer, graphModelError, parseUnfreeze } from './finetune.js';
 import { type ResolvedTrainOptions, resolveTrainOptions, type TrainOptions } from './options.js';
-
-/** How frozen passes run: resolved once per run and handed to every phase that needs an engine. */
-export interface EngineSettings {
-  readonly engine: EngineOption;
-  readonly backend: BackendInfo;
-  readonly threads?: number;
-  readonly workers?: number;
-  /** Where lowered models are cached; null: no cache. */
-  readonly cacheDir: string | null;
-}
 
 /** What the fine-tune stage will unfreeze, resolved against the backbone before any image is decoded. */
 export interface FinetunePlan {
@@ -31,7 +26,8 @@ export interface PreparedRun {
   readonly backend: BackendInfo;
   readonly splits: Splits;
   readonly backbone: Backbone;
-  readonly engine: EngineSettings;
+  /** How frozen passes run, resolved once for every phase of the run. */
+  readonly engine: EngineContext;
   readonly cache: EmbeddingCache | null;
   /** null without a fine-tune stage. */
   readonly finetune: FinetunePlan | null;
@@ -62,6 +58,13 @@ export async function prepareRun(options: TrainOptions): Promise<PreparedRun> {
   };
   const backend = await initBackend(o.backend);
   emit({ type: 'backend', backend });
+  const engine = resolveEngineContext({
+    engine: o.engine,
+    backend,
+    ...(o.threads !== undefined ? { threads: o.threads } : {}),
+    ...(o.workers !== undefined ? { workers: o.workers } : {}),
+    cacheDir: o.cache ? o.cacheDir : null,
+  });
   const splits = await loadSplits(o.data, { valSplit: o.valSplit, seed: o.seed });
   const warnings = [...splits.warnings];
   for (const message of splits.warnings) emit({ type: 'warning', message });
@@ -99,13 +102,7 @@ export async function prepareRun(options: TrainOptions): Promise<PreparedRun> {
     backend,
     splits,
     backbone,
-    engine: {
-      engine: o.engine,
-      backend,
-      ...(o.threads !== undefined ? { threads: o.threads } : {}),
-      ...(o.workers !== undefined ? { workers: o.workers } : {}),
-      cacheDir: o.cache ? o.cacheDir : null,
-    },
+    engine,
     cache: o.cache ? new EmbeddingCache(o.cacheDir) : null,
     finetune,
     warnings,
@@ -157,7 +154,7 @@ export async function embedSplits(run: PreparedRun): Promise<EmbeddedSplits> {
           inputSize: backbone.inputSize,
           outputSize: backbone.featureSize,
           forward: (x) => backbone.embed(x),
-          hash: backbone.weightsHash,
+          cacheKey: { backboneId: backbone.spec.id, weightsHash: backbone.weightsHash, cut: null },
           recipe: backboneRecipe(backbone),
         },
         run.engine,

@@ -8,7 +8,7 @@ import {
   type CacheNamespace,
   defaultCacheDir,
   EmbeddingCache,
-  parseDuration,
+  type LoweredModelKey,
 } from '../../src/data/cache.js';
 import { FinetuneError } from '../../src/errors.js';
 
@@ -19,6 +19,12 @@ const NS: CacheNamespace = {
   inputSize: 224,
   preprocessing: 'cover-bilinear;[-1,1]',
   view: 'plain',
+};
+const LOWERED: LoweredModelKey = {
+  backboneId: 'mobilenet-v2',
+  weightsHash: 'abc123',
+  cut: null,
+  lowering: 1,
 };
 const DAY = 24 * 60 * 60 * 1000;
 
@@ -163,6 +169,7 @@ describe('EmbeddingCache', () => {
       entries: 0,
       bytes: 0,
       namespaces: [],
+      lowered: { count: 0, bytes: 0, models: [] },
     });
     const flip = { ...NS, view: 'flip' };
     const other = { ...NS, backboneId: 'efficientnet-b0', inputSize: 240 };
@@ -198,12 +205,17 @@ describe('EmbeddingCache', () => {
     }
     assert.deepEqual(await cache.clear({ backbone: 'efficientnet-b0' }), {
       removed: 4,
+      lowered: 0,
       bytes: 4 * (20 + 64 * 4),
     });
     const ids = await readdir(path.join(cache.dir, 'embeddings'));
     assert.deepEqual(ids, [cache.namespaceId(NS)]);
     assert.equal((await cache.info()).entries, 4);
-    assert.deepEqual(await cache.clear({ backbone: 'no-such' }), { removed: 0, bytes: 0 });
+    assert.deepEqual(await cache.clear({ backbone: 'no-such' }), {
+      removed: 0,
+      lowered: 0,
+      bytes: 0,
+    });
     // A put after clear recreates the folder and its namespace.json.
     await cache.put(other, cache.key(new Uint8Array([0])), values(0));
     const info = await cache.info();
@@ -211,7 +223,7 @@ describe('EmbeddingCache', () => {
       'efficientnet-b0',
       'mobilenet-v2',
     ]);
-    assert.deepEqual(await cache.clear(), { removed: 5, bytes: 5 * (20 + 64 * 4) });
+    assert.deepEqual(await cache.clear(), { removed: 5, lowered: 0, bytes: 5 * (20 + 64 * 4) });
     assert.deepEqual(await readdir(path.join(cache.dir, 'embeddings')), []);
   });
 
@@ -228,8 +240,9 @@ describe('EmbeddingCache', () => {
     await writeFile(stray, 'x'.repeat(10));
     await writeFile(fresher, 'y');
     await utimes(stray, old, old);
-    assert.deepEqual(await cache.clear({ olderThanMs: parseDuration('30d') }), {
+    assert.deepEqual(await cache.clear({ olderThanMs: 30 * DAY }), {
       removed: 2,
+      lowered: 0,
       bytes: 2 * (20 + 64 * 4) + 10,
     });
     assert.equal(await cache.get(NS, keys[0]!, 64), null);
@@ -239,6 +252,95 @@ describe('EmbeddingCache', () => {
     await assert.rejects(stat(stray), { code: 'ENOENT' });
     await stat(fresher); // may belong to a running writer
     assert.equal((await cache.info()).entries, 2);
+  });
+
+  test('lowered models: stored under their key, a damaged copy is a deleted miss', async () => {
+    const cache = fresh();
+    const model = Uint8Array.from({ length: 3000 }, (_, i) => (i * 7) % 256);
+    assert.equal(await cache.getLowered(LOWERED), null);
+    await cache.putLowered(LOWERED, model);
+    assert.deepEqual(await cache.getLowered(LOWERED), model);
+    // Every key field matters.
+    for (const other of [
+      { ...LOWERED, backboneId: 'b' },
+      { ...LOWERED, weightsHash: 'def' },
+      { ...LOWERED, cut: 'block_3_add' },
+      { ...LOWERED, lowering: 2 },
+    ]) {
+      assert.notEqual(cache.loweredPath(other), cache.loweredPath(LOWERED));
+      assert.equal(await cache.getLowered(other), null);
+    }
+    const file = cache.loweredPath(LOWERED);
+    assert.equal(path.dirname(file), path.join(cache.dir, 'onnx'));
+    const good = await readFile(file);
+    // One flipped byte in the model, a truncated file, a wrong magic: each a miss, each deleted.
+    for (const bad of [
+      Buffer.concat([good.subarray(0, good.length - 1), Buffer.from([good.at(-1)! ^ 1])]),
+      good.subarray(0, 40),
+      Buffer.concat([Buffer.from('XXXX'), good.subarray(4)]),
+    ]) {
+      await writeFile(file, bad);
+      assert.equal(await cache.getLowered(LOWERED), null);
+      await assert.rejects(stat(file), { code: 'ENOENT' });
+    }
+    await cache.putLowered(LOWERED, model);
+    assert.deepEqual(await cache.getLowered(LOWERED), model);
+    assert.throws(() => cache.loweredPath({ ...LOWERED, cut: '' }), {
+      message: "Expected a non-empty string for lowered key.cut but received ''",
+    });
+    await assert.rejects(cache.putLowered(LOWERED, [1, 2] as unknown as Uint8Array), {
+      message: 'Expected a Uint8Array for model but received [1, 2]',
+    });
+  });
+
+  test('info counts lowered models; clear removes them by backbone, age, or all', async () => {
+    const cache = fresh();
+    const body = LOWERED;
+    const prefix = { ...LOWERED, cut: 'block_15_add' };
+    const other = { ...LOWERED, backboneId: 'tiny' };
+    await cache.putLowered(body, new Uint8Array(1000));
+    await cache.putLowered(prefix, new Uint8Array(500));
+    await cache.putLowered(other, new Uint8Array(200));
+    await cache.put(NS, cache.key(new Uint8Array([0])), values(0));
+    // The first lowering cache's files (no header, no checksum) are counted and cleared too.
+    const legacy = path.join(cache.dir, 'onnx', `${'a'.repeat(64)}-lowering1.onnx`);
+    await writeFile(legacy, 'x'.repeat(50));
+    const size = async (k: LoweredModelKey) => (await stat(cache.loweredPath(k))).size;
+    const [sb, sp, so] = [await size(body), await size(prefix), await size(other)];
+    assert.ok(sb > 1000 && sp > 500 && so > 200);
+    const info = await cache.info();
+    assert.equal(info.entries, 1);
+    assert.equal(info.lowered.count, 4);
+    assert.equal(info.lowered.bytes, sb + sp + so + 50);
+    assert.deepEqual(
+      info.lowered.models.map((m) => [m.backboneId, m.cut, m.lowering, m.bytes]),
+      [
+        ['mobilenet-v2', null, 1, sb],
+        ['mobilenet-v2', 'block_15_add', 1, sp],
+        ['tiny', null, 1, so],
+        ['unknown', null, 0, 50],
+      ],
+    );
+    assert.deepEqual(await cache.clear({ backbone: 'tiny' }), {
+      removed: 0,
+      lowered: 1,
+      bytes: so,
+    });
+    const old = new Date(Date.now() - 40 * DAY);
+    await utimes(cache.loweredPath(prefix), old, old);
+    assert.deepEqual(await cache.clear({ olderThanMs: 30 * DAY }), {
+      removed: 0,
+      lowered: 1,
+      bytes: sp,
+    });
+    assert.ok(await cache.getLowered(body));
+    assert.equal(await cache.getLowered(prefix), null);
+    assert.deepEqual(await cache.clear(), {
+      removed: 1,
+      lowered: 2,
+      bytes: 20 + 64 * 4 + sb + 50,
+    });
+    assert.deepEqual(await readdir(cache.dir), ['embeddings']);
   });
 
   test('two processes writing while this one reads never expose a partial entry', async () => {
@@ -318,30 +420,6 @@ describe('EmbeddingCache', () => {
       for (const f of await readdir(path.join(cache.dir, 'embeddings', cache.namespaceId(NS), s))) {
         assert.ok(f.endsWith('.bin'), f);
       }
-    }
-  });
-});
-
-describe('parseDuration', () => {
-  test('units', () => {
-    assert.equal(parseDuration('10s'), 10_000);
-    assert.equal(parseDuration('45m'), 45 * 60_000);
-    assert.equal(parseDuration('12h'), 12 * 3_600_000);
-    assert.equal(parseDuration('30d'), 30 * DAY);
-    assert.equal(parseDuration('1.5h'), 5_400_000);
-    assert.equal(parseDuration('0d'), 0);
-  });
-
-  test('bad values use the project wording', () => {
-    for (const bad of ['30', 'd', '30x', '-1d', '', '3 days', '1e3s']) {
-      assert.throws(
-        () => parseDuration(bad),
-        (err: unknown) =>
-          err instanceof FinetuneError &&
-          err.message ===
-            `Expected a duration such as 30d, 12h or 45m for older-than but received '${bad}'`,
-        bad,
-      );
     }
   });
 });

@@ -6,6 +6,7 @@ import { after, before, test } from 'node:test';
 import { pathToFileURL } from 'node:url';
 import * as tf from '@tensorflow/tfjs';
 import { type Backbone, loadBackbone } from '../../src/backbones/load.js';
+import { cutPrefix } from '../../src/backbones/prefix.js';
 import { initBackend } from '../../src/backend/index.js';
 import { WorkerPoolFrozenModel, type WorkerRecipe } from '../../src/engine/pool.js';
 import { TfjsFrozenModel } from '../../src/engine/tfjs.js';
@@ -103,29 +104,28 @@ test('fewer images than workers, none, and concurrent runs come back in order', 
   await assert.rejects(pool2.run(x, 4), /Expected at least/);
 });
 
-test('cutAt runs the frozen prefix up to that layer', async () => {
-  const layer = 'block_3_expand_relu';
-  const pool = await WorkerPoolFrozenModel.create({ ...RECIPE, cutAt: layer }, { workers: 2 });
+test('firstUnfrozen runs the shared prefix cut: a worker gives what this thread gives', async () => {
+  const first = 'block_4_expand';
+  const pool = await WorkerPoolFrozenModel.create(
+    { ...RECIPE, firstUnfrozen: first },
+    { workers: 1 },
+  );
+  const inProcess = cutPrefix(backbone.model!, first);
   try {
-    const shape = backbone.model!.getLayer(layer).outputShape as number[];
-    const row = shape[1]! * shape[2]! * shape[3]!;
-    assert.equal(row, (SIZE / 4) * (SIZE / 4) * 144); // stride 4, 6 × 24 channels
+    assert.equal(inProcess.cutLayer, 'block_3_project_BN');
+    assert.deepEqual(inProcess.cutShape, [SIZE / 8, SIZE / 8, 32]);
+    const row = inProcess.cutShape.reduce((a, b) => a * b, 1);
     assert.equal(pool.outputSize, row);
     const x = pixels(3, SIZE, 5);
     const got = await pool.run(x, 3);
     assert.equal(got.length, 3 * row);
-    const prefix = tf.model({
-      inputs: backbone.model!.inputs,
-      outputs: backbone.model!.getLayer(layer).output as tf.SymbolicTensor,
-    });
     const expected = tf.tidy(
       () =>
         (
-          prefix.predict(tf.tensor4d(x, [3, SIZE, SIZE, 3])) as tf.Tensor
+          inProcess.model.predict(tf.tensor4d(x, [3, SIZE, SIZE, 3])) as tf.Tensor
         ).dataSync() as Float32Array,
     );
-    const diff = maxAbsDiff(got, expected);
-    assert.ok(diff <= 1e-4, `max abs diff ${diff}`);
+    assert.equal(maxAbsDiff(got, expected), 0);
   } finally {
     await pool.dispose();
   }
@@ -175,10 +175,10 @@ test('a recipe that cannot load rejects with the worker’s message', async () =
   );
   await assert.rejects(
     WorkerPoolFrozenModel.create(
-      { kind: 'backbone', backbone: tiny, options: {}, cutAt: 'nope' },
+      { kind: 'backbone', backbone: tiny, options: {}, firstUnfrozen: 'nope' },
       { workers: 1 },
     ),
-    /no layer 'nope'/,
+    { message: "The backbone has no layer 'nope' to cut before" },
   );
   await assert.rejects(WorkerPoolFrozenModel.create(RECIPE, { workers: 0 }), /workers/);
 });

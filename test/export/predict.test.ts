@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { cp, mkdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
@@ -57,6 +58,34 @@ test('model.onnx and the tfjs export give the same probabilities', async () => {
     }
   });
   assert.ok(worst <= 1e-4, `max abs difference ${worst}`);
+});
+
+test('without a usable model.onnx the classifier still runs and says why', async () => {
+  const before = tf.memory().numTensors;
+  const used = await predict({ model: run, inputs: [data], engine: 'onnx' });
+  assert.equal(used.onnxFallback, null);
+  const viaTfjs = await predict({ model: run, inputs: [data], engine: 'tfjs' });
+  assert.equal(viaTfjs.onnxFallback, null); // not wanted, so not a fallback
+  // None exported: the normal fallback, lowered again here.
+  const none = path.join(dir, 'run-no-onnx');
+  await cp(run, none, { recursive: true });
+  await rm(path.join(none, 'model', 'model.onnx'));
+  const lowered = await predict({ model: none, inputs: [data] });
+  assert.deepEqual(lowered.onnxFallback, { reason: 'no model.onnx', error: false });
+  assert.equal(lowered.engine, 'onnx');
+  // One that cannot be read: reported as an error, and the run goes on.
+  const broken = path.join(dir, 'run-bad-onnx');
+  await cp(none, broken, { recursive: true });
+  const file = path.join(broken, 'model', 'model.onnx');
+  await mkdir(file);
+  const report = await evaluate({ model: broken, data });
+  assert.deepEqual(report.onnxFallback, { reason: `${file}: not a regular file`, error: true });
+  assert.equal(report.count, 24);
+  lowered.predictions.forEach((p, i) => {
+    assert.equal(p.top[0]!.label, used.predictions[i]!.top[0]!.label);
+    assert.ok(Math.abs(p.top[0]!.probability - used.predictions[i]!.top[0]!.probability) <= 1e-5);
+  });
+  assert.equal(tf.memory().numTensors, before);
 });
 
 test('evaluate reports per-class figures on labelled folders; unknown classes are named', async () => {

@@ -8,6 +8,11 @@ export interface OnnxFrozenModelOptions {
   inputSize: number;
   /** ONNX Runtime intra-op threads; default os.availableParallelism(). */
   threads?: number;
+  /**
+   * Order of the rows of a 4-D output: 'nchw' (default) as the graph computes them, or
+   * 'nhwc', reordered here to what tfjs gives for the same model.
+   */
+  rows?: 'nchw' | 'nhwc';
 }
 
 /**
@@ -35,7 +40,8 @@ export function executionProviders(value = process.env['FINETUNE_ORT_PROVIDERS']
 
 /**
  * A frozen forward pass on ONNX Runtime (CPU) over a graph from `lowerToOnnx`: NCHW raw
- * pixels in, one flat output row per image out (a 4-D output is flattened in NCHW order).
+ * pixels in, one flat output row per image out (a 4-D output is flattened in NCHW order,
+ * or NHWC with `rows: 'nhwc'`).
  */
 export class OnnxFrozenModel implements FrozenModel {
   readonly engine = 'onnx' as const;
@@ -45,12 +51,20 @@ export class OnnxFrozenModel implements FrozenModel {
   private readonly session: ort.InferenceSession;
   private readonly inputName: string;
   private readonly outputName: string;
+  /** [C, H, W] of a 4-D output whose rows come back NHWC; null: rows as the graph gives them. */
+  private readonly reorder: readonly [number, number, number] | null;
   private disposed = false;
 
-  private constructor(session: ort.InferenceSession, inputSize: number, outputSize: number) {
+  private constructor(
+    session: ort.InferenceSession,
+    inputSize: number,
+    outputSize: number,
+    reorder: readonly [number, number, number] | null,
+  ) {
     this.session = session;
     this.inputSize = inputSize;
     this.outputSize = outputSize;
+    this.reorder = reorder;
     this.inputName = session.inputNames[0]!;
     this.outputName = session.outputNames[0]!;
   }
@@ -73,6 +87,8 @@ export class OnnxFrozenModel implements FrozenModel {
     if (!Number.isInteger(threads) || threads <= 0) {
       throw invalidOption('threads', 'a positive integer', threads);
     }
+    const rows = options.rows ?? 'nchw';
+    if (rows !== 'nchw' && rows !== 'nhwc') throw invalidOption('rows', "'nchw' or 'nhwc'", rows);
     let session: ort.InferenceSession;
     try {
       session = await ort.InferenceSession.create(onnxBytes, {
@@ -98,17 +114,20 @@ export class OnnxFrozenModel implements FrozenModel {
       );
     }
     const meta = session.outputMetadata[0];
-    let outputSize = 0;
+    let dims: number[];
     if (meta?.isTensor && meta.shape.slice(1).every((d) => typeof d === 'number')) {
-      outputSize = (meta.shape.slice(1) as number[]).reduce((a, d) => a * d, 1);
+      dims = meta.shape.slice(1) as number[];
     } else {
       // No static output shape in the graph: measure it on one blank image.
       const probe = new Float32Array(3 * inputSize * inputSize);
       const tensor = new ort.Tensor('float32', probe, [1, 3, inputSize, inputSize]);
       const out = await session.run({ [session.inputNames[0]!]: tensor });
-      outputSize = out[session.outputNames[0]!]!.size;
+      dims = out[session.outputNames[0]!]!.dims.slice(1);
     }
-    return new OnnxFrozenModel(session, inputSize, outputSize);
+    const outputSize = dims.reduce((a, d) => a * d, 1);
+    const reorder =
+      rows === 'nhwc' && dims.length === 3 ? (dims as [number, number, number]) : null;
+    return new OnnxFrozenModel(session, inputSize, outputSize, reorder);
   }
 
   /**
@@ -131,7 +150,8 @@ export class OnnxFrozenModel implements FrozenModel {
     const input = new ort.Tensor('float32', batch.subarray(0, n * per), [n, 3, s, s]);
     const out = await this.session.run({ [this.inputName]: input });
     const data = out[this.outputName]!.data as Float32Array;
-    return data.length === n * this.outputSize ? data : data.slice(0, n * this.outputSize);
+    const rows = data.length === n * this.outputSize ? data : data.slice(0, n * this.outputSize);
+    return this.reorder ? chwToHwc(rows, n, this.reorder) : rows;
   }
 
   async dispose(): Promise<void> {
@@ -139,4 +159,22 @@ export class OnnxFrozenModel implements FrozenModel {
     this.disposed = true;
     await this.session.release();
   }
+}
+
+/** Rows of n images from [C, H, W] order to tfjs's [H, W, C]. */
+function chwToHwc(
+  chw: Float32Array,
+  n: number,
+  [c, h, w]: readonly [number, number, number],
+): Float32Array {
+  const out = new Float32Array(chw.length);
+  const plane = h * w;
+  for (let i = 0; i < n; i++) {
+    const base = i * plane * c;
+    for (let ch = 0; ch < c; ch++) {
+      const src = base + ch * plane;
+      for (let p = 0; p < plane; p++) out[base + p * c + ch] = chw[src + p]!;
+    }
+  }
+  return out;
 }
