@@ -40,7 +40,14 @@ export {
   EmbeddingCache,
   parseDuration,
 } from './data/cache.js';
-export { type DecodeResult, decodeImage, sniffImageType } from './data/decode.js';
+export {
+  DEFAULT_MAX_BYTES,
+  type DecodeResult,
+  decodeImage,
+  type ReadResult,
+  readImageFile,
+  sniffImageType,
+} from './data/decode.js';
 export {
   EMBED_CONCURRENCY,
   type EmbedOptions,

@@ -1,8 +1,14 @@
 import { createHash } from 'node:crypto';
-import { readFile } from 'node:fs/promises';
 import type { FrozenModel } from '../engine/types.js';
+import { positiveInteger } from '../util/is.js';
 import type { CacheNamespace, EmbeddingCache } from './cache.js';
-import { decodeImage, mapConcurrent, toModelInput } from './decode.js';
+import {
+  DEFAULT_MAX_BYTES,
+  decodeImage,
+  mapConcurrent,
+  readImageFile,
+  toModelInput,
+} from './decode.js';
 
 /** A file that could not be used, and why. */
 export interface SkippedFile {
@@ -26,6 +32,8 @@ export interface EmbedOptions {
   concurrency?: number;
   /** Largest accepted input size in pixels (width × height). */
   maxPixels?: number;
+  /** Largest file read, in bytes; larger files are skipped unread. Default DEFAULT_MAX_BYTES (256 MiB). */
+  maxBytes?: number;
   onProgress?: (p: EmbedProgress) => void;
   /**
    * Changes the decoded pixels before the engine sees them (augmentation). `key` is the
@@ -87,6 +95,7 @@ export async function embedFiles(
   options: EmbedOptions = {},
 ): Promise<EmbedResult> {
   const batchSize = options.batchSize ?? 16;
+  const maxBytes = positiveInteger('maxBytes', options.maxBytes ?? DEFAULT_MAX_BYTES);
   const size = source.inputSize;
   const width = source.outputSize;
   let model: FrozenModel | null = 'run' in source ? source : null;
@@ -133,18 +142,13 @@ export async function embedFiles(
   const decodeOptions = {
     width: size,
     height: size,
+    maxBytes,
     ...(options.maxPixels !== undefined ? { maxPixels: options.maxPixels } : {}),
   };
   const prepare = async (file: string): Promise<Prepared> => {
-    let bytes: Buffer;
-    try {
-      bytes = await readFile(file);
-    } catch (err) {
-      return {
-        kind: 'skip',
-        reason: `unreadable file (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`,
-      };
-    }
+    const read = await readImageFile(file, maxBytes);
+    if (!read.ok) return { kind: 'skip', reason: read.reason };
+    const bytes = read.bytes;
     const key = createHash('sha256').update(bytes).digest('hex');
     if (cache) {
       const values = await cache.store.get(cache.namespace, key, width);

@@ -40,7 +40,12 @@ async function isDirectory(p: string): Promise<boolean> {
   }
 }
 
-/** Every non-hidden file below `dir`, recursively, sorted (content decides later whether it is an image). */
+/**
+ * Every non-hidden file below `dir`, recursively, sorted (content decides later whether it
+ * is an image). FIFOs, sockets and devices are listed too, so that reading them can skip
+ * them with a reason rather than drop them unseen; only `readImageFile` decides, without
+ * ever opening them. Symlinked folders are not followed.
+ */
 export async function listFiles(dir: string): Promise<string[]> {
   const out: string[] = [];
   const walk = async (d: string): Promise<void> => {
@@ -50,7 +55,7 @@ export async function listFiles(dir: string): Promise<string[]> {
       if (isHidden(e.name)) continue;
       const p = path.join(d, e.name);
       if (e.isDirectory()) await walk(p);
-      else if (e.isFile() || (e.isSymbolicLink() && !(await isDirectory(p)))) out.push(p);
+      else if (!e.isSymbolicLink() || !(await isDirectory(p))) out.push(p);
     }
   };
   await walk(dir);
