@@ -373,8 +373,9 @@ function channelTable(mean: number, std: number): Float32Array {
  * Runs `fn` over `items` with at most `limit` calls in flight and yields the results in
  * input order; a finished result waits for the ones before it and keeps its slot until
  * then, so memory stays bounded by `limit` whatever the number of items, and `items` is
- * read lazily (a generator works). A rejection is thrown when its turn comes; stopping
- * early leaves at most `limit` calls to finish unobserved.
+ * read lazily (a generator works). A rejection is thrown when its turn comes. Stopping
+ * (a rejection, or the consumer's `break` or throw) first waits for the calls still in
+ * flight to settle, dropping their results, so no work outlives the loop that asked for it.
  */
 export async function* mapConcurrent<T, R>(
   items: Iterable<T>,
@@ -399,10 +400,14 @@ export async function* mapConcurrent<T, R>(
     promise.catch(() => {});
     pending.push(promise);
   };
-  while (!done && pending.length < limit) startNext();
-  while (pending.length > 0) {
-    const result = await pending.shift()!;
-    if (!done) startNext();
-    yield result;
+  try {
+    while (!done && pending.length < limit) startNext();
+    while (pending.length > 0) {
+      const result = await pending.shift()!;
+      if (!done) startNext();
+      yield result;
+    }
+  } finally {
+    await Promise.allSettled(pending);
   }
 }
