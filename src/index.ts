@@ -75,7 +75,7 @@ export { executionProviders, OnnxFrozenModel } from './engine/onnx/session.js';
 export { WorkerPoolFrozenModel, type WorkerRecipe } from './engine/pool.js';
 export { TfjsFrozenModel } from './engine/tfjs.js';
 export type { EngineName, FrozenModel } from './engine/types.js';
-export { FinetuneError } from './errors.js';
+export { dataError, type ErrorKind, EXIT_CODES, FinetuneError } from './errors.js';
 // Results
 export {
   type ClassificationReport,
