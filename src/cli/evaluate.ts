@@ -1,6 +1,7 @@
 import type { Argv } from 'yargs';
 import { type EvaluateOptions, evaluate } from '../index.js';
 import { createOutput, table } from './output.js';
+import { noUsableImages } from './predict.js';
 import { runOptionsFrom, withRunOptions } from './run-options.js';
 
 export const command = 'evaluate';
@@ -23,6 +24,7 @@ export async function handler(argv: Args): Promise<void> {
   const out = createOutput({ quiet: argv.quiet, json: argv.json });
   const options: EvaluateOptions = { ...runOptionsFrom(argv), data: argv.data };
   const r = await evaluate(options);
+  if (r.count === 0) throw noUsableImages([argv.data], r.skipped);
   for (const s of r.skipped) out.warn(`skipped ${s.path}: ${s.reason}`);
   if (argv.json) {
     out.result(JSON.stringify(r, null, 2));
@@ -48,6 +50,12 @@ export async function handler(argv: Args): Promise<void> {
       ],
     ]),
   );
+  if (r.withoutExamples.length) {
+    lines.push(
+      '',
+      `no examples of ${r.withoutExamples.join(', ')} (recall 0 in the macro average)`,
+    );
+  }
   lines.push('', 'confusion (rows: true, columns: predicted)');
   lines.push(
     table([
