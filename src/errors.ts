@@ -1,15 +1,42 @@
 /**
- * One error type and one wording for everything the toolkit rejects.
- *
- * `exitCode` is what the CLI exits with: 2 for bad input (options, data, files),
- * 1 for everything else.
+ * One error type and one wording for everything the toolkit rejects, and one table of
+ * exit codes for every command.
  */
+
+/**
+ * What the CLI exits with. `usage`: a bad option, flag or path given by the user;
+ * `data`: the data cannot be used (no usable images, every input skipped, labels that do
+ * not match the model); `internal`: anything else (a bug, an engine failure, a full disk).
+ */
+export const EXIT_CODES = Object.freeze({ ok: 0, internal: 1, usage: 2, data: 3 });
+
+export type ErrorKind = 'usage' | 'data' | 'internal';
+
+const KIND_OF_CODE: Readonly<Record<number, ErrorKind>> = Object.freeze({
+  [EXIT_CODES.internal]: 'internal',
+  [EXIT_CODES.usage]: 'usage',
+  [EXIT_CODES.data]: 'data',
+});
+
+export interface FinetuneErrorOptions {
+  /** Default 'usage'. */
+  kind?: ErrorKind;
+  /** Same as `kind`, given as its code in EXIT_CODES (a code outside the table means internal). */
+  exitCode?: number;
+  cause?: unknown;
+}
+
 export class FinetuneError extends Error {
+  readonly kind: ErrorKind;
+  /** `EXIT_CODES[kind]`: what the CLI exits with. */
   readonly exitCode: number;
-  constructor(message: string, options: { exitCode?: number; cause?: unknown } = {}) {
+  constructor(message: string, options: FinetuneErrorOptions = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'FinetuneError';
-    this.exitCode = options.exitCode ?? 2;
+    this.kind =
+      options.kind ??
+      (options.exitCode === undefined ? 'usage' : (KIND_OF_CODE[options.exitCode] ?? 'internal'));
+    this.exitCode = EXIT_CODES[this.kind];
   }
 }
 
@@ -36,4 +63,20 @@ export function invalidOption(name: string, expected: string, received: unknown)
 /** An error about one file: the path always comes first. */
 export function fileError(path: string, reason: string, cause?: unknown): FinetuneError {
   return new FinetuneError(`${path}: ${reason}`, { cause });
+}
+
+/**
+ * The data cannot be used (exit code 3): no usable images, every input skipped, labels that
+ * do not match the model. Give `path` when one file or folder is at fault: it comes first.
+ *
+ * @example dataError('no usable images', { path: 'photos/' }) // "photos/: no usable images"
+ */
+export function dataError(
+  message: string,
+  options: { path?: string; cause?: unknown } = {},
+): FinetuneError {
+  return new FinetuneError(options.path === undefined ? message : `${options.path}: ${message}`, {
+    kind: 'data',
+    cause: options.cause,
+  });
 }

@@ -48,7 +48,14 @@ export {
   type LoweredModelInfo,
   type LoweredModelKey,
 } from './data/cache.js';
-export { type DecodeResult, decodeImage, sniffImageType } from './data/decode.js';
+export {
+  DEFAULT_MAX_BYTES,
+  type DecodeResult,
+  decodeImage,
+  type ReadResult,
+  readImageFile,
+  sniffImageType,
+} from './data/decode.js';
 export {
   EMBED_CONCURRENCY,
   type EmbedOptions,
@@ -85,7 +92,7 @@ export { executionProviders, OnnxFrozenModel } from './engine/onnx/session.js';
 export { WorkerPoolFrozenModel, type WorkerRecipe } from './engine/pool.js';
 export { TfjsFrozenModel } from './engine/tfjs.js';
 export type { EngineName, FrozenModel } from './engine/types.js';
-export { FinetuneError } from './errors.js';
+export { dataError, type ErrorKind, EXIT_CODES, FinetuneError } from './errors.js';
 export { type ExportResult, exportClassifier } from './export/classifier.js';
 // Results
 export {

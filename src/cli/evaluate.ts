@@ -1,6 +1,7 @@
 import type { Argv } from 'yargs';
 import { type EvaluateOptions, evaluate } from '../index.js';
 import { createOutput, table } from './output.js';
+import { noUsableImages } from './predict.js';
 import { runOptionsFrom, withRunOptions } from './run-options.js';
 
 export const command = 'evaluate';
@@ -24,6 +25,7 @@ export async function handler(argv: Args): Promise<void> {
   const options: EvaluateOptions = { ...runOptionsFrom(argv), data: argv.data };
   const r = await evaluate(options);
   if (r.onnxFallback?.error) out.warn(`model.onnx not used: ${r.onnxFallback.reason}`);
+  if (r.count === 0) throw noUsableImages([argv.data], r.skipped);
   for (const s of r.skipped) out.warn(`skipped ${s.path}: ${s.reason}`);
   if (argv.json) {
     out.result(JSON.stringify(r, null, 2));
@@ -49,6 +51,12 @@ export async function handler(argv: Args): Promise<void> {
       ],
     ]),
   );
+  if (r.withoutExamples.length) {
+    lines.push(
+      '',
+      `no examples of ${r.withoutExamples.join(', ')} (recall 0 in the macro average)`,
+    );
+  }
   lines.push('', 'confusion (rows: true, columns: predicted)');
   lines.push(
     table([

@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { FinetuneError, VERSION } from '../index.js';
+import { EXIT_CODES, FinetuneError, VERSION } from '../index.js';
 import * as cacheCommand from './cache.js';
 import * as evaluateCommand from './evaluate.js';
 import * as modelsCommand from './models.js';
@@ -9,17 +9,30 @@ import * as predictCommand from './predict.js';
 import { exitCleanlyOnSignals } from './signals.js';
 import * as trainCommand from './train.js';
 
+const debug = process.env['FINETUNE_DEBUG'] === '1';
+
+/**
+ * One line on stderr and the code of EXIT_CODES (a FinetuneError's kind; anything else is
+ * internal); the stack trace only with FINETUNE_DEBUG=1.
+ */
 function report(err: unknown): never {
-  if (err instanceof FinetuneError) {
-    process.stderr.write(`finetune: ${err.message}\n`);
-    if (process.env['FINETUNE_DEBUG']) process.stderr.write(`${err.stack}\n`);
-    process.exit(err.exitCode);
-  }
-  const e = err as Error;
-  process.stderr.write(`finetune: ${e?.message ?? String(err)}\n`);
-  if (process.env['FINETUNE_DEBUG']) process.stderr.write(`${e?.stack}\n`);
-  process.exit(1);
+  const code = err instanceof FinetuneError ? err.exitCode : EXIT_CODES.internal;
+  const text = err instanceof Error ? err.message : String(err);
+  // Engine messages can span lines; the log line stays one line.
+  const line = text.replace(/\s*\n\s*/g, ' ').trim() || String(err);
+  // An internal error is worth a bug report, which needs the stack.
+  const hint =
+    code === EXIT_CODES.internal && !debug ? ' (FINETUNE_DEBUG=1 prints the stack trace)' : '';
+  process.stderr.write(`finetune: ${line}${hint}\n`);
+  if (debug && err instanceof Error) process.stderr.write(`${err.stack}\n`);
+  process.exit(code);
 }
+
+// A rejection nobody awaited, or an exception thrown in a callback, still ends as one line
+// with the table's code: tfjs-wasm registers handlers that rethrow it, which prints a raw
+// stack trace and exits with 7. Prepended, these run first and exit.
+process.prependListener('unhandledRejection', report);
+process.prependListener('uncaughtException', report);
 
 /** "Unknown argument: epoch" → "; did you mean --epochs?" */
 function suggest(msg: string, known: readonly string[]): string {
@@ -83,7 +96,7 @@ async function main(): Promise<void> {
       process.stderr.write(
         `finetune: ${msg}${suggest(msg, known)}\nRun finetune --help (or finetune COMMAND --help) for usage.\n`,
       );
-      process.exit(2);
+      process.exit(EXIT_CODES.usage);
     })
     .parseAsync();
 }

@@ -1,5 +1,5 @@
 import type { Argv } from 'yargs';
-import { type PredictOptions, predict } from '../index.js';
+import { dataError, type PredictOptions, predict, type SkippedFile } from '../index.js';
 import { createOutput, csvCell, table } from './output.js';
 import { runOptionsFrom, withRunOptions } from './run-options.js';
 
@@ -31,6 +31,7 @@ export async function handler(argv: Args): Promise<void> {
   if (argv.topK !== undefined) options.topK = argv.topK;
   const result = await predict(options);
   if (result.onnxFallback?.error) out.warn(`model.onnx not used: ${result.onnxFallback.reason}`);
+  if (!result.predictions.length) throw noUsableImages(options.inputs, result.skipped);
   for (const s of result.skipped) out.warn(`skipped ${s.path}: ${s.reason}`);
   if (argv.format === 'json') {
     out.result(
@@ -64,4 +65,12 @@ export async function handler(argv: Args): Promise<void> {
     }
     out.result(table(rows));
   }
+}
+
+/** Every input skipped (or none found): one line naming the first few and why. */
+export function noUsableImages(inputs: readonly string[], skipped: readonly SkippedFile[]): Error {
+  if (!skipped.length) return dataError(`no image files found in ${inputs.join(', ')}`);
+  const shown = skipped.slice(0, 3).map((s) => `${s.path}: ${s.reason}`);
+  if (skipped.length > 3) shown.push(`and ${skipped.length - 3} more`);
+  return dataError(`no usable images (${skipped.length} skipped: ${shown.join('; ')})`);
 }

@@ -1,5 +1,10 @@
 import type { Argv } from 'yargs';
-import { BACKEND_OPTIONS, type ClassifierRunOptions, ENGINE_OPTIONS } from '../index.js';
+import {
+  BACKEND_OPTIONS,
+  type ClassifierRunOptions,
+  DEFAULT_MAX_BYTES,
+  ENGINE_OPTIONS,
+} from '../index.js';
 
 /** The options every command that runs an exported classifier takes (predict, evaluate). */
 export function withRunOptions<T>(y: Argv<T>) {
@@ -17,6 +22,10 @@ export function withRunOptions<T>(y: Argv<T>) {
       type: 'number',
       describe: 'Worker threads of the tfjs engine on wasm [default: all cores]',
     })
+    .option('max-bytes', {
+      type: 'number',
+      describe: `Largest image file read; larger ones are skipped [default: ${DEFAULT_MAX_BYTES} (256 MiB)]`,
+    })
     .option('quiet', { type: 'boolean', describe: 'No warnings on stderr' });
 }
 
@@ -28,6 +37,7 @@ export function runOptionsFrom(argv: {
   threads?: number | undefined;
   batchSize?: number | undefined;
   workers?: number | undefined;
+  maxBytes?: number | undefined;
 }): ClassifierRunOptions {
   const options: ClassifierRunOptions = { model: argv.model };
   if (argv.backend !== undefined) options.backend = argv.backend as ClassifierRunOptions['backend'];
@@ -35,5 +45,6 @@ export function runOptionsFrom(argv: {
   if (argv.threads !== undefined) options.threads = argv.threads;
   if (argv.batchSize !== undefined) options.batchSize = argv.batchSize;
   if (argv.workers !== undefined) options.workers = argv.workers;
+  if (argv.maxBytes !== undefined) options.maxBytes = argv.maxBytes;
   return options;
 }

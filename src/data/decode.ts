@@ -1,4 +1,6 @@
-import { readFile } from 'node:fs/promises';
+import type { Stats } from 'node:fs';
+import { constants } from 'node:fs';
+import { type FileHandle, open, stat } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import sharp from 'sharp';
 import { invalidOption } from '../errors.js';
@@ -23,6 +25,8 @@ export interface DecodeOptions {
   height: number;
   /** Largest accepted input size in pixels (width × height); default 100_000_000. */
   maxPixels?: number;
+  /** Largest accepted file in bytes; default DEFAULT_MAX_BYTES (256 MiB). */
+  maxBytes?: number;
 }
 
 export type DecodeResult = { ok: true; pixels: Uint8Array } | { ok: false; reason: string };
@@ -36,6 +40,13 @@ export interface Preprocess {
 export type Layout = 'nhwc' | 'nchw';
 
 export const DEFAULT_MAX_PIXELS = 100_000_000;
+
+/**
+ * Largest image file read, in bytes (256 MiB): far above any real photo (a 100-megapixel
+ * JPEG is about 50 MB), yet a bound, so a file that never ends (a symlink to /dev/zero, a
+ * growing log named .jpg) is refused instead of filling memory.
+ */
+export const DEFAULT_MAX_BYTES = 256 * 1024 * 1024;
 
 /**
  * Images decoded at once. Each sharp call uses one libvips thread here
@@ -121,6 +132,84 @@ function errorText(err: unknown): string {
   return message.trim().split('\n')[0]!.trim();
 }
 
+export type ReadResult = { ok: true; bytes: Buffer } | { ok: false; reason: string };
+
+/** What a file that is not a regular file is, for the reason string; null for a regular file. */
+function specialKind(st: Stats): string | null {
+  if (st.isFile()) return null;
+  if (st.isFIFO()) return 'a FIFO';
+  if (st.isSocket()) return 'a socket';
+  if (st.isCharacterDevice()) return 'a character device';
+  if (st.isBlockDevice()) return 'a block device';
+  return 'a special file';
+}
+
+const tooLarge = (maxBytes: number): string => `too large (more than ${maxBytes} bytes)`;
+
+// Opening a FIFO without O_NONBLOCK waits for a writer, possibly forever; with it the open
+// returns at once, so a file swapped for a FIFO after the stat below is caught by fstat
+// instead of hanging. (Windows has neither flag; it has no FIFOs in the file system either.)
+const OPEN_FLAGS = constants.O_RDONLY | (constants.O_NONBLOCK ?? 0) | (constants.O_NOCTTY ?? 0);
+
+/**
+ * Reads an image file's bytes, or says why not; never throws and never waits on the file.
+ *
+ * Only regular files are read (symlinks followed): FIFOs, sockets and devices are refused
+ * from `stat` alone, before any open, so `/dev/zero` or a FIFO named `x.jpg` cannot stall a
+ * run. At most `maxBytes + 1` bytes are read, so a file over the cap, even one that grows
+ * while being read, is detected without reading it all.
+ *
+ * @param maxBytes default DEFAULT_MAX_BYTES
+ * @example const r = await readImageFile('photo.jpg'); if (r.ok) use(r.bytes); else warn(r.reason);
+ */
+export async function readImageFile(
+  file: string,
+  maxBytes: number = DEFAULT_MAX_BYTES,
+): Promise<ReadResult> {
+  positiveInteger('maxBytes', maxBytes);
+  const unreadable = (err: unknown): ReadResult => ({
+    ok: false,
+    reason: `unreadable file (${(err as NodeJS.ErrnoException).code ?? errorText(err)})`,
+  });
+  let st: Stats;
+  try {
+    st = await stat(file);
+  } catch (err) {
+    return unreadable(err);
+  }
+  // The reason a read of a folder gives.
+  if (st.isDirectory()) return { ok: false, reason: 'unreadable file (EISDIR)' };
+  const kind = specialKind(st);
+  if (kind) return { ok: false, reason: `not a regular file (${kind})` };
+  if (st.size > maxBytes) return { ok: false, reason: tooLarge(maxBytes) };
+  let handle: FileHandle | null = null;
+  try {
+    handle = await open(file, OPEN_FLAGS);
+    const opened = specialKind(await handle.stat());
+    if (opened) return { ok: false, reason: `not a regular file (${opened})` };
+    // The size from stat is a hint (the file may change): read until EOF or the cap + 1.
+    let buffer = Buffer.allocUnsafe(Math.min(st.size, maxBytes) + 1);
+    let length = 0;
+    for (;;) {
+      if (length === buffer.length) {
+        if (length > maxBytes) return { ok: false, reason: tooLarge(maxBytes) };
+        const grown = Buffer.allocUnsafe(Math.min(2 * buffer.length, maxBytes + 1));
+        buffer.copy(grown, 0, 0, length);
+        buffer = grown;
+      }
+      const { bytesRead } = await handle.read(buffer, length, buffer.length - length, null);
+      if (bytesRead === 0) break;
+      length += bytesRead;
+    }
+    if (length > maxBytes) return { ok: false, reason: tooLarge(maxBytes) };
+    return { ok: true, bytes: buffer.subarray(0, length) };
+  } catch (err) {
+    return unreadable(err);
+  } finally {
+    await handle?.close().catch(() => {});
+  }
+}
+
 /**
  * Decodes one image to `height × width × 3` interleaved 8-bit sRGB.
  *
@@ -138,10 +227,11 @@ function errorText(err: unknown): string {
  * - Animated and multi-page images give their first frame.
  *
  * Never throws for a bad file: empty, unrecognised, corrupt, truncated, oversized (more
- * than `maxPixels`, default 100_000_000) or unreadable input gives `{ ok: false, reason }`.
- * Invalid options do throw.
+ * than `maxPixels`, default 100_000_000, or `maxBytes`, default 256 MiB), unreadable or
+ * non-regular (FIFO, device, socket) input gives `{ ok: false, reason }`; see
+ * `readImageFile`. Invalid options do throw.
  *
- * @param input a file path (read once) or the file's bytes
+ * @param input a file path (read once, only if a regular file) or the file's bytes
  */
 export async function decodeImage(
   input: string | Buffer,
@@ -150,17 +240,16 @@ export async function decodeImage(
   const width = positiveInteger('width', opts.width);
   const height = positiveInteger('height', opts.height);
   const maxPixels = positiveInteger('maxPixels', opts.maxPixels ?? DEFAULT_MAX_PIXELS);
+  const maxBytes = positiveInteger('maxBytes', opts.maxBytes ?? DEFAULT_MAX_BYTES);
 
   let bytes: Buffer;
   if (typeof input === 'string') {
-    try {
-      bytes = await readFile(input);
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      return { ok: false, reason: `unreadable file (${code ?? errorText(err)})` };
-    }
+    const read = await readImageFile(input, maxBytes);
+    if (!read.ok) return read;
+    bytes = read.bytes;
   } else {
     bytes = input;
+    if (bytes.length > maxBytes) return { ok: false, reason: tooLarge(maxBytes) };
   }
   if (bytes.length === 0) return { ok: false, reason: 'empty file' };
 
@@ -284,8 +373,9 @@ function channelTable(mean: number, std: number): Float32Array {
  * Runs `fn` over `items` with at most `limit` calls in flight and yields the results in
  * input order; a finished result waits for the ones before it and keeps its slot until
  * then, so memory stays bounded by `limit` whatever the number of items, and `items` is
- * read lazily (a generator works). A rejection is thrown when its turn comes; stopping
- * early leaves at most `limit` calls to finish unobserved.
+ * read lazily (a generator works). A rejection is thrown when its turn comes. Stopping
+ * (a rejection, or the consumer's `break` or throw) first waits for the calls still in
+ * flight to settle, dropping their results, so no work outlives the loop that asked for it.
  */
 export async function* mapConcurrent<T, R>(
   items: Iterable<T>,
@@ -310,10 +400,14 @@ export async function* mapConcurrent<T, R>(
     promise.catch(() => {});
     pending.push(promise);
   };
-  while (!done && pending.length < limit) startNext();
-  while (pending.length > 0) {
-    const result = await pending.shift()!;
-    if (!done) startNext();
-    yield result;
+  try {
+    while (!done && pending.length < limit) startNext();
+    while (pending.length > 0) {
+      const result = await pending.shift()!;
+      if (!done) startNext();
+      yield result;
+    }
+  } finally {
+    await Promise.allSettled(pending);
   }
 }

@@ -1,8 +1,14 @@
-import { readFile } from 'node:fs/promises';
 import type { FrozenModel } from '../engine/types.js';
 import { sha256 } from '../io/hash.js';
+import { positiveInteger } from '../util/is.js';
 import type { CacheNamespace, EmbeddingCache } from './cache.js';
-import { decodeImage, mapConcurrent, toModelInput } from './decode.js';
+import {
+  DEFAULT_MAX_BYTES,
+  decodeImage,
+  mapConcurrent,
+  readImageFile,
+  toModelInput,
+} from './decode.js';
 
 /** A file that could not be used, and why. */
 export interface SkippedFile {
@@ -26,6 +32,8 @@ export interface EmbedOptions {
   concurrency?: number;
   /** Largest accepted input size in pixels (width × height). */
   maxPixels?: number;
+  /** Largest file read, in bytes; larger files are skipped unread. Default DEFAULT_MAX_BYTES (256 MiB). */
+  maxBytes?: number;
   onProgress?: (p: EmbedProgress) => void;
   /**
    * Changes the decoded pixels before the engine sees them (augmentation). `key` is the
@@ -78,8 +86,10 @@ type Prepared =
  * so memory does not grow with the number of images beyond one row each. With a cache,
  * a file whose bytes were seen before (same namespace) is neither decoded nor run, and
  * each batch's outputs are stored as soon as they exist, so an interrupted run loses at
- * most the batch in flight. Files that cannot be decoded are skipped and listed, never
- * thrown.
+ * most the batch in flight. Files that cannot be used (not a regular file, over
+ * `maxBytes`, not decodable) are skipped and listed, never thrown. When a batch fails (the
+ * engine, a cache write), the work in flight settles before the error is thrown: nothing
+ * is left running, and no rejection goes unhandled.
  */
 export async function embedFiles(
   files: readonly string[],
@@ -87,6 +97,7 @@ export async function embedFiles(
   options: EmbedOptions = {},
 ): Promise<EmbedResult> {
   const batchSize = options.batchSize ?? 16;
+  const maxBytes = positiveInteger('maxBytes', options.maxBytes ?? DEFAULT_MAX_BYTES);
   const size = source.inputSize;
   const width = source.outputSize;
   let model: FrozenModel | null = 'run' in source ? source : null;
@@ -106,6 +117,7 @@ export async function embedFiles(
   ];
   let current = 0;
   let batch: { index: number; key: string }[] = [];
+  // The batch the engine is running while the next one is decoded.
   let inFlight: Promise<void> | null = null;
   let done = 0;
   let cached = 0;
@@ -125,7 +137,9 @@ export async function embedFiles(
         ok[index] = 1;
         if (cache) puts.push(cache.store.put(cache.namespace, key, row.slice()));
       });
-      await Promise.all(puts);
+      // Every write settles before a failed one is reported, so none outlives the call.
+      const failed = (await Promise.allSettled(puts)).find((r) => r.status === 'rejected');
+      if (failed) throw failed.reason;
       done += items.length;
       progress();
     });
@@ -133,18 +147,13 @@ export async function embedFiles(
   const decodeOptions = {
     width: size,
     height: size,
+    maxBytes,
     ...(options.maxPixels !== undefined ? { maxPixels: options.maxPixels } : {}),
   };
   const prepare = async (file: string): Promise<Prepared> => {
-    let bytes: Buffer;
-    try {
-      bytes = await readFile(file);
-    } catch (err) {
-      return {
-        kind: 'skip',
-        reason: `unreadable file (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`,
-      };
-    }
+    const read = await readImageFile(file, maxBytes);
+    if (!read.ok) return { kind: 'skip', reason: read.reason };
+    const bytes = read.bytes;
     const key = sha256(bytes);
     if (cache) {
       const values = await cache.store.get(cache.namespace, key, width);
@@ -156,39 +165,51 @@ export async function embedFiles(
   };
 
   let index = 0;
-  for await (const item of mapConcurrent(
-    files,
-    options.concurrency ?? EMBED_CONCURRENCY,
-    prepare,
-  )) {
-    const i = index++;
-    if (item.kind === 'skip') {
-      skipped.push({ path: files[i]!, reason: item.reason });
-      done++;
-      progress();
-      continue;
+  try {
+    for await (const item of mapConcurrent(
+      files,
+      options.concurrency ?? EMBED_CONCURRENCY,
+      prepare,
+    )) {
+      const i = index++;
+      if (item.kind === 'skip') {
+        skipped.push({ path: files[i]!, reason: item.reason });
+        done++;
+        progress();
+        continue;
+      }
+      if (item.kind === 'hit') {
+        slots.set(item.values, i * width);
+        ok[i] = 1;
+        cached++;
+        done++;
+        progress();
+        continue;
+      }
+      const pixels = options.transform
+        ? options.transform(item.pixels, item.key, size)
+        : item.pixels;
+      const m = await engine();
+      toModelInput(pixels, RAW, m.layout, buffers[current]!, batch.length * imageLength);
+      batch.push({ index: i, key: item.key });
+      if (batch.length === batchSize) {
+        if (inFlight) await inFlight;
+        inFlight = dispatch(m, buffers[current]!, batch);
+        // Observed at once: if it fails while the next batch decodes, the failure waits for
+        // the `await` above (or the catch below) instead of being an unhandled rejection,
+        // which tfjs-wasm's process handler turns into a crash.
+        inFlight.catch(() => {});
+        current = 1 - current;
+        batch = [];
+      }
     }
-    if (item.kind === 'hit') {
-      slots.set(item.values, i * width);
-      ok[i] = 1;
-      cached++;
-      done++;
-      progress();
-      continue;
-    }
-    const pixels = options.transform ? options.transform(item.pixels, item.key, size) : item.pixels;
-    const m = await engine();
-    toModelInput(pixels, RAW, m.layout, buffers[current]!, batch.length * imageLength);
-    batch.push({ index: i, key: item.key });
-    if (batch.length === batchSize) {
-      if (inFlight) await inFlight;
-      inFlight = dispatch(m, buffers[current]!, batch);
-      current = 1 - current;
-      batch = [];
-    }
+    if (inFlight) await inFlight;
+    if (batch.length) await dispatch(model!, buffers[current]!, batch);
+  } catch (err) {
+    // Leaving the loop above already waited for the decodes in flight; now the engine.
+    if (inFlight) await inFlight.catch(() => {});
+    throw err;
   }
-  if (inFlight) await inFlight;
-  if (batch.length) await dispatch(model!, buffers[current]!, batch);
 
   const rows: number[] = [];
   for (let i = 0; i < files.length; i++) if (ok[i]) rows.push(i);

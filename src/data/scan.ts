@@ -1,6 +1,6 @@
 import { readdir, stat } from 'node:fs/promises';
 import path from 'node:path';
-import { FinetuneError } from '../errors.js';
+import { dataError, FinetuneError } from '../errors.js';
 import { seededRandom, shuffleInPlace } from '../util/random.js';
 
 /** One image file and its class index. */
@@ -40,7 +40,12 @@ async function isDirectory(p: string): Promise<boolean> {
   }
 }
 
-/** Every non-hidden file below `dir`, recursively, sorted (content decides later whether it is an image). */
+/**
+ * Every non-hidden file below `dir`, recursively, sorted (content decides later whether it
+ * is an image). FIFOs, sockets and devices are listed too, so that reading them can skip
+ * them with a reason rather than drop them unseen; only `readImageFile` decides, without
+ * ever opening them. Symlinked folders are not followed.
+ */
 export async function listFiles(dir: string): Promise<string[]> {
   const out: string[] = [];
   const walk = async (d: string): Promise<void> => {
@@ -50,7 +55,7 @@ export async function listFiles(dir: string): Promise<string[]> {
       if (isHidden(e.name)) continue;
       const p = path.join(d, e.name);
       if (e.isDirectory()) await walk(p);
-      else if (e.isFile() || (e.isSymbolicLink() && !(await isDirectory(p)))) out.push(p);
+      else if (!e.isSymbolicLink() || !(await isDirectory(p))) out.push(p);
     }
   };
   await walk(dir);
@@ -79,8 +84,11 @@ export async function scanClassFolders(
     const p = path.join(dir, name);
     if (!(await isDirectory(p))) continue;
     if (classes && !classes.includes(name)) {
-      throw new FinetuneError(
-        `${p}: class '${name}' is not one of the training classes (${classes.join(', ')})`,
+      throw dataError(
+        `class '${name}' is not one of the training classes (${classes.join(', ')})`,
+        {
+          path: p,
+        },
       );
     }
     const list = await listFiles(p);
@@ -119,9 +127,10 @@ export async function loadSplits(dataDir: string, options: SplitOptions = {}): P
   const trainDir = splitLayout ? path.join(dataDir, 'train') : dataDir;
   const scanned = await scanClassFolders(trainDir);
   if (scanned.classes.length < 2) {
-    throw new FinetuneError(
-      `${trainDir}: expected at least 2 class folders with images but found ${scanned.classes.length}` +
+    throw dataError(
+      `expected at least 2 class folders with images but found ${scanned.classes.length}` +
         (scanned.classes.length ? ` (${scanned.classes.join(', ')})` : ''),
+      { path: trainDir },
     );
   }
   const classes = scanned.classes;

@@ -11,8 +11,14 @@ export interface ClassificationReport {
   readonly accuracy: number;
   readonly count: number;
   readonly perClass: readonly ClassMetrics[];
-  /** Unweighted mean over classes with support (sklearn's macro average). */
+  /**
+   * Unweighted mean over every class of the model, as sklearn's macro average with
+   * `labels=` all classes: a class without examples counts with recall 0 (and F1 0), so a
+   * test set that leaves classes out cannot look better than one that has them all.
+   */
   readonly macro: { precision: number; recall: number; f1: number };
+  /** Labels of the classes with no example among the true labels (support 0), in label order. */
+  readonly withoutExamples: readonly string[];
   /** confusion[true][predicted] counts. */
   readonly confusion: readonly (readonly number[])[];
   readonly labels: readonly string[];
@@ -20,7 +26,8 @@ export interface ClassificationReport {
 
 /**
  * Accuracy, per-class P/R/F1 and the confusion matrix from true and predicted class
- * indices. A class never predicted has precision 0 (sklearn's zero_division=0).
+ * indices. A class never predicted has precision 0, one without examples recall 0
+ * (sklearn's zero_division=0).
  */
 export function classificationReport(
   truth: ArrayLike<number>,
@@ -45,9 +52,8 @@ export function classificationReport(
     const f1 = precision + recall ? (2 * precision * recall) / (precision + recall) : 0;
     return { label, precision, recall, f1, support };
   });
-  const present = perClass.filter((m) => m.support > 0);
   const mean = (f: (m: ClassMetrics) => number): number =>
-    present.length ? present.reduce((a, m) => a + f(m), 0) / present.length : 0;
+    k ? perClass.reduce((a, m) => a + f(m), 0) / k : 0;
   return {
     accuracy: truth.length ? correct / truth.length : 0,
     count: truth.length,
@@ -57,6 +63,7 @@ export function classificationReport(
       recall: mean((m) => m.recall),
       f1: mean((m) => m.f1),
     },
+    withoutExamples: perClass.filter((m) => m.support === 0).map((m) => m.label),
     confusion,
     labels,
   };

@@ -2,7 +2,7 @@ import { access, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import type { Preprocessing } from '../backbones/registry.js';
-import { fileError } from '../errors.js';
+import { dataError, fileError } from '../errors.js';
 import { fileLoadHandler, fileSaveHandler } from '../io/files.js';
 
 /**
@@ -77,6 +77,14 @@ export async function loadClassifierModel(
   if (metadata?.toolkit !== 'tfjs-finetune' || !Array.isArray(metadata.labels)) {
     model.dispose();
     throw fileError(file, 'is not a tfjs-finetune classifier (no labels in its metadata)');
+  }
+  const outputs = model.outputs[0]?.shape.at(-1);
+  if (model.outputs.length !== 1 || metadata.labels.length !== outputs) {
+    model.dispose();
+    throw dataError(
+      `has ${metadata.labels.length} labels in its metadata but the model has ${outputs} outputs`,
+      { path: file },
+    );
   }
   return { model, metadata, file };
 }

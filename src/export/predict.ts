@@ -26,6 +26,8 @@ export interface ClassifierRunOptions {
   batchSize?: number;
   /** Worker threads of the tfjs engine on wasm. Default all cores. */
   workers?: number;
+  /** Largest image file read, in bytes; larger files are skipped unread. Default 256 MiB. */
+  maxBytes?: number;
 }
 
 /**
@@ -52,6 +54,7 @@ export interface Classifier {
 
 /** Loads a classifier exported by `train` onto the chosen engine. */
 export async function loadClassifier(options: ClassifierRunOptions): Promise<Classifier> {
+  if (options.maxBytes !== undefined) is.positiveInteger('maxBytes', options.maxBytes);
   const backend = await initBackend(options.backend ?? 'auto');
   const context = resolveEngineContext({
     engine: options.engine,
@@ -190,6 +193,7 @@ export async function predict(options: PredictOptions): Promise<PredictResult> {
     const k = classifier.labels.length;
     const result = await embedFiles(files, classifier.frozen, {
       batchSize: options.batchSize ?? 16,
+      ...(options.maxBytes !== undefined ? { maxBytes: options.maxBytes } : {}),
     });
     const predictions = result.rows.map((r, i) => {
       const probs = Array.from(result.features.subarray(i * k, (i + 1) * k));
@@ -243,6 +247,7 @@ export async function evaluate(options: EvaluateOptions): Promise<EvaluateResult
     const k = classifier.labels.length;
     const result = await embedFiles(files, classifier.frozen, {
       batchSize: options.batchSize ?? 16,
+      ...(options.maxBytes !== undefined ? { maxBytes: options.maxBytes } : {}),
     });
     const predicted = result.rows.map((_, i) => argmax(result.features, i * k, k));
     const report = classificationReport(

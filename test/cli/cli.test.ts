@@ -125,7 +125,7 @@ test('bad input: exit code 2 and a message that names the problem', async () => 
   const one = path.join(dir, 'one-class');
   await writeImage(path.join(one, 'cats', 'a.png'), [10, 10, 10]);
   const r = await runCli(['train', '--data', one, '--out', path.join(dir, 'x')], dir);
-  assert.equal(r.code, 2);
+  assert.equal(r.code, 3); // a data problem (src/errors.ts EXIT_CODES)
   assert.match(r.stderr, /expected at least 2 class folders with images but found 1 \(cats\)/);
 
   const typo = await runCli(['train', '--data', one, '--epoch', '3'], dir);
