@@ -3,7 +3,7 @@ import { DEFAULT_BACKBONE } from '../backbones/registry.js';
 import { BACKEND_OPTIONS, type BackendOption } from '../backend/index.js';
 import { AUGMENT_KINDS, type AugmentKind, parseAugment } from '../data/augment.js';
 import { defaultCacheDir } from '../data/cache.js';
-import { DEFAULT_MAX_PIXELS } from '../data/decode.js';
+import { DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS } from '../data/decode.js';
 import { EMBED_CONCURRENCY } from '../data/embed.js';
 import { ENGINE_OPTIONS, type EngineOption } from '../engine/index.js';
 import { FinetuneError, invalidOption } from '../errors.js';
@@ -47,6 +47,7 @@ export interface TrainOptions {
   embedBatchSize?: number;
   decodeConcurrency?: number;
   maxPixels?: number;
+  maxBytes?: number;
   cache?: boolean;
   cacheDir?: string;
   finetuneEpochs?: number;
@@ -403,6 +404,16 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     check: positiveInteger('maxPixels'),
     phase: 'embed',
     doc: 'larger images (width × height) are skipped',
+  },
+  {
+    key: 'maxBytes',
+    flag: 'max-bytes',
+    type: 'number',
+    defaultText: String(DEFAULT_MAX_BYTES),
+    fallback: () => DEFAULT_MAX_BYTES,
+    check: positiveInteger('maxBytes'),
+    phase: 'embed',
+    doc: 'larger files are skipped unread; only regular files are read (not FIFOs or devices)',
   },
   {
     key: 'cache',

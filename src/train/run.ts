@@ -173,6 +173,7 @@ export async function embedSplits(run: PreparedRun): Promise<EmbeddedSplits> {
         batchSize: o.embedBatchSize,
         concurrency: o.decodeConcurrency,
         maxPixels: o.maxPixels,
+        maxBytes: o.maxBytes,
         cache: run.cache
           ? { store: run.cache, namespace: cacheNamespace(backbone, 'features') }
           : null,

@@ -1,5 +1,5 @@
 import path from 'node:path';
-import { FinetuneError } from '../errors.js';
+import { dataError } from '../errors.js';
 import { exportClassifier } from '../export/classifier.js';
 import { openRunFolder } from '../io/run-folder.js';
 import type { EpochLogs } from './callbacks.js';
@@ -34,8 +34,9 @@ function checkCounts(run: PreparedRun, embedded: EmbeddedSplits): TrainSummary['
   };
   const usable = classes.filter((c) => counts.train[c]! > 0);
   if (usable.length < 2) {
-    throw new FinetuneError(
-      `${run.options.data}: expected at least 2 classes with usable training images but found ${usable.length}`,
+    throw dataError(
+      `expected at least 2 classes with usable training images but found ${usable.length}`,
+      { path: run.options.data },
     );
   }
   for (const c of classes) {
