@@ -28,6 +28,7 @@ before(async () => {
     data,
     out: run,
     backbone,
+    backend: 'wasm',
     epochs: 15,
     lr: 0.05,
     batchSize: 8,
@@ -41,8 +42,20 @@ after(async () => {
 
 test('model.onnx and the tfjs export give the same probabilities', async () => {
   const before = tf.memory().numTensors;
-  const viaTfjs = await predict({ model: run, inputs: [data], topK: 3, engine: 'tfjs' });
-  const viaOnnx = await predict({ model: run, inputs: [data], topK: 3, engine: 'onnx' });
+  const viaTfjs = await predict({
+    model: run,
+    inputs: [data],
+    topK: 3,
+    engine: 'tfjs',
+    backend: 'wasm',
+  });
+  const viaOnnx = await predict({
+    model: run,
+    inputs: [data],
+    topK: 3,
+    engine: 'onnx',
+    backend: 'wasm',
+  });
   assert.equal(tf.memory().numTensors, before);
   assert.equal(viaTfjs.engine, 'tfjs');
   assert.equal(viaOnnx.engine, 'onnx');
@@ -61,7 +74,7 @@ test('model.onnx and the tfjs export give the same probabilities', async () => {
 });
 
 test('evaluate reports per-class figures on labelled folders; unknown classes are named', async () => {
-  const report = await evaluate({ model: run, data });
+  const report = await evaluate({ model: run, data, backend: 'wasm' });
   assert.equal(report.count, 24);
   assert.deepEqual(report.labels, ['cyan', 'magenta', 'yellow']);
   assert.ok(report.accuracy >= 0.9, `accuracy ${report.accuracy}`);
