@@ -256,6 +256,37 @@ test("classWeights 'balanced' weighs each row's loss by n / (k · n_c), and move
   assert.ok(Math.abs(balanced.few - 0.5) < 0.03, `p(few) with balanced weights ${balanced.few}`);
 });
 
+test('swaAnnealEpochs reaches the head stage: metrics.jsonl shows the cosine from lr to swaLr', async () => {
+  const out = path.join(dir, 'anneal');
+  await train({
+    data,
+    out,
+    backbone,
+    backend: 'wasm',
+    epochs: 6,
+    batchSize: 8,
+    maxPixels: 50_000,
+    lr: 0.02,
+    swaStart: 0.5,
+    swaLr: 0.01,
+    swaAnnealEpochs: 2,
+    cache: false,
+  });
+  const lrs = (await readFile(path.join(out, 'metrics.jsonl'), 'utf8'))
+    .trim()
+    .split('\n')
+    .map((l) => JSON.parse(l).lr as number);
+  // SWA from epoch index 3; alpha = (1 − cos(π·t))/2 for t = 1/2, 1 → 0.5, 1
+  const expected = [0.02, 0.02, 0.02, 0.015, 0.01, 0.01];
+  assert.equal(lrs.length, expected.length);
+  lrs.forEach((lr, i) => {
+    assert.ok(
+      Math.abs(lr - expected[i]!) < 1e-12,
+      `epoch ${i + 1}: lr ${lr}, expected ${expected[i]}`,
+    );
+  });
+});
+
 test('options are checked before any work, in one wording', () => {
   assert.throws(() => resolveTrainOptions({ data: 'x', epochs: -1 }), {
     message: 'Expected a positive integer for epochs but received -1',
