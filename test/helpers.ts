@@ -129,3 +129,50 @@ export function runCli(args: readonly string[], cwd: string): Promise<Run> {
     child.on('close', (code) => resolve({ code, stdout, stderr }));
   });
 }
+
+/**
+ * A tiny graph model (the format of TF Hub models: no layers, no variables) saved as
+ * model.json + one shard: 32×32 RGB in, `relu(x · scale)` per channel out (4-D, so the
+ * loader pools it to 3 features).
+ */
+export async function writeTinyGraphModel(dir: string): Promise<string> {
+  const folder = path.join(dir, 'tiny-graph');
+  await mkdir(folder, { recursive: true });
+  const float = { type: 'DT_FLOAT' };
+  const dims = (...sizes: number[]) => ({ dim: sizes.map((s) => ({ size: String(s) })) });
+  const json = {
+    format: 'graph-model',
+    generatedBy: 'test',
+    convertedBy: 'test',
+    modelTopology: {
+      node: [
+        {
+          name: 'image',
+          op: 'Placeholder',
+          attr: { dtype: float, shape: { shape: dims(-1, 32, 32, 3) } },
+        },
+        {
+          name: 'scale',
+          op: 'Const',
+          attr: { dtype: float, value: { tensor: { dtype: 'DT_FLOAT', tensorShape: dims(3) } } },
+        },
+        { name: 'scaled', op: 'Mul', input: ['image', 'scale'], attr: { T: float } },
+        { name: 'features', op: 'Relu', input: ['scaled'], attr: { T: float } },
+      ],
+      library: {},
+      versions: { producer: 1 },
+    },
+    weightsManifest: [
+      {
+        paths: ['group1-shard1of1.bin'],
+        weights: [{ name: 'scale', shape: [3], dtype: 'float32' }],
+      },
+    ],
+  };
+  await writeFile(path.join(folder, 'model.json'), JSON.stringify(json));
+  await writeFile(
+    path.join(folder, 'group1-shard1of1.bin'),
+    Buffer.from(Float32Array.from([1, 2, 3]).buffer),
+  );
+  return path.join(folder, 'model.json');
+}

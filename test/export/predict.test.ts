@@ -1,12 +1,12 @@
 import assert from 'node:assert/strict';
-import { cp, mkdir, rm } from 'node:fs/promises';
+import { cp, mkdir, readFile, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
 import { initBackend } from '../../src/backend/index.js';
 import { evaluate, predict } from '../../src/export/predict.js';
 import { train } from '../../src/train/train.js';
-import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
+import { tempDir, writeColourDataset, writeTinyBackbone, writeTinyGraphModel } from '../helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -28,6 +28,7 @@ before(async () => {
     data,
     out: run,
     backbone,
+    backend: 'wasm',
     epochs: 15,
     lr: 0.05,
     batchSize: 8,
@@ -41,8 +42,20 @@ after(async () => {
 
 test('model.onnx and the tfjs export give the same probabilities', async () => {
   const before = tf.memory().numTensors;
-  const viaTfjs = await predict({ model: run, inputs: [data], topK: 3, engine: 'tfjs' });
-  const viaOnnx = await predict({ model: run, inputs: [data], topK: 3, engine: 'onnx' });
+  const viaTfjs = await predict({
+    model: run,
+    inputs: [data],
+    topK: 3,
+    engine: 'tfjs',
+    backend: 'wasm',
+  });
+  const viaOnnx = await predict({
+    model: run,
+    inputs: [data],
+    topK: 3,
+    engine: 'onnx',
+    backend: 'wasm',
+  });
   assert.equal(tf.memory().numTensors, before);
   assert.equal(viaTfjs.engine, 'tfjs');
   assert.equal(viaOnnx.engine, 'onnx');
@@ -89,7 +102,7 @@ test('without a usable model.onnx the classifier still runs and says why', async
 });
 
 test('evaluate reports per-class figures on labelled folders; unknown classes are named', async () => {
-  const report = await evaluate({ model: run, data });
+  const report = await evaluate({ model: run, data, backend: 'wasm' });
   assert.equal(report.count, 24);
   assert.deepEqual(report.labels, ['cyan', 'magenta', 'yellow']);
   assert.ok(report.accuracy >= 0.9, `accuracy ${report.accuracy}`);
@@ -108,4 +121,46 @@ test('predict: bad inputs are named', async () => {
     message: 'Expected a positive integer for topK but received 0',
   });
   await assert.rejects(predict({ model: dir, inputs: [data] }), /no model found/);
+});
+
+test('a graph-model backbone exports the head alone plus a reference to the backbone, which predict follows', async () => {
+  const own = path.join(dir, 'graph');
+  const graph = await writeTinyGraphModel(own);
+  const out = path.join(own, 'run');
+  const summary = await train({
+    data,
+    out,
+    backbone: graph,
+    backend: 'wasm',
+    // in this thread: a worker pool would load tfjs again in every worker, for 24 tiny images
+    workers: 1,
+    epochs: 30,
+    lr: 0.05,
+    batchSize: 8,
+    cache: false,
+  });
+  assert.equal(summary.onnx, null, 'a head without its backbone is not a classifier to lower');
+  const modelJson = JSON.parse(await readFile(path.join(out, 'model', 'model.json'), 'utf8'));
+  const meta = modelJson.userDefinedMetadata;
+  assert.equal(meta.contents, 'head');
+  assert.deepEqual(meta.backbone.source, { kind: 'model-json', location: graph });
+  assert.equal(meta.backbone.inputSize, 32);
+  const names: string[] = modelJson.weightsManifest.flatMap((g: { weights: { name: string }[] }) =>
+    g.weights.map((w) => w.name),
+  );
+  assert.ok(names.length > 0 && names.every((n) => n.startsWith('head_')), names.join(', '));
+
+  const before = tf.memory().numTensors;
+  const result = await predict({ model: out, inputs: [data], topK: 1, backend: 'wasm' });
+  assert.equal(tf.memory().numTensors, before);
+  assert.equal(result.predictions.length, 24);
+  const right = result.predictions.filter(
+    (p) => path.basename(path.dirname(p.path)) === p.top[0]!.label,
+  );
+  assert.ok(right.length >= 22, `${right.length}/24 right`);
+  // the backbone really is read from the reference: without it predict says which file is missing
+  await rename(path.dirname(graph), `${path.dirname(graph)}-moved`);
+  await assert.rejects(predict({ model: out, inputs: [data] }), (err: Error) =>
+    err.message.includes(graph),
+  );
 });

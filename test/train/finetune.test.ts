@@ -6,15 +6,12 @@ import * as tf from '@tensorflow/tfjs';
 import { loadBackbone } from '../../src/backbones/load.js';
 import { initBackend } from '../../src/backend/index.js';
 import { applyAugment, augmentPlan, parseAugment } from '../../src/data/augment.js';
+import { EmbeddingCache } from '../../src/data/cache.js';
+import { loadSplits } from '../../src/data/scan.js';
+import { resolveEngineContext } from '../../src/engine/index.js';
+import { buildHead } from '../../src/head/build.js';
 import { fileLoadHandler } from '../../src/io/files.js';
-import {
-  firstUnfrozenLayer,
-  fittingBatchSize,
-  inferenceModeBatchNorm,
-  parseUnfreeze,
-  splitBody,
-  WASM_STEP_BUDGET,
-} from '../../src/train/finetune.js';
+import { firstUnfrozenLayer, parseUnfreeze, runFineTune } from '../../src/train/finetune.js';
 import { train } from '../../src/train/train.js';
 import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
 
@@ -50,8 +47,7 @@ const same = (a: Float32Array, b: Float32Array): boolean =>
     Buffer.from(b.buffer, b.byteOffset, b.byteLength),
   );
 
-test('--unfreeze values and the layers they pick', async () => {
-  const before = tf.memory().numTensors;
+test('--unfreeze values; a backbone without named blocks says what to use instead', async () => {
   assert.deepEqual(parseUnfreeze('all'), { kind: 'all' });
   assert.deepEqual(parseUnfreeze('from:block_16_expand'), {
     kind: 'from',
@@ -62,49 +58,6 @@ test('--unfreeze values and the layers they pick', async () => {
     message:
       "Expected all, from:LAYER_NAME or blocks:K (K ≥ 1) for unfreeze but received 'blocks:0'",
   });
-  const bb = await loadBackbone();
-  assert.equal(firstUnfrozenLayer(bb, { kind: 'blocks', count: 1 }), 'block_16_expand');
-  assert.equal(firstUnfrozenLayer(bb, { kind: 'blocks', count: 3 }), 'block_14_expand');
-  assert.equal(firstUnfrozenLayer(bb, { kind: 'all' }), 'Conv1_pad');
-  assert.throws(
-    () => firstUnfrozenLayer(bb, { kind: 'blocks', count: 18 }),
-    /blocks:1 to blocks:17/,
-  );
-  assert.throws(
-    () => firstUnfrozenLayer(bb, { kind: 'from', layer: 'nope' }),
-    /from: followed by a layer of backbone/,
-  );
-
-  // prefix then suffix is the body, bit for bit, and BN in the suffix ignores training mode
-  const split = splitBody(bb.model!, 'block_16_expand');
-  assert.equal(split.cutLayer, 'block_15_add');
-  assert.deepEqual(split.cutShape, [7, 7, 160]);
-  const undo = inferenceModeBatchNorm(split.layers);
-  const diffs = tf.tidy(() => {
-    const x = tf.randomUniform([2, 224, 224, 3], 0, 255, 'float32', 7);
-    const whole = bb.model!.predict(x) as tf.Tensor;
-    const mid = split.prefix.predict(x) as tf.Tensor;
-    const parts = split.suffix.predict(mid) as tf.Tensor;
-    const trainingMode = split.suffix.apply(mid, { training: true }) as tf.Tensor;
-    return [
-      whole.sub(parts).abs().max().dataSync()[0],
-      whole.sub(trainingMode).abs().max().dataSync()[0],
-    ];
-  });
-  undo();
-  split.release();
-  assert.deepEqual(diffs, [0, 0]);
-  // a batch that would overflow the 4 GiB wasm heap is lowered: the whole body at 224
-  // trains at batch 12 and aborts at 16; the top three blocks fit 32
-  const whole = splitBody(bb.model!, firstUnfrozenLayer(bb, { kind: 'all' }));
-  const top = splitBody(bb.model!, firstUnfrozenLayer(bb, { kind: 'blocks', count: 3 }));
-  const lowered = fittingBatchSize(whole.layers, 32, WASM_STEP_BUDGET);
-  assert.ok(lowered >= 4 && lowered <= 12, `lowered to ${lowered}`);
-  assert.equal(fittingBatchSize(top.layers, 32, WASM_STEP_BUDGET), 32);
-  whole.release();
-  top.release();
-  bb.dispose();
-  assert.equal(tf.memory().numTensors, before);
   const tinyBb = await loadBackbone(tiny);
   assert.throws(() => firstUnfrozenLayer(tinyBb, { kind: 'blocks', count: 1 }), {
     message: `Backbone ${tiny} names no blocks: use --unfreeze from:LAYER_NAME or --unfreeze all`,
@@ -119,6 +72,7 @@ test('fine-tune stage: only unfrozen weights change, BN statistics stay, snapsho
     data,
     out,
     backbone: tiny,
+    backend: 'wasm',
     epochs: 10,
     lr: 0.05,
     batchSize: 8,
@@ -176,6 +130,7 @@ test('--freeze-bn keeps gamma/beta; --keep best exports the best on validation',
     data,
     out,
     backbone: tiny,
+    backend: 'wasm',
     epochs: 6,
     lr: 0.05,
     batchSize: 8,
@@ -243,4 +198,123 @@ test('augmentation plans repeat per (seed, view, image) and transform as drawn',
   assert.deepEqual(identity, pixels);
   const darker = applyAugment(pixels, size, { flip: false, crop: null, angle: 0, brightness: 0.5 });
   assert.deepEqual(Array.from(darker.slice(0, 6)), [0, 1, 1, 2, 2, 3]);
+});
+
+test('the fine-tune stage warms its LR up linearly over its first epoch', async () => {
+  // Adam's first step moves every weight with a nonzero gradient by the LR itself
+  // (m̂/√v̂ = g/|g|), so the first step's largest move is the LR of that step: finetuneLr
+  // divided by the steps of an epoch (24 images in batches of 8: 3). No later Adam step
+  // moves a weight by more than about its LR (≤ 1.01× over the first steps).
+  const before = tf.memory().numTensors;
+  const backend = await initBackend('wasm');
+  const backbone = await loadBackbone(tiny);
+  const splits = await loadSplits(data, { valSplit: 0 });
+  const head = buildHead(backbone.featureSize, splits.classes.length, {
+    hidden: 0,
+    dropout: 0,
+    seed: 1,
+  });
+  const bias = (): Float32Array =>
+    (head.getLayer('head_logits').getWeights()[1]!.dataSync() as Float32Array).slice();
+  const lr = 0.01;
+  let epoch = -1;
+  let start: Float32Array = new Float32Array(0);
+  const moves: number[][] = [];
+  const epochLrs: number[] = [];
+  const result = await runFineTune(
+    {
+      backbone,
+      head,
+      train: {
+        files: splits.train.map((f) => f.path),
+        labels: Int32Array.from(splits.train, (f) => f.label),
+      },
+      val: { files: [], labels: new Int32Array(0) },
+      numClasses: splits.classes.length,
+      headAcc: null,
+      engine: resolveEngineContext({ engine: 'tfjs', backend, workers: 1 }),
+      callbacks: [
+        {
+          onEpochBegin(e) {
+            epoch = e;
+            moves.push([]);
+          },
+          onBatchBegin() {
+            start = bias();
+          },
+          onBatchEnd() {
+            const end = bias();
+            moves[epoch]!.push(Math.max(...end.map((v, i) => Math.abs(v - start[i]!))));
+          },
+          onEpochEnd(_e, logs) {
+            epochLrs.push(logs.lr);
+          },
+        },
+      ],
+      warn: () => undefined,
+      cache: null,
+    },
+    {
+      epochs: 2,
+      unfreeze: 'from:dw1',
+      lr,
+      batchSize: 8,
+      optimizer: 'adam',
+      freezeBn: false,
+      swa: null,
+      augment: [],
+      augmentViews: 1,
+      keep: 'last',
+      labelSmoothing: 0,
+      classWeights: null,
+      seed: 1,
+      decodeConcurrency: 2,
+      embedBatchSize: 16,
+    },
+  );
+  await result.dispose();
+  head.dispose();
+  backbone.dispose();
+  assert.equal(tf.memory().numTensors, before);
+  assert.equal(splits.train.length, 24);
+  assert.deepEqual(
+    moves.map((m) => m.length),
+    [3, 3],
+  );
+  const [first, second, third] = moves[0]!;
+  assert.ok(
+    Math.abs(first! - lr / 3) <= 1e-3 * lr,
+    `first step moved ${first}, expected ${lr / 3}`,
+  );
+  assert.ok(second! <= 1.01 * ((2 * lr) / 3), `second step moved ${second}`);
+  assert.ok(third! <= 1.01 * lr, `third step moved ${third}`);
+  assert.deepEqual(epochLrs, [lr, lr]);
+});
+
+test('augmentViews: K views cycle over E > K epochs; by default every epoch has its own view', async () => {
+  const views = async (name: string, finetuneEpochs: number, augmentViews?: number) => {
+    const cacheDir = path.join(dir, `${name}-cache`);
+    const summary = await train({
+      data,
+      out: path.join(dir, name),
+      backbone: tiny,
+      backend: 'wasm',
+      epochs: 2,
+      batchSize: 8,
+      swa: false,
+      finetuneEpochs,
+      unfreeze: 'from:dw1',
+      augment: 'flip',
+      ...(augmentViews !== undefined ? { augmentViews } : {}),
+      cacheDir,
+    });
+    const trainImages = Object.values(summary.counts.train).reduce((a, b) => a + b, 0);
+    const info = await new EmbeddingCache(cacheDir).info();
+    const augmented = info.namespaces.filter((n) => n.layer !== 'features' && n.view !== 'plain');
+    for (const n of augmented) assert.equal(n.entries, trainImages, n.view);
+    return augmented.map((n) => Number(/view(\d+)$/.exec(n.view)?.[1])).sort((a, b) => a - b);
+  };
+  // 5 epochs over 2 views: epochs 1–5 use views 0, 1, 0, 1, 0; only two are ever computed
+  assert.deepEqual(await views('views-2-of-5', 5, 2), [0, 1]);
+  assert.deepEqual(await views('views-default', 3), [0, 1, 2]);
 });
