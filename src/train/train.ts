@@ -9,6 +9,7 @@ import {
   type HeadResult,
   trainFinetune,
   trainHead,
+  valPredictions,
 } from './phases.js';
 import { writeRunRecords } from './records.js';
 import { type EmbeddedSplits, embedSplits, type PreparedRun, prepareRun } from './run.js';
@@ -89,6 +90,7 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
       lap('finetune');
     }
     const test = await evaluateTest(run, embedded, head, finetune);
+    const predictions = valPredictions(run, embedded, head, finetune);
     await finetune?.result.dispose();
     finetune = null;
 
@@ -121,7 +123,7 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
       test,
       seconds,
     };
-    await writeRunRecords(run, summary, history);
+    await writeRunRecords(run, summary, history, predictions);
     run.emit({ type: 'done', summary });
     return summary;
   } finally {
