@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { access, readFile, rm } from 'node:fs/promises';
+import { access, readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import sharp from 'sharp';
@@ -142,6 +142,23 @@ test('run report without val-predictions.json still draws the curves and says wh
   assert.doesNotMatch(html, /chart-confusion/);
   assert.doesNotMatch(html, />fine-tune</);
   assert.match(html, /No per-image validation predictions in this run folder/);
+});
+
+test('run report draws the averaged weights per epoch where metrics.jsonl carries them', async () => {
+  const run = path.join(dir, 'swa-per-epoch');
+  const { metrics } = await writeRunFixture(run, { valImages: 4 });
+  const plain = await readFile(await writeRunReport(run), 'utf8');
+  assert.doesNotMatch(plain, />val \(averaged weights\)</);
+  const lines = metrics.map((m) =>
+    (m.snapshots ?? 0) > 0 ? { ...m, swa_val_loss: 0.4, swa_val_acc: 0.9 } : m,
+  );
+  await writeFile(
+    path.join(run, 'metrics.jsonl'),
+    lines.map((l) => `${JSON.stringify(l)}\n`).join(''),
+  );
+  const html = await readFile(await writeRunReport(run), 'utf8');
+  const loss = /<div class="chart" id="chart-curve-0">([\s\S]*?)<\/svg>/.exec(html)![1]!;
+  assert.match(loss, />val \(averaged weights\)</);
 });
 
 test('run report of a broken record names the file', async () => {
