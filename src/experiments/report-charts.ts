@@ -101,7 +101,7 @@ export function epochChartOption(
       silent: true,
       symbol: 'none',
       lineStyle: { type: 'dashed', color: '#555' },
-      label: { formatter: '{b}', position: 'insideEndTop', color: '#333' },
+      label: { formatter: '{b}', position: 'insideMiddleTop', color: '#333' },
       data: marks.swaStarts.map((m) => ({ name: `SWA starts (${m.stage})`, xAxis: m.x })),
     };
     if (marks.finetune) {
