@@ -7,7 +7,8 @@
  * (1 and all threads) and on tfjs in the same process, decoding, cold and warm `train`
  * embedding phases, peak RSS at 1,000 and 5,000 images (separate processes), and the
  * fine-tune step (blocks:2) on wasm with the registered gradient kernels vs the cpu
- * backend, with and without the cached frozen prefix.
+ * backend, with and without the cached frozen prefix; then report.html for a 40-epoch
+ * run with 1,000 validation images (`--only-report`: that section alone).
  */
 import { execFile } from 'node:child_process';
 import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
@@ -27,8 +28,10 @@ import {
   loadBackbone,
   resolveEngineContext,
   versions,
+  writeRunReport,
 } from '../src/index.js';
 import { firstUnfrozenLayer, inferenceModeBatchNorm, splitBody } from '../src/train/finetune.js';
+import { writeRunFixture } from '../test/experiments/report-fixtures.js';
 
 const run = promisify(execFile);
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -221,9 +224,40 @@ async function prefixOnOnnx(batch: number, runs: number): Promise<number> {
   return batch / rate;
 }
 
+/**
+ * Seconds to write report.html for a 40-epoch run (32 head + 8 fine-tune) with 1,000
+ * validation images. The first call includes loading ECharts; the target is under 2 s.
+ */
+async function reportSeconds(): Promise<Record<string, number>> {
+  const work = await mkdtemp(path.join(os.tmpdir(), 'finetune-bench-report-'));
+  try {
+    const runDir = path.join(work, 'run');
+    await writeRunFixture(runDir, { headEpochs: 32, finetuneEpochs: 8, valImages: 1000 });
+    const times: number[] = [];
+    for (let i = 0; i < 3; i++) {
+      const t = now();
+      await writeRunReport(runDir);
+      times.push(now() - t);
+    }
+    return {
+      first_seconds: round(times[0]!, 3),
+      warm_seconds: round(Math.min(...times.slice(1)), 3),
+      epochs: 40,
+      val_images: 1000,
+    };
+  } finally {
+    await rm(work, { recursive: true, force: true });
+  }
+}
+
 const result: Record<string, unknown> = {
   machine: { cpus: os.availableParallelism(), model: os.cpus()[0]?.model ?? null },
 };
+if (process.argv.includes('--only-report')) {
+  result['report_40_epochs_1000_val'] = await reportSeconds();
+  process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
+  process.exit(0);
+}
 const backend = await initBackend('wasm');
 result['backend'] = backend.option;
 result['versions'] = versions();
@@ -338,4 +372,7 @@ result['finetune_blocks2'] = {
   cpu_batch2: { steps_per_s: round(1 / cpuSmall, 3), images_per_s: round(2 / cpuSmall, 2) },
   wasm_over_cpu: round(cpuSmall / wasmSmall),
 };
+
+// 5. report.html for a 40-epoch run with 1,000 validation images
+result['report_40_epochs_1000_val'] = await reportSeconds();
 process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);

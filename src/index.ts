@@ -93,6 +93,13 @@ export { WorkerPoolFrozenModel, type WorkerRecipe } from './engine/pool.js';
 export { TfjsFrozenModel } from './engine/tfjs.js';
 export type { EngineName, FrozenModel } from './engine/types.js';
 export { dataError, type ErrorKind, EXIT_CODES, FinetuneError } from './errors.js';
+// Reports
+export {
+  REPORT_FILE,
+  writeReport,
+  writeRunReport,
+  writeSweepReport,
+} from './experiments/report.js';
 export { type ExportResult, exportClassifier } from './export/classifier.js';
 // Results
 export {
@@ -170,6 +177,9 @@ export {
   type HeadResult,
   trainFinetune,
   trainHead,
+  VAL_PREDICTIONS,
+  type ValPrediction,
+  valPredictions,
 } from './train/phases.js';
 export { writeRunRecords } from './train/records.js';
 export {

@@ -6,6 +6,7 @@ import * as cacheCommand from './cache.js';
 import * as evaluateCommand from './evaluate.js';
 import * as modelsCommand from './models.js';
 import * as predictCommand from './predict.js';
+import * as reportCommand from './report.js';
 import { exitCleanlyOnSignals } from './signals.js';
 import * as trainCommand from './train.js';
 
@@ -84,6 +85,8 @@ async function main(): Promise<void> {
     .command(modelsCommand as any)
     // biome-ignore lint/suspicious/noExplicitAny: as above
     .command(cacheCommand as any)
+    // biome-ignore lint/suspicious/noExplicitAny: as above
+    .command(reportCommand as any)
     .demandCommand(1, 'Name a command: train, predict, evaluate, models or cache')
     .recommendCommands()
     .strict()

@@ -1,3 +1,4 @@
+import path from 'node:path';
 import type * as tf from '@tensorflow/tfjs';
 import { classificationReport } from '../export/metrics.js';
 import { buildHead, dropoutSeeder, logitsView } from '../head/build.js';
@@ -225,4 +226,47 @@ export async function evaluateTest(
   );
   const report = classificationReport(test.labels, predicted, run.splits.classes);
   return { loss: ev.loss, acc: report.accuracy, macroF1: report.macro.f1 };
+}
+
+/** The record of per-image validation predictions, beside summary.json. */
+export const VAL_PREDICTIONS = 'val-predictions.json';
+
+/** One validation image as the exported weights see it (a row of val-predictions.json). */
+export interface ValPrediction {
+  /** Absolute path, so a report written from another folder still finds the image. */
+  readonly file: string;
+  readonly label: string;
+  readonly predicted: string;
+  /** Probability of the predicted class. */
+  readonly confidence: number;
+}
+
+/**
+ * Per-image validation predictions of the weights the export holds, read from the
+ * evaluation the stage already ran on them (no extra pass). null without a validation
+ * split, or when the fine-tune stage could not use every validation image (its rows
+ * would no longer line up with the files).
+ */
+export function valPredictions(
+  run: PreparedRun,
+  embedded: EmbeddedSplits,
+  head: HeadResult,
+  finetune: FinetuneStageResult | null,
+): ValPrediction[] | null {
+  const kept = finetune?.kept ?? head.kept;
+  const stage = kept.stage === 'head' || !finetune ? head.stage : finetune.result.stage;
+  const ev = kept.weights === 'swa' ? stage.swa : stage.raw;
+  const { classes } = run.splits;
+  const k = classes.length;
+  const files = embedded.val.files;
+  if (!ev || !files.length || ev.probs.length !== files.length * k) return null;
+  return files.map((f, i) => {
+    const p = argmax(ev.probs, i * k, k);
+    return {
+      file: path.resolve(f.path),
+      label: classes[f.label]!,
+      predicted: classes[p]!,
+      confidence: ev.probs[i * k + p]!,
+    };
+  });
 }

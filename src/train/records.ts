@@ -1,23 +1,28 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
+import { writeRunReport } from '../experiments/report.js';
 import { writeJson } from '../export/model-dir.js';
 import { versions } from '../version.js';
 import type { EpochLogs } from './callbacks.js';
 import type { TrainSummary } from './events.js';
+import { VAL_PREDICTIONS, type ValPrediction } from './phases.js';
 import type { PreparedRun } from './run.js';
 
 /**
  * Writes the run's records beside model/: config.json (every resolved option, versions,
  * backend, backbone and its hash), labels.json, metrics.jsonl (a line per epoch of every
- * stage) and summary.json, into `out` (default the run's --out). Reports and sweeps read
- * only these files.
+ * stage), summary.json and, with a validation split, val-predictions.json (each image's
+ * prediction by the exported weights), into `out` (default the run's --out); then
+ * report.html from those files alone. Reports and sweeps read only these files.
  */
 export async function writeRunRecords(
   run: PreparedRun,
   summary: TrainSummary,
   history: readonly EpochLogs[],
-  out: string = run.options.out,
+  options: { predictions?: readonly ValPrediction[] | null; out?: string } = {},
 ): Promise<void> {
+  const out = options.out ?? run.options.out;
+  const predictions = options.predictions ?? null;
   await mkdir(out, { recursive: true });
   await writeFile(
     path.join(out, 'metrics.jsonl'),
@@ -33,4 +38,11 @@ export async function writeRunRecords(
   });
   await writeJson(path.join(out, 'labels.json'), run.splits.classes);
   await writeJson(path.join(out, 'summary.json'), summary);
+  if (predictions) {
+    await writeJson(path.join(out, VAL_PREDICTIONS), {
+      weights: summary.exported,
+      predictions,
+    });
+  }
+  await writeRunReport(out);
 }

@@ -11,6 +11,7 @@ import {
   type HeadResult,
   trainFinetune,
   trainHead,
+  valPredictions,
 } from './phases.js';
 import { writeRunRecords } from './records.js';
 import { type EmbeddedSplits, embedSplits, type PreparedRun, prepareRun } from './run.js';
@@ -103,6 +104,7 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
       lap('finetune');
     }
     const test = await evaluateTest(run, embedded, head, finetune);
+    const predictions = valPredictions(run, embedded, head, finetune);
     await finetune?.result.dispose();
     finetune = null;
 
@@ -135,7 +137,7 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
       test,
       seconds,
     };
-    await writeRunRecords(run, summary, history, folder.staging);
+    await writeRunRecords(run, summary, history, { predictions, out: folder.staging });
     await folder.commit();
     committed = true;
     run.emit({ type: 'done', summary });
