@@ -2,6 +2,7 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { EXIT_CODES, FinetuneError, VERSION } from '../index.js';
+import { closest } from '../util/closest.js';
 import * as cacheCommand from './cache.js';
 import * as evaluateCommand from './evaluate.js';
 import * as modelsCommand from './models.js';
@@ -40,33 +41,12 @@ function suggest(msg: string, known: readonly string[]): string {
   const m = /^Unknown arguments?: (.+)$/.exec(msg ?? '');
   if (!m) return '';
   const hints = m[1]!.split(', ').flatMap((bad) => {
-    const best = known
-      .map((k) => [k, distance(bad, k)] as const)
-      .filter(([, d]) => d <= Math.max(2, Math.floor(bad.length / 3)))
-      .sort((a, b) => a[1] - b[1])[0];
-    return best ? [{ bad, hint: `--${best[0]}` }] : [];
+    const best = closest(bad, known);
+    return best ? [{ bad, hint: `--${best}` }] : [];
   });
   if (!hints.length) return '';
   if (hints.length === 1) return `; did you mean ${hints[0]!.hint}?`;
   return `; did you mean ${hints.map((h) => `${h.hint} (for ${h.bad})`).join(', ')}?`;
-}
-
-function distance(a: string, b: string): number {
-  const d = Array.from({ length: a.length + 1 }, (_, i) => [
-    i,
-    ...new Array<number>(b.length).fill(0),
-  ]);
-  for (let j = 1; j <= b.length; j++) d[0]![j] = j;
-  for (let i = 1; i <= a.length; i++) {
-    for (let j = 1; j <= b.length; j++) {
-      d[i]![j] = Math.min(
-        d[i - 1]![j]! + 1,
-        d[i]![j - 1]! + 1,
-        d[i - 1]![j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1),
-      );
-    }
-  }
-  return d[a.length]![b.length]!;
 }
 
 async function main(): Promise<void> {
