@@ -1,8 +1,9 @@
-import { access, stat } from 'node:fs/promises';
+import { stat } from 'node:fs/promises';
 import path from 'node:path';
 import sharp from 'sharp';
 import { fileError } from '../errors.js';
 import { classificationReport } from '../export/metrics.js';
+import { exists } from '../io/atomic.js';
 import type { EpochLogs } from '../train/callbacks.js';
 import type { StageSummary, TrainSummary } from '../train/events.js';
 import { VAL_PREDICTIONS, type ValPrediction } from '../train/phases.js';
@@ -49,15 +50,6 @@ export interface RunRecords {
   readonly summary: TrainSummary;
   /** null: the run had no validation split (or predates val-predictions.json). */
   readonly valPredictions: ValPredictionsRecord | null;
-}
-
-async function exists(file: string): Promise<boolean> {
-  try {
-    await access(file);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 export async function readRunRecords(dir: string): Promise<RunRecords> {

@@ -1,6 +1,6 @@
-import { access } from 'node:fs/promises';
 import path from 'node:path';
 import { fileError } from '../errors.js';
+import { exists } from '../io/atomic.js';
 import type { ValFigures } from '../train/events.js';
 import { type ParamGroup, paramChartOption, renderChart } from './report-charts.js';
 import {
@@ -74,15 +74,6 @@ function formatValue(v: unknown): string {
 function compareValues(a: unknown, b: unknown): number {
   if (typeof a === 'number' && typeof b === 'number') return a - b;
   return formatValue(a).localeCompare(formatValue(b));
-}
-
-async function exists(file: string): Promise<boolean> {
-  try {
-    await access(file);
-    return true;
-  } catch {
-    return false;
-  }
 }
 
 /** The run folder of a row: its runDir (absolute, or relative to the sweep), else runs/<id>. */

@@ -1,27 +1,11 @@
-import { access, rename, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileError } from '../errors.js';
+import { exists, writeFileAtomic } from '../io/atomic.js';
 import { REPORT_FILE } from './report-html.js';
 import { readRunRecords, runReportHtml } from './report-run.js';
 import { readSweepRecords, sweepReportHtml } from './report-sweep.js';
 
 export { REPORT_FILE } from './report-html.js';
-
-/** Writes next to the final name and renames, so a reader never opens half a report. */
-async function writeAtomically(file: string, text: string): Promise<void> {
-  const tmp = `${file}.${process.pid}.tmp`;
-  await writeFile(tmp, text);
-  await rename(tmp, file);
-}
-
-async function exists(file: string): Promise<boolean> {
-  try {
-    await access(file);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 /**
  * Writes `runDir/report.html` from the run's records alone (config.json, labels.json,
@@ -38,7 +22,7 @@ async function exists(file: string): Promise<boolean> {
 export async function writeRunReport(runDir: string): Promise<string> {
   const html = await runReportHtml(await readRunRecords(runDir));
   const file = path.join(runDir, REPORT_FILE);
-  await writeAtomically(file, html);
+  await writeFileAtomic(file, html);
   return file;
 }
 
@@ -59,7 +43,7 @@ export async function writeSweepReport(sweepDir: string): Promise<string> {
     if (dir && !(await exists(path.join(dir, REPORT_FILE)))) await writeRunReport(dir);
   }
   const file = path.join(sweepDir, REPORT_FILE);
-  await writeAtomically(file, await sweepReportHtml(records));
+  await writeFileAtomic(file, await sweepReportHtml(records));
   return file;
 }
 

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { rename, unlink, writeFile } from 'node:fs/promises';
+import { lstat, rename, unlink, writeFile } from 'node:fs/promises';
 import { threadId } from 'node:worker_threads';
 
 /** Suffix of the temp files `writeFileAtomic` leaves behind when its writer is killed. */
@@ -26,5 +26,15 @@ export async function writeFileAtomic(final: string, data: Uint8Array | string):
   } catch (err) {
     await unlink(tmp).catch(() => {});
     throw err;
+  }
+}
+
+/** Whether anything exists at `file` (a file, a folder, a dangling link). */
+export async function exists(file: string): Promise<boolean> {
+  try {
+    await lstat(file);
+    return true;
+  } catch {
+    return false;
   }
 }

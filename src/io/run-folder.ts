@@ -1,8 +1,9 @@
 import { randomBytes } from 'node:crypto';
-import { lstatSync, rmSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { mkdir, mkdtemp, open, readdir, readFile, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { FinetuneError, fileError } from '../errors.js';
+import { exists } from './atomic.js';
 
 /**
  * A run folder written as a transaction: the run writes into a hidden staging folder
@@ -158,7 +159,7 @@ export async function openRunFolder(out: string): Promise<RunFolder> {
     staging,
     async commit() {
       let old: string | null = null;
-      if (exists(target)) {
+      if (await exists(target)) {
         old = path.join(parent, `.${name}.old-${randomBytes(4).toString('hex')}`);
         await rename(target, old);
       }
@@ -171,13 +172,4 @@ export async function openRunFolder(out: string): Promise<RunFolder> {
       await release();
     },
   };
-}
-
-function exists(p: string): boolean {
-  try {
-    lstatSync(p);
-    return true;
-  } catch {
-    return false;
-  }
 }
