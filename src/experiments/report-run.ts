@@ -280,7 +280,9 @@ export async function runReportHtml(records: RunRecords): Promise<string> {
     validationSection(records),
     misclassifiedSection(records),
   ]);
-  const name = path.basename(path.resolve(records.dir));
+  // The run's own name (summary.out): the report is written while the run is still in its
+  // staging folder, and a run folder may be moved or renamed after.
+  const name = path.basename(path.resolve(s.out || records.dir));
   const body = `<h1>Run ${esc(name)}</h1>
 <p class="sub">${esc(s.backbone)} · ${esc(s.classes.length)} classes · backend ${esc(s.backend)} · embeddings ${esc(s.engine)}</p>
 <div class="cards">

@@ -69,6 +69,8 @@ for (const finetuneEpochs of [0, 2]) {
 
     const html = await readFile(path.join(out, 'report.html'), 'utf8');
     assert.match(html, new RegExp(`<b>${summary.exported}</b>`));
+    // named after the run, not the staging folder it was written in
+    assert.match(html, new RegExp(`<h1>Run run-${finetuneEpochs}</h1>`));
     assert.match(html, new RegExp(`accuracy ${summary.val!.acc.toFixed(4)} on ${valCount} images`));
     assert.equal(/>fine-tune</.test(html), finetuneEpochs > 0);
     assert.match(html, /SWA starts \(head\)/);
