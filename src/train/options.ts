@@ -604,7 +604,8 @@ export function resolveTrainOptions(o: TrainOptions): ResolvedTrainOptions {
   const r: Partial<ResolvedTrainOptions> = {};
   for (const row of TRAIN_OPTIONS) {
     const value = given[row.key] ?? row.fallback?.(r);
-    if (value === undefined) continue;
+    // `data` alone has neither a default nor a way to be left out: its check says so.
+    if (value === undefined && row.key !== 'data') continue;
     // Options whose condition does not hold keep their default unchecked: they do nothing.
     if (given[row.key] === undefined && row.needs?.some((n) => !holds(n, r))) {
       (r as Record<string, unknown>)[row.key] = value;

@@ -112,6 +112,9 @@ test('every option is checked once, before any work, in one wording', () => {
       'finetuneSwaLr cannot be used with swa turned off',
     ],
   ];
+  assert.throws(() => resolveTrainOptions({} as TrainOptions), {
+    message: 'Expected a folder of class folders for data but received undefined',
+  });
   for (const [options, message] of bad) {
     assert.throws(() => resolveTrainOptions({ data: 'x', ...options }), { message }, message);
   }
