@@ -69,6 +69,8 @@ async function main(): Promise<void> {
     .command(modelsCommand as any)
     // biome-ignore lint/suspicious/noExplicitAny: as above
     .command(cacheCommand as any)
+    .command(await import('./sweep.js'))
+    .command(await import('./lr-find.js'))
     .demandCommand(1, 'Name a command: train, predict, evaluate, models or cache')
     .recommendCommands()
     .strict()
