@@ -222,6 +222,8 @@ export function expandSweep(config: SweepConfig): SweepRun[] {
         }`;
         let options: ResolvedTrainOptions;
         try {
+          // resolveTrainOptions skips a missing option without a default: data is checked here.
+          optionRow('data')!.check(merged['data'], {});
           options = resolveTrainOptions(merged as unknown as TrainOptions);
         } catch (err) {
           if (err instanceof FinetuneError) throw new FinetuneError(`${where}: ${err.message}`);
