@@ -46,6 +46,10 @@ export class CountingCache extends EmbeddingCache {
   }
 }
 
+function sum(seconds: Readonly<Record<string, number>> | undefined): number {
+  return Object.values(seconds ?? {}).reduce((a, b) => a + b, 0);
+}
+
 /** The run folder, relative to the sweep folder. */
 export function relativeRunDir(run: SweepRun): string {
   return path.join('runs', run.id);
@@ -161,6 +165,8 @@ export async function executeRun(
     emit: (e: TrainEvent) => void;
     keepHead: boolean;
     cache: CountingCache | null;
+    /** Seconds this run spent on phases of its own before the head (a child's prepare and embed). */
+    before?: Readonly<Record<string, number>>;
   },
 ): Promise<{ row: ResultRow; head: HeadResult | null }> {
   const { run } = job;
@@ -170,7 +176,7 @@ export async function executeRun(
   await rm(o.out, { recursive: true, force: true });
   const view = runView(shared, run, options.emit);
   const t0 = performance.now();
-  const seconds: Record<string, number> = {};
+  const seconds: Record<string, number> = { ...options.before };
   let mark = t0;
   const lap = (name: string): void => {
     const now = performance.now();
@@ -229,7 +235,7 @@ export async function executeRun(
       onnx,
       val,
       test,
-      seconds: { ...seconds, total: (performance.now() - t0) / 1000 },
+      seconds: { ...seconds, total: (performance.now() - t0) / 1000 + sum(options.before) },
     };
     await writeRunRecords(view, summary, history);
     lap('records');
@@ -245,7 +251,7 @@ export async function executeRun(
         exported,
       },
       test,
-      seconds: { ...seconds, total: (performance.now() - t0) / 1000 },
+      seconds: { ...seconds, total: (performance.now() - t0) / 1000 + sum(options.before) },
       cache: options.cache ? { hits: options.cache.hits, misses: options.cache.misses } : null,
     };
     await writeJson(path.join(o.out, RESULT_FILE), row);

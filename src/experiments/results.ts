@@ -33,7 +33,10 @@ export interface ResultRow {
     readonly exported: string;
   } | null;
   readonly test: (ValFigures & { macroF1: number }) | null;
-  /** Seconds per phase of this run (the shared prepare and embed phases are in sweep.json). */
+  /**
+   * Seconds per phase of this run. Runs in a child process have their own scan, load and
+   * embed; runs in the sweep's process share one (in sweep.json's `embeddings`).
+   */
   readonly seconds: Readonly<Record<string, number>>;
   /** Embedding-cache reads of this run's own passes (fine-tune prefix, its own embedding). */
   readonly cache: { readonly hits: number; readonly misses: number } | null;
@@ -152,7 +155,18 @@ function paramKeys(rows: readonly { params: Readonly<Record<string, unknown>> }[
   return [...keys];
 }
 
-const SECONDS = ['head', 'finetune', 'test', 'export', 'records', 'total'] as const;
+/** Phases in `seconds`: scan, load and embed only for runs in child processes (the others share them). */
+const SECONDS = [
+  'scan',
+  'load',
+  'embed',
+  'head',
+  'finetune',
+  'test',
+  'export',
+  'records',
+  'total',
+] as const;
 
 /** results.csv: one row per run, the swept values first. */
 export function resultsCsv(rows: readonly ResultRow[]): string {

@@ -38,12 +38,14 @@ async function runJob(job: RunJob): Promise<void> {
   try {
     const cache = prepared.cache ? new CountingCache(prepared.cache.dir) : null;
     const shared = { ...prepared, cache };
+    const t0 = performance.now();
     const embedded = await embedSplits(shared);
     const counts = checkCounts(shared, embedded);
     const { row } = await executeRun(shared, embedded, counts, job, {
       emit,
       keepHead: false,
       cache,
+      before: { ...prepared.seconds, embed: (performance.now() - t0) / 1000 },
     });
     await send({ type: 'done', row });
   } finally {

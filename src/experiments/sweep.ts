@@ -9,6 +9,7 @@ import type { TrainEvent } from '../train/events.js';
 import type { HeadResult } from '../train/phases.js';
 import { embedSplits, prepareRun } from '../train/run.js';
 import { checkCounts } from '../train/train.js';
+import { closest } from '../util/closest.js';
 import * as is from '../util/is.js';
 import { expandSweep, type SweepConfig, type SweepRun } from './config.js';
 import { executeRun, exportInto, failedRow, type RunJob, readFinished } from './execute.js';
@@ -71,6 +72,8 @@ export interface SweepSettings {
   /** Progress; the library prints nothing. */
   onEvent?: (event: SweepEvent) => void;
 }
+
+const SETTINGS = ['parallel', 'export', 'metric', 'onRunEnd', 'onEvent'] as const;
 
 export interface SweepResult {
   readonly out: string;
@@ -144,6 +147,14 @@ export async function sweep(
   settings: SweepSettings = {},
 ): Promise<SweepResult> {
   const runs = expandSweep(config);
+  for (const key of Object.keys(settings)) {
+    if (!(SETTINGS as readonly string[]).includes(key)) {
+      const near = closest(key, SETTINGS);
+      throw new FinetuneError(
+        `Unknown sweep setting ${key}${near ? `; did you mean ${near}?` : ''}`,
+      );
+    }
+  }
   const out = config.out;
   const metric = checkMetric(settings.metric ?? 'val_loss');
   const parallel = is.positiveInteger('parallel', settings.parallel ?? 1);
@@ -218,7 +229,7 @@ export async function sweep(
     await writeTables(null, null, false);
   };
 
-  // The best head of this process, kept until a better run replaces it or its group ends.
+  // Runs exported here as the best so far; those overtaken later lose their model again.
   const exportedHere = new Set<string>();
   const todo = runs.filter((r) => !rows.has(r.id));
   const groups = new Map<string, SweepRun[]>();
@@ -252,7 +263,8 @@ export async function sweep(
     model = path.join(run.options.out, MODEL_DIR);
     if (!(await exists(path.join(model, 'model.json')))) {
       // Finished in an earlier sweep or in a child: train it again (same seed, same figures) with its export.
-      const job: RunJob = { run, export: true, ...(threads ? { threads } : {}) };
+      // Alone now, so with every core.
+      const job: RunJob = { run, export: true };
       const row = run.needsBackbone
         ? await runChild(job, () => undefined, onEvent)
         : (

@@ -83,14 +83,14 @@ test('results.csv: swept values first, then figures, seconds, folder and error',
   assert.equal(
     lines[0],
     'id,config,repeat,status,lr,seed,val_raw_loss,val_raw_acc,val_swa_loss,val_swa_acc,val_loss,val_acc,kept,' +
-      'test_loss,test_acc,test_f1,seconds_head,seconds_finetune,seconds_test,seconds_export,seconds_records,' +
+      'test_loss,test_acc,test_f1,seconds_scan,seconds_load,seconds_embed,seconds_head,seconds_finetune,seconds_test,seconds_export,seconds_records,' +
       'seconds_total,cache_hits,cache_misses,run_dir,error',
   );
   assert.equal(
     lines[1],
-    'r1,a,0,done,0.1,42,0.51,0.8,0.5,0.8,0.5,0.8,head-swa,,,,1.5,,0,,0.01,1.51,,,runs/r1,',
+    'r1,a,0,done,0.1,42,0.51,0.8,0.5,0.8,0.5,0.8,head-swa,,,,,,,1.5,,0,,0.01,1.51,,,runs/r1,',
   );
-  assert.equal(lines[5], 'r5,b,2,failed,0.01,44,,,,,,,,,,,,,,,,,,,runs/r5,Out of memory');
+  assert.equal(lines[5], 'r5,b,2,failed,0.01,44,,,,,,,,,,,,,,,,,,,,,,runs/r5,Out of memory');
   const summary = summaryCsv(summarise(rows)).trimEnd().split('\n');
   assert.equal(
     summary[0],

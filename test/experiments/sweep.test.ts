@@ -122,7 +122,11 @@ test('a head-only sweep: one embedding pass, a record per run, the tables, the b
 
 test('a sweep run is the train run of the same options: same figures', async () => {
   const result = await sweep(
-    { out: path.join(dir, 'same'), base: { data, backbone, epochs: 4 }, grid: { lr: [0.05] } },
+    {
+      out: path.join(dir, 'same'),
+      base: { data, backbone, epochs: 4, cacheDir: path.join(dir, 'cache-same') },
+      grid: { lr: [0.05] },
+    },
     { export: 'none' },
   );
   assert.equal(result.model, null);
@@ -133,6 +137,7 @@ test('a sweep run is the train run of the same options: same figures', async () 
     epochs: 4,
     lr: 0.05,
     out: path.join(dir, 'same-train'),
+    cacheDir: path.join(dir, 'cache-same'),
   });
   const row = result.rows[0]!;
   assert.deepEqual(row.val!.kept, summary.val);
@@ -235,6 +240,12 @@ test('fine-tune runs in parallel child processes share the prefix cache without 
     result.rows.map((r) => r.error).join('; '),
   );
   assert.ok(result.rows.every((r) => r.val!.stage === 'finetune'));
+  // A child's own prepare and embed phases count in its seconds.
+  for (const row of result.rows) {
+    const s = row.seconds;
+    assert.ok(s['embed']! > 0 && s['finetune']! > 0);
+    assert.ok(s['total']! >= s['scan']! + s['load']! + s['embed']! + s['head']! + s['finetune']!);
+  }
   // The first run computes the embeddings and the prefix activations (33 images each; the
   // 9 test images repeat training images byte for byte, so they hit already); the other
   // two, running at the same time, read all of them from the cache.
@@ -268,6 +279,10 @@ test('threads × parallel may not exceed the cores', async () => {
     },
   );
   assert.ok(!(await exists(path.join(dir, 'threads'))));
+  await assert.rejects(
+    sweep({ out: path.join(dir, 'threads'), base: { data } }, { paralel: 2 } as object),
+    { message: 'Unknown sweep setting paralel; did you mean parallel?' },
+  );
 });
 
 test('finetune sweep from a YAML file, on the real CLI', async () => {
