@@ -1,17 +1,19 @@
 /**
  * `npm run bench`: the speed and memory figures, printed as one JSON object.
  *
- *   node dist/scripts/bench.js [--quick] [--photo PATH.jpg]
+ *   node dist/scripts/bench.js [--quick] [--photo PATH.jpg] [--sweep]
  *
  * Everything runs on this machine in one sitting: the frozen MobileNetV2 on ONNX Runtime
  * (1 and all threads) and on tfjs in the same process, decoding, cold and warm `train`
  * embedding phases, peak RSS at 1,000 and 5,000 images (separate processes), and the
  * fine-tune step (blocks:2) on wasm with the registered gradient kernels vs the cpu
  * backend, with and without the cached frozen prefix; then report.html for a 40-epoch
- * run with 1,000 validation images (`--only-report`: that section alone).
+ * run with 1,000 validation images (`--only-report`: that section alone); last, the sweep
+ * targets on 1,000 images: a 12-configuration head-only `finetune sweep` against one cold
+ * `train`, and against twelve warm `train` processes (`--sweep` runs only this part).
  */
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -250,6 +252,85 @@ async function reportSeconds(): Promise<Record<string, number>> {
   }
 }
 
+/** Wall seconds of one CLI process (what a user waits for, process start-up included). */
+async function cliSeconds(args: readonly string[], cwd: string): Promise<number> {
+  const t = now();
+  await run(process.execPath, [path.join(root, 'dist', 'src', 'cli', 'main.js'), ...args], {
+    cwd,
+    maxBuffer: 1 << 24,
+  });
+  return now() - t;
+}
+
+/**
+ * The sweep targets: 12 head-only configurations (lr × label smoothing × dropout, 40
+ * epochs each as `train`'s default) in one `finetune sweep` process, against one `train`
+ * on a cold cache (target ≤ 1.5×) and against twelve `train` processes, one per
+ * configuration, on a warm cache (target ≤ 0.3×).
+ */
+async function sweepTargets(): Promise<Record<string, unknown>> {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'finetune-bench-sweep-'));
+  try {
+    const data = path.join(dir, 'd1000');
+    await makeDataset(data, 1000);
+    // train's default head shape throughout: a hidden layer would make every head, not the
+    // sweep, the cost (hidden 256 trained about 4× slower than none here).
+    const grid = { lr: [0.03, 0.01, 0.003], labelSmoothing: [0, 0.1], dropout: [0, 0.2] };
+    const configs = grid.lr.flatMap((lr) =>
+      grid.labelSmoothing.flatMap((ls) => grid.dropout.map((dropout) => ({ lr, ls, dropout }))),
+    );
+    const coldTrain = await cliSeconds(
+      ['train', '--data', data, '--out', 'train-cold', '--cache-dir', 'cache-train', '--quiet'],
+      dir,
+    );
+    const warmTrains: number[] = [];
+    for (const [i, c] of configs.entries()) {
+      warmTrains.push(
+        await cliSeconds(
+          [
+            'train',
+            ...['--data', data, '--out', `train-${i}`, '--cache-dir', 'cache-train', '--quiet'],
+            ...['--lr', String(c.lr), '--dropout', String(c.dropout)],
+            ...['--label-smoothing', String(c.ls)],
+          ],
+          dir,
+        ),
+      );
+    }
+    const config = (out: string) =>
+      JSON.stringify({ out, base: { data, cacheDir: path.join(dir, 'cache-sweep') }, grid });
+    await writeFile(path.join(dir, 'cold.json'), config('sweep-cold'));
+    await writeFile(path.join(dir, 'warm.json'), config('sweep-warm'));
+    const coldSweep = await cliSeconds(['sweep', '--config', 'cold.json', '--quiet'], dir);
+    const warmSweep = await cliSeconds(['sweep', '--config', 'warm.json', '--quiet'], dir);
+    const twelve = warmTrains.reduce((a, b) => a + b, 0);
+    return {
+      images: 1000,
+      configs: configs.length,
+      cold_train_seconds: round(coldTrain, 2),
+      cold_sweep_seconds: round(coldSweep, 2),
+      cold_sweep_over_cold_train: round(coldSweep / coldTrain, 2),
+      cold_target: 1.5,
+      warm_train_seconds_each: warmTrains.map((t) => round(t, 2)),
+      twelve_warm_trains_seconds: round(twelve, 2),
+      warm_sweep_seconds: round(warmSweep, 2),
+      warm_sweep_over_twelve_warm_trains: round(warmSweep / twelve, 3),
+      cold_sweep_over_twelve_warm_trains: round(coldSweep / twelve, 3),
+      warm_target: 0.3,
+      load_average: os.loadavg().map((x) => round(x, 2)),
+    };
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+if (process.argv.includes('--sweep')) {
+  process.stdout.write(
+    `${JSON.stringify({ machine: { cpus: os.availableParallelism(), model: os.cpus()[0]?.model ?? null }, sweep_1000: await sweepTargets() }, null, 2)}\n`,
+  );
+  process.exit(0);
+}
+
 const result: Record<string, unknown> = {
   machine: { cpus: os.availableParallelism(), model: os.cpus()[0]?.model ?? null },
 };
@@ -375,4 +456,6 @@ result['finetune_blocks2'] = {
 
 // 5. report.html for a 40-epoch run with 1,000 validation images
 result['report_40_epochs_1000_val'] = await reportSeconds();
+// 6. the sweep targets
+result['sweep_1000'] = await sweepTargets();
 process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);

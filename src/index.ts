@@ -93,6 +93,20 @@ export { WorkerPoolFrozenModel, type WorkerRecipe } from './engine/pool.js';
 export { TfjsFrozenModel } from './engine/tfjs.js';
 export type { EngineName, FrozenModel } from './engine/types.js';
 export { dataError, type ErrorKind, EXIT_CODES, FinetuneError } from './errors.js';
+// Experiments: sweeps over one embedding, their tables, the LR finder
+export {
+  expandSweep,
+  loadSweepConfig,
+  type SweepConfig,
+  type SweepOptions,
+  type SweepRun,
+} from './experiments/config.js';
+export {
+  type LrFindPoint,
+  type LrFindResult,
+  type LrFindSettings,
+  lrFind,
+} from './experiments/lr-find.js';
 // Reports
 export {
   REPORT_FILE,
@@ -100,6 +114,22 @@ export {
   writeRunReport,
   writeSweepReport,
 } from './experiments/report.js';
+export {
+  type ConfigSummary,
+  type ResultRow,
+  SWEEP_METRICS,
+  type SweepMetric,
+} from './experiments/results.js';
+export { type Spread, spread } from './experiments/stats.js';
+export {
+  EXPORT_CHOICES,
+  type ExportChoice,
+  SWEEP_FILES,
+  type SweepEvent,
+  type SweepResult,
+  type SweepSettings,
+  sweep,
+} from './experiments/sweep.js';
 export { type ExportResult, exportClassifier } from './export/classifier.js';
 // Results
 export {

@@ -67,7 +67,12 @@ async function main(): Promise<void> {
     .command(cacheCommand as any)
     // biome-ignore lint/suspicious/noExplicitAny: as above
     .command(reportCommand as any)
-    .demandCommand(1, 'Name a command: train, predict, evaluate, models or cache')
+    .command(await import('./sweep.js'))
+    .command(await import('./lr-find.js'))
+    .demandCommand(
+      1,
+      'Name a command: train, predict, evaluate, sweep, lr-find, report, models or cache',
+    )
     .recommendCommands()
     .strict()
     .wrap(Math.min(110, process.stdout.columns ?? 100))

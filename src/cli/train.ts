@@ -6,7 +6,7 @@ export const command = 'train';
 export const describe = 'Train a classifier on a folder of images (frozen backbone, head with SWA)';
 
 /** `--help` text of a row: its doc, then its default. */
-function help(doc: string, defaultText: string): string {
+export function help(doc: string, defaultText: string): string {
   const plain = doc.replace(/`/g, '');
   return defaultText === 'required'
     ? plain
@@ -30,7 +30,7 @@ export function builder(y: Argv) {
 type Args = Record<string, unknown> & { quiet?: boolean; json?: boolean };
 
 /** Keeps only the options the user gave: defaults live in the library. */
-function optionsFrom(argv: Args): TrainOptions {
+export function optionsFrom(argv: Args): TrainOptions {
   const options: Record<string, unknown> = {};
   for (const row of TRAIN_OPTIONS) {
     const value = argv[row.flag];

@@ -26,7 +26,7 @@ function countBy(
 }
 
 /** Per-split counts of usable images; fails when fewer than two classes can be learned. */
-function checkCounts(run: PreparedRun, embedded: EmbeddedSplits): TrainSummary['counts'] {
+export function checkCounts(run: PreparedRun, embedded: EmbeddedSplits): TrainSummary['counts'] {
   const { classes } = run.splits;
   const counts = {
     train: countBy(embedded.train.files, classes),
