@@ -237,7 +237,7 @@ export async function executeRun(
       test,
       seconds: { ...seconds, total: (performance.now() - t0) / 1000 + sum(options.before) },
     };
-    await writeRunRecords(view, summary, history);
+    await writeRunRecords(view, summary, history, { report: false });
     lap('records');
     const last = stages.finetune ?? stages.head!;
     const row: ResultRow = {
