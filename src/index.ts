@@ -40,11 +40,13 @@ export {
 export {
   type CacheClearOptions,
   type CacheClearResult,
+  type CacheFailure,
   type CacheInfo,
   type CacheNamespace,
   type CacheNamespaceInfo,
   defaultCacheDir,
   EmbeddingCache,
+  type EmbeddingCacheOptions,
   type LoweredModelInfo,
   type LoweredModelKey,
 } from './data/cache.js';

@@ -57,7 +57,10 @@ export async function handler(argv: Args): Promise<void> {
     const { lowered } = info;
     const summary =
       `${info.dir}: ${info.entries} entries, ${megabytes(info.bytes)} MB; ` +
-      `${lowered.count} lowered ${lowered.count === 1 ? 'model' : 'models'}, ${megabytes(lowered.bytes)} MB`;
+      `${lowered.count} lowered ${lowered.count === 1 ? 'model' : 'models'}, ${megabytes(lowered.bytes)} MB` +
+      (info.temp.count
+        ? `; ${info.temp.count} temporary ${info.temp.count === 1 ? 'file' : 'files'}, ${megabytes(info.temp.bytes)} MB`
+        : '');
     const parts = [summary];
     if (info.namespaces.length) {
       parts.push(
@@ -102,7 +105,10 @@ export async function handler(argv: Args): Promise<void> {
     out.result(JSON.stringify({ dir: cache.dir, ...result }, null, 2));
     return;
   }
+  const temp = result.temp
+    ? `, ${result.temp} stale temporary ${result.temp === 1 ? 'file' : 'files'}`
+    : '';
   out.result(
-    `Removed ${result.removed} ${result.removed === 1 ? 'entry' : 'entries'} and ${result.lowered} lowered ${result.lowered === 1 ? 'model' : 'models'} (${megabytes(result.bytes)} MB) from ${cache.dir}`,
+    `Removed ${result.removed} ${result.removed === 1 ? 'entry' : 'entries'} and ${result.lowered} lowered ${result.lowered === 1 ? 'model' : 'models'}${temp} (${megabytes(result.bytes)} MB) from ${cache.dir}`,
   );
 }

@@ -1,7 +1,7 @@
 import { type Backbone, backboneRecipe, loadBackbone } from '../backbones/load.js';
 import { resolveBackboneSpec } from '../backbones/registry.js';
 import { type BackendInfo, initBackend } from '../backend/index.js';
-import { EmbeddingCache } from '../data/cache.js';
+import { type CacheFailure, EmbeddingCache } from '../data/cache.js';
 import { embedFiles, type LazyFrozenModel, type SkippedFile } from '../data/embed.js';
 import { type LabelledFile, loadSplits, type Splits } from '../data/scan.js';
 import {
@@ -56,6 +56,19 @@ export async function prepareRun(options: TrainOptions): Promise<PreparedRun> {
     mark = now;
     return s;
   };
+  const warnings: string[] = [];
+  const warn = (message: string): void => {
+    warnings.push(message);
+    emit({ type: 'warning', message });
+  };
+  // The cache is an accelerator: a failure is one warning per kind per run (not one per
+  // image) and the run goes on without that part of the cache.
+  const cacheFailures = new Set<CacheFailure['kind']>();
+  const onCacheFailure = (failure: CacheFailure): void => {
+    if (cacheFailures.has(failure.kind)) return;
+    cacheFailures.add(failure.kind);
+    warn(failure.message);
+  };
   const backend = await initBackend(o.backend);
   emit({ type: 'backend', backend });
   const engine = resolveEngineContext({
@@ -64,10 +77,10 @@ export async function prepareRun(options: TrainOptions): Promise<PreparedRun> {
     ...(o.threads !== undefined ? { threads: o.threads } : {}),
     ...(o.workers !== undefined ? { workers: o.workers } : {}),
     cacheDir: o.cache ? o.cacheDir : null,
+    onCacheFailure,
   });
   const splits = await loadSplits(o.data, { valSplit: o.valSplit, seed: o.seed });
-  const warnings = [...splits.warnings];
-  for (const message of splits.warnings) emit({ type: 'warning', message });
+  for (const message of splits.warnings) warn(message);
   const scan = lap();
 
   const spec = resolveBackboneSpec(o.backbone, {
@@ -103,14 +116,11 @@ export async function prepareRun(options: TrainOptions): Promise<PreparedRun> {
     splits,
     backbone,
     engine,
-    cache: o.cache ? new EmbeddingCache(o.cacheDir) : null,
+    cache: o.cache ? new EmbeddingCache(o.cacheDir, { onFailure: onCacheFailure }) : null,
     finetune,
     warnings,
     emit,
-    warn(message) {
-      warnings.push(message);
-      emit({ type: 'warning', message });
-    },
+    warn,
     seconds: { scan, load: lap() },
     dispose: () => backbone.dispose(),
   };
