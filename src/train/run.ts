@@ -10,6 +10,7 @@ import {
   type EngineContext,
   resolveEngineContext,
 } from '../engine/index.js';
+import * as is from '../util/is.js';
 import type { EmbeddingSource, TrainEvent } from './events.js';
 import { cacheNamespace, firstUnfrozenLayer, graphModelError, parseUnfreeze } from './finetune.js';
 import { type ResolvedTrainOptions, resolveTrainOptions, type TrainOptions } from './options.js';
@@ -95,6 +96,7 @@ export async function prepareRun(options: TrainOptions): Promise<PreparedRun> {
   );
   let finetune: FinetunePlan | null = null;
   try {
+    checkSizes(o, backbone);
     if (o.finetuneEpochs > 0) {
       if (!backbone.model) throw graphModelError(backbone.spec.id);
       const unfreeze = o.unfreeze ?? (backbone.spec.blocks?.length ? 'blocks:3' : 'all');
@@ -124,6 +126,19 @@ export async function prepareRun(options: TrainOptions): Promise<PreparedRun> {
     seconds: { scan, load: lap() },
     dispose: () => backbone.dispose(),
   };
+}
+
+/**
+ * Sizes that cannot fit in memory fail here, named by their option, before any image is
+ * decoded: a batch of pixels for the frozen pass (and for the fine-tune stage, whose rows
+ * are at most that large), a batch of features, the hidden layer's weights.
+ */
+function checkSizes(o: ResolvedTrainOptions, backbone: Backbone): void {
+  const pixels = 3 * backbone.inputSize ** 2;
+  is.integerInRange('embedBatchSize', o.embedBatchSize, 1, is.maxItemsInMemory(pixels));
+  const row = o.finetuneEpochs > 0 ? pixels : backbone.featureSize;
+  is.integerInRange('batchSize', o.batchSize, 1, is.maxItemsInMemory(row));
+  is.integerInRange('hidden', o.hidden, 0, is.maxItemsInMemory(backbone.featureSize));
 }
 
 /** Features of one split; rows that could not be decoded are dropped. */
