@@ -1,10 +1,11 @@
 import assert from 'node:assert/strict';
-import { access } from 'node:fs/promises';
+import { access, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
 import { initBackend } from '../../src/backend/index.js';
 import { FinetuneError } from '../../src/errors.js';
+import { fileSaveHandler } from '../../src/io/files.js';
 import { resolveTrainOptions, type TrainOptions } from '../../src/train/options.js';
 import { train } from '../../src/train/train.js';
 import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
@@ -99,4 +100,44 @@ test('sizes that cannot fit in memory fail once the feature size is known, befor
     assert.equal(await exists(out), false);
     assert.equal(tf.memory().numTensors, tensors);
   }
+});
+
+/** A backbone whose features are about 1e19 or more: an allowed learning rate still diverges on them. */
+async function writeLoudBackbone(): Promise<string> {
+  const input = tf.input({ shape: [32, 32, 3], name: 'image' });
+  const x = tf.layers
+    .conv2d({
+      filters: 8,
+      kernelSize: 1,
+      name: 'loud',
+      kernelInitializer: tf.initializers.constant({ value: 1e19 }),
+    })
+    .apply(input) as tf.SymbolicTensor;
+  const model = tf.model({ inputs: input, outputs: x });
+  const folder = path.join(dir, 'loud');
+  await model.save(fileSaveHandler(folder));
+  model.dispose();
+  return path.join(folder, 'model.json');
+}
+
+test('a loss that becomes NaN or infinite stops the run; the previous run folder stays', async () => {
+  const out = path.join(dir, 'diverge');
+  await train({ data, out, backbone, epochs: 2, cache: false });
+  const before = await readFile(path.join(out, 'summary.json'), 'utf8');
+  const loud = await writeLoudBackbone();
+  const tensors = tf.memory().numTensors;
+  await assert.rejects(
+    train({ data, out, backbone: loud, optimizer: 'sgd', lr: 9, epochs: 5, cache: false }),
+    (err: unknown) => {
+      assert.ok(err instanceof FinetuneError);
+      assert.match(
+        err.message,
+        /^training diverged: the head stage's loss became (NaN|Infinity) at epoch \d+, batch \d+; nothing was exported \(try a lower learning rate\)$/,
+      );
+      assert.equal(err.exitCode, 3);
+      return true;
+    },
+  );
+  assert.equal(tf.memory().numTensors, tensors);
+  assert.equal(await readFile(path.join(out, 'summary.json'), 'utf8'), before);
 });
