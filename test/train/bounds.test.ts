@@ -141,3 +141,35 @@ test('a loss that becomes NaN or infinite stops the run; the previous run folder
   assert.equal(tf.memory().numTensors, tensors);
   assert.equal(await readFile(path.join(out, 'summary.json'), 'utf8'), before);
 });
+
+test('no validation set (one image per class) is a warning', async () => {
+  const single = path.join(dir, 'single');
+  await writeColourDataset(single, 1, { red: [220, 30, 30], blue: [20, 40, 230] });
+  const tensors = tf.memory().numTensors;
+  const warnings: string[] = [];
+  const summary = await train({
+    data: single,
+    out: path.join(dir, 'single-run'),
+    backbone,
+    epochs: 2,
+    cache: false,
+    onEvent: (e) => {
+      if (e.type === 'warning') warnings.push(e.message);
+    },
+  });
+  assert.equal(tf.memory().numTensors, tensors);
+  assert.equal(summary.val, null);
+  const noVal = warnings.filter((w) => w.startsWith('no validation images'));
+  assert.equal(noVal.length, 1, warnings.join('\n'));
+  assert.deepEqual(summary.warnings, warnings);
+
+  // with a validation set there is no such warning
+  const normal = await train({
+    data,
+    out: path.join(dir, 'normal'),
+    backbone,
+    epochs: 1,
+    cache: false,
+  });
+  assert.ok(!normal.warnings.some((w) => w.startsWith('no validation images')));
+});
