@@ -94,7 +94,13 @@ export { executionProviders, OnnxFrozenModel } from './engine/onnx/session.js';
 export { WorkerPoolFrozenModel, type WorkerRecipe } from './engine/pool.js';
 export { TfjsFrozenModel } from './engine/tfjs.js';
 export type { EngineName, FrozenModel } from './engine/types.js';
-export { dataError, type ErrorKind, EXIT_CODES, FinetuneError } from './errors.js';
+export {
+  dataError,
+  type ErrorKind,
+  EXIT_CODES,
+  FinetuneError,
+  renameOption,
+} from './errors.js';
 // Reports
 export {
   REPORT_FILE,

@@ -23,6 +23,9 @@ export function builder(y: Argv) {
     .option('backbone', { type: 'string', describe: 'clear: only this backbone id' })
     .option('older-than', {
       type: 'string',
+      // Takes the next word whatever it looks like: `-1d` is a bad duration, not two flags.
+      nargs: 1,
+      requiresArg: true,
       describe:
         'clear: only entries and lowered models last used longer ago than this, e.g. 30d, 12h, 45m',
     })

@@ -133,7 +133,7 @@ test('--max-bytes: files over it are skipped unread; a bad value is a usage erro
   const bad = await runCliGuarded(['predict', '--model', run, image, '--max-bytes', '0'], dir);
   assert.equal(bad.code, 2);
   assert.deepEqual(lines(bad.stderr), [
-    'finetune: Expected a positive integer for maxBytes but received 0',
+    'finetune: Expected a positive integer for --max-bytes but received 0',
   ]);
 });
 
