@@ -230,3 +230,25 @@ test('info counts temp files under onnx/ too; clear removes the stale ones', asy
   assert.equal(cleared.lowered, 0);
   assert.deepEqual((await cache.info()).temp, { count: 1, bytes: 2 });
 });
+
+test('the fine-tune stage (prefix activations, lowered prefix) with a broken cache: one warning', async () => {
+  const file = path.join(dir, 'finetune-cache-file');
+  await writeFile(file, 'not a folder');
+  const options = {
+    data,
+    backbone,
+    engine: 'onnx' as const,
+    epochs: 2,
+    finetuneEpochs: 1,
+    unfreeze: 'from:dw1',
+    augment: 'flip',
+    seed: 3,
+  };
+  const ref = await train({ ...options, out: path.join(dir, `run-${n++}`), cache: false });
+  const tensors = tf.memory().numTensors;
+  const summary = await train({ ...options, out: path.join(dir, `run-${n++}`), cacheDir: file });
+  assert.equal(tf.memory().numTensors, tensors);
+  const cacheWarnings = summary.warnings.filter((w) => w.startsWith('cache: '));
+  assert.equal(cacheWarnings.length, 1, cacheWarnings.join('\n'));
+  assert.deepEqual(summary.stages, ref.stages);
+});
