@@ -131,7 +131,7 @@ export interface CacheFailure {
    */
   readonly kind: 'read' | 'write' | 'damaged';
   readonly path: string;
-  /** One line naming the file, what happened and what the run does instead. */
+  /** One line: `cache: <file>: <what happened>; <what the run does instead>`. */
   readonly message: string;
   readonly cause?: unknown;
 }
@@ -272,13 +272,23 @@ export class EmbeddingCache {
     this.onFailure = options.onFailure ?? null;
   }
 
-  /** Reports a failure when asked to, else throws it. */
-  private fail(failure: CacheFailure): void {
-    if (!this.onFailure) throw cacheError(failure.path, failure.message, failure.cause);
-    if (failure.kind === 'write') this.writesOff = true;
+  /**
+   * Reports a failure when asked to (saying what the run does `instead`), else throws it.
+   */
+  private fail(
+    kind: CacheFailure['kind'],
+    file: string,
+    reason: string,
+    instead: string,
+    cause?: unknown,
+  ): void {
+    if (!this.onFailure) throw cacheError(file, reason, cause);
+    if (kind === 'write') this.writesOff = true;
     this.onFailure({
-      ...failure,
-      message: `cache: ${failure.path}: ${failure.message}`,
+      kind,
+      path: file,
+      message: `cache: ${file}: ${reason}; ${instead}`,
+      ...(cause === undefined ? {} : { cause }),
     });
   }
 
@@ -290,18 +300,10 @@ export class EmbeddingCache {
     } catch (err) {
       if (err instanceof NotAFile) {
         this.unusable.add(file);
-        this.fail({
-          kind: 'read',
-          path: file,
-          message: 'not a regular file; what it would hold is computed instead of cached',
-        });
+        this.fail('read', file, 'not a regular file', 'what it would hold is computed, not cached');
       } else {
-        this.fail({
-          kind: 'read',
-          path: file,
-          message: `cannot read (${errorText(err)}); computed instead of read from the cache`,
-          cause: err,
-        });
+        const reason = `cannot read (${errorText(err)})`;
+        this.fail('read', file, reason, 'computed instead of read from the cache', err);
       }
       return null;
     }
@@ -313,12 +315,8 @@ export class EmbeddingCache {
   }
 
   private writeFailed(file: string, err: unknown): void {
-    this.fail({
-      kind: 'write',
-      path: file,
-      message: `cannot write (${errorText(err)}); nothing more is stored in the cache during this run`,
-      cause: err,
-    });
+    const reason = `cannot write (${errorText(err)})`;
+    this.fail('write', file, reason, 'nothing more is stored in the cache during this run', err);
   }
 
   /** The namespace's folder name: sha256 of its canonical JSON, first 32 hex chars. */
@@ -404,11 +402,8 @@ export class EmbeddingCache {
     if (!decoded || decoded.keyJson !== canonicalLoweredKey(key)) {
       await unlinkIfSame(file, st);
       if (this.onFailure) {
-        this.fail({
-          kind: 'damaged',
-          path: file,
-          message: 'damaged lowered model (bad header or checksum); removed and lowered again',
-        });
+        const reason = 'damaged lowered model (bad header or checksum)';
+        this.fail('damaged', file, reason, 'removed and lowered again');
       }
       return null;
     }
