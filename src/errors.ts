@@ -24,15 +24,23 @@ export interface FinetuneErrorOptions {
   /** Same as `kind`, given as its code in EXIT_CODES (a code outside the table means internal). */
   exitCode?: number;
   cause?: unknown;
+  /** The option a bad value was given for, by its library name (see `invalidOption`). */
+  option?: string;
 }
 
 export class FinetuneError extends Error {
   readonly kind: ErrorKind;
   /** `EXIT_CODES[kind]`: what the CLI exits with. */
   readonly exitCode: number;
+  /**
+   * The option a bad value was given for (the library's name, e.g. `batchSize`), so a caller
+   * can name it in its own vocabulary (the CLI's `--batch-size`): see `renameOption`.
+   */
+  readonly option: string | undefined;
   constructor(message: string, options: FinetuneErrorOptions = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'FinetuneError';
+    this.option = options.option;
     this.kind =
       options.kind ??
       (options.exitCode === undefined ? 'usage' : (KIND_OF_CODE[options.exitCode] ?? 'internal'));
@@ -57,7 +65,18 @@ export function describeValue(value: unknown): string {
 export function invalidOption(name: string, expected: string, received: unknown): FinetuneError {
   return new FinetuneError(
     `Expected ${expected} for ${name} but received ${describeValue(received)}`,
+    { option: name },
   );
+}
+
+/**
+ * The message of an `invalidOption` error with the option named as the caller knows it.
+ *
+ * @example renameOption(err, '--batch-size') // "Expected … for --batch-size but received 0"
+ */
+export function renameOption(err: FinetuneError, shown: string): string {
+  if (err.option === undefined) return err.message;
+  return err.message.replace(` for ${err.option} but received `, ` for ${shown} but received `);
 }
 
 /** An error about one file: the path always comes first. */

@@ -40,11 +40,13 @@ export {
 export {
   type CacheClearOptions,
   type CacheClearResult,
+  type CacheFailure,
   type CacheInfo,
   type CacheNamespace,
   type CacheNamespaceInfo,
   defaultCacheDir,
   EmbeddingCache,
+  type EmbeddingCacheOptions,
   type LoweredModelInfo,
   type LoweredModelKey,
 } from './data/cache.js';
@@ -92,7 +94,13 @@ export { executionProviders, OnnxFrozenModel } from './engine/onnx/session.js';
 export { WorkerPoolFrozenModel, type WorkerRecipe } from './engine/pool.js';
 export { TfjsFrozenModel } from './engine/tfjs.js';
 export type { EngineName, FrozenModel } from './engine/types.js';
-export { dataError, type ErrorKind, EXIT_CODES, FinetuneError } from './errors.js';
+export {
+  dataError,
+  type ErrorKind,
+  EXIT_CODES,
+  FinetuneError,
+  renameOption,
+} from './errors.js';
 // Experiments: sweeps over one embedding, their tables, the LR finder
 export {
   expandSweep,

@@ -23,6 +23,9 @@ export function builder(y: Argv) {
     .option('backbone', { type: 'string', describe: 'clear: only this backbone id' })
     .option('older-than', {
       type: 'string',
+      // Takes the next word whatever it looks like: `-1d` is a bad duration, not two flags.
+      nargs: 1,
+      requiresArg: true,
       describe:
         'clear: only entries and lowered models last used longer ago than this, e.g. 30d, 12h, 45m',
     })
@@ -57,7 +60,10 @@ export async function handler(argv: Args): Promise<void> {
     const { lowered } = info;
     const summary =
       `${info.dir}: ${info.entries} entries, ${megabytes(info.bytes)} MB; ` +
-      `${lowered.count} lowered ${lowered.count === 1 ? 'model' : 'models'}, ${megabytes(lowered.bytes)} MB`;
+      `${lowered.count} lowered ${lowered.count === 1 ? 'model' : 'models'}, ${megabytes(lowered.bytes)} MB` +
+      (info.temp.count
+        ? `; ${info.temp.count} temporary ${info.temp.count === 1 ? 'file' : 'files'}, ${megabytes(info.temp.bytes)} MB`
+        : '');
     const parts = [summary];
     if (info.namespaces.length) {
       parts.push(
@@ -102,7 +108,10 @@ export async function handler(argv: Args): Promise<void> {
     out.result(JSON.stringify({ dir: cache.dir, ...result }, null, 2));
     return;
   }
+  const temp = result.temp
+    ? `, ${result.temp} stale temporary ${result.temp === 1 ? 'file' : 'files'}`
+    : '';
   out.result(
-    `Removed ${result.removed} ${result.removed === 1 ? 'entry' : 'entries'} and ${result.lowered} lowered ${result.lowered === 1 ? 'model' : 'models'} (${megabytes(result.bytes)} MB) from ${cache.dir}`,
+    `Removed ${result.removed} ${result.removed === 1 ? 'entry' : 'entries'} and ${result.lowered} lowered ${result.lowered === 1 ? 'model' : 'models'}${temp} (${megabytes(result.bytes)} MB) from ${cache.dir}`,
   );
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { EXIT_CODES, FinetuneError, VERSION } from '../index.js';
+import { EXIT_CODES, FinetuneError, optionRow, renameOption, VERSION } from '../index.js';
 import { closest } from '../util/closest.js';
 import * as cacheCommand from './cache.js';
 import * as evaluateCommand from './evaluate.js';
@@ -13,13 +13,31 @@ import * as trainCommand from './train.js';
 
 const debug = process.env['FINETUNE_DEBUG'] === '1';
 
+/** Library option names that are not train options, as the commands spell their flags. */
+const OTHER_FLAGS: Readonly<Record<string, string>> = Object.freeze({
+  topK: 'top-k',
+  'older-than': 'older-than',
+  'cache-dir': 'cache-dir',
+});
+
+/**
+ * The error's message in the user's vocabulary: the library names an option by its key
+ * (`batchSize`), the user typed a flag (`--batch-size`).
+ */
+function messageOf(err: unknown): string {
+  if (!(err instanceof Error)) return String(err);
+  if (!(err instanceof FinetuneError) || err.option === undefined) return err.message;
+  const flag = optionRow(err.option)?.flag ?? OTHER_FLAGS[err.option];
+  return flag === undefined ? err.message : renameOption(err, `--${flag}`);
+}
+
 /**
  * One line on stderr and the code of EXIT_CODES (a FinetuneError's kind; anything else is
  * internal); the stack trace only with FINETUNE_DEBUG=1.
  */
 function report(err: unknown): never {
   const code = err instanceof FinetuneError ? err.exitCode : EXIT_CODES.internal;
-  const text = err instanceof Error ? err.message : String(err);
+  const text = messageOf(err);
   // Engine messages can span lines; the log line stays one line.
   const line = text.replace(/\s*\n\s*/g, ' ').trim() || String(err);
   // An internal error is worth a bug report, which needs the stack.

@@ -1,8 +1,8 @@
-import type { Dirent, Stats } from 'node:fs';
+import { constants, type Dirent, type Stats } from 'node:fs';
 import { mkdir, open, readdir, readFile, rmdir, stat, unlink, utimes } from 'node:fs/promises';
 import { endianness, homedir } from 'node:os';
 import path from 'node:path';
-import { FinetuneError, fileError, invalidOption } from '../errors.js';
+import { FinetuneError, invalidOption } from '../errors.js';
 import { TMP_EXT, writeFileAtomic } from '../io/atomic.js';
 import { sha256 } from '../io/hash.js';
 import { nonEmptyString, nonNegativeInteger, positiveInteger } from '../util/is.js';
@@ -102,6 +102,8 @@ export interface CacheInfo {
   namespaces: CacheNamespaceInfo[];
   /** Lowered ONNX models kept for the engine. */
   lowered: { count: number; bytes: number; models: LoweredModelInfo[] };
+  /** `*.tmp` files of writers that are running or were killed (`clear` removes those older than a minute). */
+  temp: { count: number; bytes: number };
 }
 
 export interface CacheClearResult {
@@ -109,8 +111,37 @@ export interface CacheClearResult {
   removed: number;
   /** Lowered models removed. */
   lowered: number;
+  /** Stray `*.tmp` files removed. */
+  temp: number;
   /** Bytes freed: entries, lowered models and stray temp files. */
   bytes: number;
+}
+
+/**
+ * A cache operation that failed (a read-only or full disk, a cache folder that is a file, an
+ * entry that is not a regular file, a damaged lowered model). With `onFailure`, the cache
+ * reports it and carries on as if the cache were not there for that operation: the cache
+ * is an accelerator, never a requirement.
+ */
+export interface CacheFailure {
+  /**
+   * `read`: a file could not be read (or is not a regular file); `write`: nothing more is
+   * written by this cache object; `damaged`: a lowered model failed its checksum (it was
+   * removed and is lowered again). A damaged embedding entry is a plain miss, not a failure.
+   */
+  readonly kind: 'read' | 'write' | 'damaged';
+  readonly path: string;
+  /** One line: `cache: <file>: <what happened>; <what the run does instead>`. */
+  readonly message: string;
+  readonly cause?: unknown;
+}
+
+export interface EmbeddingCacheOptions {
+  /**
+   * Called for every cache failure instead of throwing it; `get`/`getLowered` then miss and
+   * `put`/`putLowered` do nothing. Without it, failures throw (kind 'internal', exit 1).
+   */
+  onFailure?: (failure: CacheFailure) => void;
 }
 
 export interface CacheClearOptions {
@@ -160,12 +191,21 @@ function isMissing(err: unknown): boolean {
   return code === 'ENOENT' || code === 'ENOTDIR';
 }
 
+/** A cache file that cannot be read or written: not the user's input, so not a usage error. */
+function cacheError(file: string, reason: string, cause: unknown): FinetuneError {
+  return new FinetuneError(`${file}: ${reason}`, { kind: 'internal', cause });
+}
+
+function errorText(err: unknown): string {
+  return (err as Error)?.message ?? String(err);
+}
+
 async function listDir(dir: string): Promise<Dirent[]> {
   try {
     return await readdir(dir, { withFileTypes: true });
   } catch (err) {
     if (isMissing(err)) return [];
-    throw fileError(dir, `cannot read cache folder (${(err as Error).message})`, err);
+    throw cacheError(dir, `cannot read cache folder (${errorText(err)})`, err);
   }
 }
 
@@ -221,9 +261,62 @@ export class EmbeddingCache {
   readonly dir: string;
   /** Namespace folders whose `namespace.json` this process has already checked. */
   private readonly described = new Set<string>();
+  private readonly onFailure: ((failure: CacheFailure) => void) | null;
+  /** Set at the first failed write when failures are reported: later writes are skipped. */
+  private writesOff = false;
+  /** Entries that are not regular files: never read or written again by this object. */
+  private readonly unusable = new Set<string>();
 
-  constructor(dir: string) {
+  constructor(dir: string, options: EmbeddingCacheOptions = {}) {
     this.dir = path.resolve(nonEmptyString('cache-dir', dir));
+    this.onFailure = options.onFailure ?? null;
+  }
+
+  /**
+   * Reports a failure when asked to (saying what the run does `instead`), else throws it.
+   */
+  private fail(
+    kind: CacheFailure['kind'],
+    file: string,
+    reason: string,
+    instead: string,
+    cause?: unknown,
+  ): void {
+    if (!this.onFailure) throw cacheError(file, reason, cause);
+    if (kind === 'write') this.writesOff = true;
+    this.onFailure({
+      kind,
+      path: file,
+      message: `cache: ${file}: ${reason}; ${instead}`,
+      ...(cause === undefined ? {} : { cause }),
+    });
+  }
+
+  /** Reads a cache file; a failure is reported (or thrown) and is a miss. */
+  private async read(file: string): Promise<{ bytes: Buffer; st: Stats } | null> {
+    if (this.unusable.has(file)) return null;
+    try {
+      return await readChecked(file);
+    } catch (err) {
+      if (err instanceof NotAFile) {
+        this.unusable.add(file);
+        this.fail('read', file, 'not a regular file', 'what it would hold is computed, not cached');
+      } else {
+        const reason = `cannot read (${errorText(err)})`;
+        this.fail('read', file, reason, 'computed instead of read from the cache', err);
+      }
+      return null;
+    }
+  }
+
+  /** Whether a write should be tried at all. */
+  private writable(file: string): boolean {
+    return !this.writesOff && !this.unusable.has(file);
+  }
+
+  private writeFailed(file: string, err: unknown): void {
+    const reason = `cannot write (${errorText(err)})`;
+    this.fail('write', file, reason, 'nothing more is stored in the cache during this run', err);
   }
 
   /** The namespace's folder name: sha256 of its canonical JSON, first 32 hex chars. */
@@ -249,7 +342,7 @@ export class EmbeddingCache {
   async get(ns: CacheNamespace, key: string, length: number): Promise<Float32Array | null> {
     nonNegativeInteger('length', length);
     const file = this.entryPath(ns, key);
-    const read = await readChecked(file);
+    const read = await this.read(file);
     if (!read) return null;
     const { bytes, st } = read;
     const values = decodeEntry(bytes, length);
@@ -269,6 +362,7 @@ export class EmbeddingCache {
   async put(ns: CacheNamespace, key: string, values: Float32Array): Promise<void> {
     if (!(values instanceof Float32Array)) throw invalidOption('values', 'a Float32Array', values);
     const file = this.entryPath(ns, key);
+    if (!this.writable(file)) return;
     const data = encodeEntry(values);
     // Two tries: a concurrent `clear` may remove the (then empty) shard folder between our
     // mkdir and our write.
@@ -284,7 +378,8 @@ export class EmbeddingCache {
         // content-addressed, so an existing one already holds these values.
         if ((err as NodeJS.ErrnoException).code === 'EPERM' && (await statOrNull(file))) return;
         if (err instanceof FinetuneError) throw err;
-        throw fileError(file, `cannot write cache entry (${(err as Error).message})`, err);
+        this.writeFailed(file, err);
+        return;
       }
     }
   }
@@ -300,12 +395,16 @@ export class EmbeddingCache {
    */
   async getLowered(key: LoweredModelKey): Promise<Uint8Array | null> {
     const file = this.loweredPath(key);
-    const read = await readChecked(file);
+    const read = await this.read(file);
     if (!read) return null;
     const { bytes, st } = read;
     const decoded = decodeLowered(bytes);
     if (!decoded || decoded.keyJson !== canonicalLoweredKey(key)) {
       await unlinkIfSame(file, st);
+      if (this.onFailure) {
+        const reason = 'damaged lowered model (bad header or checksum)';
+        this.fail('damaged', file, reason, 'removed and lowered again');
+      }
       return null;
     }
     if (Date.now() - st.mtimeMs > TOUCH_AFTER_MS) {
@@ -319,6 +418,7 @@ export class EmbeddingCache {
   async putLowered(key: LoweredModelKey, model: Uint8Array): Promise<void> {
     if (!(model instanceof Uint8Array)) throw invalidOption('model', 'a Uint8Array', model);
     const file = this.loweredPath(key);
+    if (!this.writable(file)) return;
     const keyJson = Buffer.from(canonicalLoweredKey(key));
     const header = Buffer.alloc(LOWERED_HEADER_BYTES);
     header.writeUInt32LE(LOWERED_MAGIC, 0);
@@ -329,20 +429,26 @@ export class EmbeddingCache {
       await mkdir(path.dirname(file), { recursive: true });
       await writeFileAtomic(file, Buffer.concat([header, keyJson, model]));
     } catch (err) {
-      throw fileError(file, `cannot write lowered model (${(err as Error).message})`, err);
+      this.writeFailed(file, err);
     }
   }
 
-  /** Entry counts and sizes per namespace, and the lowered models; `*.tmp` files are ignored. */
+  /** Entry counts and sizes per namespace, the lowered models, and the `*.tmp` files. */
   async info(): Promise<CacheInfo> {
     const namespaces: CacheNamespaceInfo[] = [];
+    const temp = { count: 0, bytes: 0 };
     for (const id of await this.namespaceIds()) {
       const nsDir = path.join(this.embeddingsDir(), id);
       const meta = await readNamespaceFile(nsDir);
       let entries = 0;
       let bytes = 0;
       let last = -Infinity;
-      for (const { st } of await listEntries(nsDir)) {
+      for (const { file, st } of await listEntries(nsDir, true)) {
+        if (file.endsWith(TMP_EXT)) {
+          temp.count++;
+          temp.bytes += st.size;
+          continue;
+        }
         entries++;
         bytes += st.size;
         last = Math.max(last, st.mtimeMs);
@@ -367,7 +473,12 @@ export class EmbeddingCache {
         a.id.localeCompare(b.id),
     );
     const models: LoweredModelInfo[] = [];
-    for (const { file, st, key } of await this.listLowered()) {
+    for (const { file, st, key, isTmp } of await this.listLowered(true)) {
+      if (isTmp) {
+        temp.count++;
+        temp.bytes += st.size;
+        continue;
+      }
       models.push({
         id: path
           .basename(file)
@@ -396,6 +507,7 @@ export class EmbeddingCache {
         bytes: models.reduce((s, m) => s + m.bytes, 0),
         models,
       },
+      temp,
     };
   }
 
@@ -412,6 +524,7 @@ export class EmbeddingCache {
       options.olderThanMs === undefined ? undefined : olderThan(options.olderThanMs);
     const now = Date.now();
     let removed = 0;
+    let temp = 0;
     let bytes = 0;
     for (const id of await this.namespaceIds()) {
       const nsDir = path.join(this.embeddingsDir(), id);
@@ -432,10 +545,11 @@ export class EmbeddingCache {
           await unlink(file);
         } catch (err) {
           if (isMissing(err)) continue;
-          throw fileError(file, `cannot remove cache entry (${(err as Error).message})`, err);
+          throw cacheError(file, `cannot remove cache entry (${errorText(err)})`, err);
         }
         bytes += st.size;
-        if (!isTmp) removed++;
+        if (isTmp) temp++;
+        else removed++;
       }
       await removeEmptyShards(nsDir);
       if (kept === 0) {
@@ -457,13 +571,14 @@ export class EmbeddingCache {
         await unlink(file);
       } catch (err) {
         if (isMissing(err)) continue;
-        throw fileError(file, `cannot remove lowered model (${(err as Error).message})`, err);
+        throw cacheError(file, `cannot remove lowered model (${errorText(err)})`, err);
       }
       bytes += st.size;
-      if (!isTmp) lowered++;
+      if (isTmp) temp++;
+      else lowered++;
     }
     await rmdir(this.loweredDir()).catch(() => {});
-    return { removed, lowered, bytes };
+    return { removed, lowered, temp, bytes };
   }
 
   private embeddingsDir(): string {
@@ -583,19 +698,28 @@ async function readLoweredKey(file: string): Promise<LoweredModelKey | null> {
   }
 }
 
-/** A file's bytes and the stats of what was read, or null when it does not exist. */
+/** A cache path that exists but is not a regular file (a folder, a FIFO, a device). */
+class NotAFile extends Error {}
+
+/**
+ * A file's bytes and the stats of what was read, or null when it does not exist. Anything
+ * but a regular file is refused unread (a FIFO would block, a device never end).
+ */
 async function readChecked(file: string): Promise<{ bytes: Buffer; st: Stats } | null> {
+  let handle: Awaited<ReturnType<typeof open>>;
   try {
-    const handle = await open(file, 'r');
-    try {
-      const st = await handle.stat();
-      return { bytes: await handle.readFile(), st };
-    } finally {
-      await handle.close();
-    }
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    handle = await open(file, constants.O_RDONLY | constants.O_NONBLOCK);
   } catch (err) {
     if (isMissing(err)) return null;
-    throw fileError(file, `cannot read cache file (${(err as Error).message})`, err);
+    throw err;
+  }
+  try {
+    const st = await handle.stat();
+    if (!st.isFile()) throw new NotAFile(file);
+    return { bytes: await handle.readFile(), st };
+  } finally {
+    await handle.close();
   }
 }
 

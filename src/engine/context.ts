@@ -1,5 +1,6 @@
 import { availableParallelism } from 'node:os';
 import type { BackendInfo } from '../backend/index.js';
+import type { CacheFailure } from '../data/cache.js';
 import { invalidOption } from '../errors.js';
 import { nonEmptyString, oneOfValues, positiveInteger } from '../util/is.js';
 import type { EngineName } from './types.js';
@@ -22,6 +23,8 @@ export interface EngineContextOptions {
   workers?: number;
   /** The cache folder where lowered models are kept (see `EmbeddingCache`); null for none. */
   cacheDir?: string | null;
+  /** Where a failure of that cache goes (the engine then lowers without it); unset: it throws. */
+  onCacheFailure?: ((failure: CacheFailure) => void) | null;
 }
 
 /** Everything a frozen pass needs to know about where it runs, checked and with defaults filled in. */
@@ -31,6 +34,7 @@ export interface EngineContext {
   readonly threads: number;
   readonly workers: number;
   readonly cacheDir: string | null;
+  readonly onCacheFailure: ((failure: CacheFailure) => void) | null;
 }
 
 /**
@@ -56,5 +60,6 @@ export function resolveEngineContext(options: EngineContextOptions): EngineConte
       options.cacheDir === undefined || options.cacheDir === null
         ? null
         : nonEmptyString('cache-dir', options.cacheDir),
+    onCacheFailure: options.onCacheFailure ?? null,
   });
 }

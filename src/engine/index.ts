@@ -93,7 +93,7 @@ export async function createFrozenModel(
       ({ bytes, from: lowered } = await loweredBytes(
         source.layersModel,
         source.cacheKey ?? null,
-        context.cacheDir,
+        context,
       ));
     } catch (err) {
       if (!(err instanceof UnsupportedLayerError)) throw err;
@@ -120,10 +120,11 @@ export async function createFrozenModel(
 async function loweredBytes(
   model: tf.LayersModel,
   key: Omit<LoweredModelKey, 'lowering'> | null,
-  cacheDir: string | null,
+  context: EngineContext,
 ): Promise<{ bytes: Uint8Array; from: 'cache' | 'now' }> {
+  const { cacheDir, onCacheFailure } = context;
   if (!key || !cacheDir) return { bytes: lowerToOnnx(model), from: 'now' };
-  const cache = new EmbeddingCache(cacheDir);
+  const cache = new EmbeddingCache(cacheDir, onCacheFailure ? { onFailure: onCacheFailure } : {});
   const full: LoweredModelKey = { ...key, lowering: LOWERING_VERSION };
   const cached = await cache.getLowered(full);
   if (cached) return { bytes: cached, from: 'cache' };

@@ -55,6 +55,7 @@ export interface Classifier {
 /** Loads a classifier exported by `train` onto the chosen engine. */
 export async function loadClassifier(options: ClassifierRunOptions): Promise<Classifier> {
   if (options.maxBytes !== undefined) is.positiveInteger('maxBytes', options.maxBytes);
+  if (options.batchSize !== undefined) is.positiveInteger('batchSize', options.batchSize);
   const backend = await initBackend(options.backend ?? 'auto');
   const context = resolveEngineContext({
     engine: options.engine,
@@ -63,6 +64,16 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
     workers: options.workers,
   });
   const { model, metadata, file } = await loadClassifierModel(options.model);
+  if (options.batchSize !== undefined) {
+    // A batch of pixels must fit in memory; the bound depends on the model's input size.
+    const max = is.maxItemsInMemory(3 * metadata.input.size ** 2);
+    try {
+      is.integerInRange('batchSize', options.batchSize, 1, max);
+    } catch (err) {
+      model.dispose();
+      throw err;
+    }
+  }
   const exported =
     metadata.contents === 'full' && context.engine !== 'tfjs'
       ? await readExportedOnnx(path.join(path.dirname(file), ONNX_FILE))

@@ -1,4 +1,5 @@
 import * as tf from '@tensorflow/tfjs';
+import { FinetuneError } from '../errors.js';
 import { seededRandom, shuffleInPlace } from '../util/random.js';
 import { CallbackList, type EpochLogs, type TrainingCallback } from './callbacks.js';
 
@@ -146,6 +147,19 @@ export function argmax(values: ArrayLike<number>, offset: number, length: number
   return best;
 }
 
+/** Training diverged: the data and settings gave no model (exit code 3, see EXIT_CODES). */
+export function divergedError(
+  stage: string,
+  epoch: number,
+  batch: number,
+  loss: number,
+): FinetuneError {
+  return new FinetuneError(
+    `training diverged: the ${stage} stage's loss became ${loss} at epoch ${epoch}, batch ${batch}; nothing was exported (try a lower learning rate)`,
+    { kind: 'data' },
+  );
+}
+
 /**
  * The one training loop: seeded shuffles, a step per batch, validation at every epoch
  * end, named callback events. Every batch's tensors are freed inside the step.
@@ -190,6 +204,9 @@ export async function fit(
       const loss = (await lossT.data())[0]!;
       correct += (await correctT.data())[0]!;
       tf.dispose([lossT, correctT]);
+      // A NaN or infinite loss never comes back: the weights are already poisoned, and
+      // carrying on would export a model that predicts NaN.
+      if (!Number.isFinite(loss)) throw divergedError(options.stage, epoch + 1, batch + 1, loss);
       lossSum += loss * rows.length;
       await callbacks.batchEnd(batch, { batch, size: rows.length, loss });
       // On wasm every await above resolves as a microtask, so without this the loop never

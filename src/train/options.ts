@@ -102,7 +102,16 @@ function timestamp(): string {
   return new Date().toISOString().replace(/[:.]/g, '-').replace('T', '_').slice(0, 19);
 }
 
+/** Upper bounds: far above any useful value, low enough that a typo fails before any work. */
+export const MAX_EPOCHS = 100_000;
+export const MAX_LR = 10;
+/** Square input sizes a backbone can take: below 32 the strided convs leave nothing. */
+export const INPUT_SIZE_RANGE = Object.freeze({ min: 32, max: 2048 });
+
 const positiveInteger = (key: string) => (v: unknown) => is.positiveInteger(key, v);
+const epochs = (key: string, min: number) => (v: unknown) =>
+  is.integerInRange(key, v, min, MAX_EPOCHS);
+const learningRate = (key: string) => (v: unknown) => is.positiveNumberUpTo(key, v, MAX_LR);
 const positiveNumber = (key: string) => (v: unknown) => is.positiveNumber(key, v);
 const fraction = (key: string) => (v: unknown) => is.numberInRange(key, v, 0, 1, true);
 const bool = (key: string) => (v: unknown) => is.boolean(key, v);
@@ -173,9 +182,9 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     flag: 'input-size',
     type: 'number',
     defaultText: "the backbone's",
-    check: positiveInteger('inputSize'),
+    check: (v) => is.integerInRange('inputSize', v, INPUT_SIZE_RANGE.min, INPUT_SIZE_RANGE.max),
     phase: 'prepare',
-    doc: 'square input size',
+    doc: `square input size (${INPUT_SIZE_RANGE.min}–${INPUT_SIZE_RANGE.max})`,
   },
   {
     key: 'backend',
@@ -243,9 +252,9 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     type: 'number',
     defaultText: '40',
     fallback: () => 40,
-    check: positiveInteger('epochs'),
+    check: epochs('epochs', 1),
     phase: 'head',
-    doc: 'head-stage epochs',
+    doc: `head-stage epochs (at most ${MAX_EPOCHS})`,
   },
   {
     key: 'batchSize',
@@ -255,7 +264,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => 32,
     check: positiveInteger('batchSize'),
     phase: 'head',
-    doc: 'training batch size (both stages)',
+    doc: 'training batch size (both stages; a batch must fit in 1 GiB)',
   },
   {
     key: 'optimizer',
@@ -276,9 +285,9 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     // On cached features the head is a small convex-ish problem; with the sample set 0.01
     // reaches the tuned logistic-regression probe where Keras's 1e-3 stays ~7 points short.
     fallback: () => 0.01,
-    check: positiveNumber('lr'),
+    check: learningRate('lr'),
     phase: 'head',
-    doc: 'head learning rate',
+    doc: `head learning rate (at most ${MAX_LR})`,
   },
   {
     key: 'labelSmoothing',
@@ -309,7 +318,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => 0,
     check: (v) => is.nonNegativeInteger('hidden', v),
     phase: 'head',
-    doc: 'units of a hidden Dense+ReLU layer in the head (0: none)',
+    doc: 'units of a hidden Dense+ReLU layer in the head (0: none; its weights must fit in 1 GiB)',
   },
   {
     key: 'dropout',
@@ -359,7 +368,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     type: 'number',
     defaultText: 'lr / 2',
     fallback: (r) => r.lr! / 2,
-    check: positiveNumber('swaLr'),
+    check: learningRate('swaLr'),
     phase: 'head',
     needs: ['swa'],
     doc: 'constant learning rate once SWA starts',
@@ -383,7 +392,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => 16,
     check: positiveInteger('embedBatchSize'),
     phase: 'embed',
-    doc: 'images per frozen-pass batch',
+    doc: 'images per frozen-pass batch (a batch of pixels must fit in 1 GiB)',
   },
   {
     key: 'decodeConcurrency',
@@ -441,9 +450,9 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     type: 'number',
     defaultText: '0',
     fallback: () => 0,
-    check: (v) => is.nonNegativeInteger('finetuneEpochs', v),
+    check: epochs('finetuneEpochs', 0),
     phase: 'finetune',
-    doc: 'epochs of the fine-tune stage (0: none)',
+    doc: `epochs of the fine-tune stage (0: none; at most ${MAX_EPOCHS})`,
   },
   {
     key: 'unfreeze',
@@ -466,7 +475,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     // With Adam, a tenth of the head LR (1e-3) wrecked the pretrained top in the first epoch
     // on the sample set (val acc 0.74 → 0.48) where 1e-4 kept it; 1/100 is Keras's guide's ratio.
     fallback: (r) => r.lr! / 100,
-    check: positiveNumber('finetuneLr'),
+    check: learningRate('finetuneLr'),
     phase: 'finetune',
     needs: ['finetune'],
     doc: 'fine-tune learning rate, reached by a linear warm-up over the first epoch; a fresh optimizer for the new trainable set',
@@ -511,7 +520,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     type: 'number',
     defaultText: 'finetune-lr / 2',
     fallback: (r) => r.finetuneLr! / 2,
-    check: positiveNumber('finetuneSwaLr'),
+    check: learningRate('finetuneSwaLr'),
     phase: 'finetune',
     needs: ['finetune', 'swa'],
     doc: 'stage-two learning rate once SWA starts; stage two averages its own trainable variables (head included)',

@@ -1,7 +1,7 @@
 import { type Backbone, backboneRecipe, loadBackbone } from '../backbones/load.js';
 import { resolveBackboneSpec } from '../backbones/registry.js';
 import { type BackendInfo, initBackend } from '../backend/index.js';
-import { EmbeddingCache } from '../data/cache.js';
+import { type CacheFailure, EmbeddingCache } from '../data/cache.js';
 import { embedFiles, type LazyFrozenModel, type SkippedFile } from '../data/embed.js';
 import { type LabelledFile, loadSplits, type Splits } from '../data/scan.js';
 import {
@@ -10,6 +10,7 @@ import {
   type EngineContext,
   resolveEngineContext,
 } from '../engine/index.js';
+import * as is from '../util/is.js';
 import type { EmbeddingSource, TrainEvent } from './events.js';
 import { cacheNamespace, firstUnfrozenLayer, graphModelError, parseUnfreeze } from './finetune.js';
 import { type ResolvedTrainOptions, resolveTrainOptions, type TrainOptions } from './options.js';
@@ -56,6 +57,19 @@ export async function prepareRun(options: TrainOptions): Promise<PreparedRun> {
     mark = now;
     return s;
   };
+  const warnings: string[] = [];
+  const warn = (message: string): void => {
+    warnings.push(message);
+    emit({ type: 'warning', message });
+  };
+  // The cache is an accelerator: a failure is one warning per kind per run (not one per
+  // image) and the run goes on without that part of the cache.
+  const cacheFailures = new Set<CacheFailure['kind']>();
+  const onCacheFailure = (failure: CacheFailure): void => {
+    if (cacheFailures.has(failure.kind)) return;
+    cacheFailures.add(failure.kind);
+    warn(failure.message);
+  };
   const backend = await initBackend(o.backend);
   emit({ type: 'backend', backend });
   const engine = resolveEngineContext({
@@ -64,10 +78,10 @@ export async function prepareRun(options: TrainOptions): Promise<PreparedRun> {
     ...(o.threads !== undefined ? { threads: o.threads } : {}),
     ...(o.workers !== undefined ? { workers: o.workers } : {}),
     cacheDir: o.cache ? o.cacheDir : null,
+    onCacheFailure,
   });
   const splits = await loadSplits(o.data, { valSplit: o.valSplit, seed: o.seed });
-  const warnings = [...splits.warnings];
-  for (const message of splits.warnings) emit({ type: 'warning', message });
+  for (const message of splits.warnings) warn(message);
   const scan = lap();
 
   const spec = resolveBackboneSpec(o.backbone, {
@@ -82,6 +96,7 @@ export async function prepareRun(options: TrainOptions): Promise<PreparedRun> {
   );
   let finetune: FinetunePlan | null = null;
   try {
+    checkSizes(o, backbone);
     if (o.finetuneEpochs > 0) {
       if (!backbone.model) throw graphModelError(backbone.spec.id);
       const unfreeze = o.unfreeze ?? (backbone.spec.blocks?.length ? 'blocks:3' : 'all');
@@ -103,17 +118,27 @@ export async function prepareRun(options: TrainOptions): Promise<PreparedRun> {
     splits,
     backbone,
     engine,
-    cache: o.cache ? new EmbeddingCache(o.cacheDir) : null,
+    cache: o.cache ? new EmbeddingCache(o.cacheDir, { onFailure: onCacheFailure }) : null,
     finetune,
     warnings,
     emit,
-    warn(message) {
-      warnings.push(message);
-      emit({ type: 'warning', message });
-    },
+    warn,
     seconds: { scan, load: lap() },
     dispose: () => backbone.dispose(),
   };
+}
+
+/**
+ * Sizes that cannot fit in memory fail here, named by their option, before any image is
+ * decoded: a batch of pixels for the frozen pass (and for the fine-tune stage, whose rows
+ * are at most that large), a batch of features, the hidden layer's weights.
+ */
+function checkSizes(o: ResolvedTrainOptions, backbone: Backbone): void {
+  const pixels = 3 * backbone.inputSize ** 2;
+  is.integerInRange('embedBatchSize', o.embedBatchSize, 1, is.maxItemsInMemory(pixels));
+  const row = o.finetuneEpochs > 0 ? pixels : backbone.featureSize;
+  is.integerInRange('batchSize', o.batchSize, 1, is.maxItemsInMemory(row));
+  is.integerInRange('hidden', o.hidden, 0, is.maxItemsInMemory(backbone.featureSize));
 }
 
 /** Features of one split; rows that could not be decoded are dropped. */

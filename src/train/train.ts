@@ -46,6 +46,11 @@ export function checkCounts(run: PreparedRun, embedded: EmbeddedSplits): TrainSu
         `class '${c}' has no usable training images; it stays in the labels but cannot be learned`,
       );
   }
+  if (!embedded.val.files.length) {
+    run.warn(
+      'no validation images (too few per class for the validation split, or every one was skipped): there are no val figures, and SWA and raw weights cannot be compared',
+    );
+  }
   run.emit({ type: 'data', classes, counts: counts.train });
   return counts;
 }

@@ -46,6 +46,38 @@ export function numberInRange(
   return value as number;
 }
 
+/**
+ * An integer in [min, max], both inclusive.
+ *
+ * @example integerInRange('epochs', 1e9, 1, 100000) // throws "Expected an integer from 1 to 100000 for epochs but received 1000000000"
+ */
+export function integerInRange(name: string, value: unknown, min: number, max: number): number {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
+    throw invalidOption(name, `an integer from ${min} to ${max}`, value);
+  }
+  return value;
+}
+
+/** A number above 0 and at most `max` (a learning rate, say). */
+export function positiveNumberUpTo(name: string, value: unknown, max: number): number {
+  if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0 || value > max) {
+    throw invalidOption(name, `a number above 0 and at most ${max}`, value);
+  }
+  return value;
+}
+
+/**
+ * The largest buffer or tensor an option may ask for: 1 GiB. Above it, typed arrays fail
+ * late with "Invalid typed array length" and the 4 GiB wasm heap (which never shrinks)
+ * runs out once a tensor exists in several copies (gradients, optimizer slots).
+ */
+export const MAX_BUFFER_BYTES = 2 ** 30;
+
+/** How many items of `floatsPerItem` float32 values fit in one buffer of MAX_BUFFER_BYTES. */
+export function maxItemsInMemory(floatsPerItem: number): number {
+  return Math.max(1, Math.floor(MAX_BUFFER_BYTES / (4 * floatsPerItem)));
+}
+
 export function integer(name: string, value: unknown): number {
   if (typeof value !== 'number' || !Number.isInteger(value))
     throw invalidOption(name, 'an integer', value);

@@ -162,7 +162,7 @@ describe('EmbeddingCache', () => {
     });
   });
 
-  test('info counts entries and bytes per namespace and ignores *.tmp', async () => {
+  test('info counts entries and bytes per namespace, and *.tmp files apart', async () => {
     const cache = fresh();
     assert.deepEqual(await cache.info(), {
       dir: cache.dir,
@@ -170,6 +170,7 @@ describe('EmbeddingCache', () => {
       bytes: 0,
       namespaces: [],
       lowered: { count: 0, bytes: 0, models: [] },
+      temp: { count: 0, bytes: 0 },
     });
     const flip = { ...NS, view: 'flip' };
     const other = { ...NS, backboneId: 'efficientnet-b0', inputSize: 240 };
@@ -183,6 +184,7 @@ describe('EmbeddingCache', () => {
     const entrySize = 20 + 64 * 4;
     assert.equal(info.entries, 9);
     assert.equal(info.bytes, 8 * entrySize + (20 + 128 * 4));
+    assert.deepEqual(info.temp, { count: 1, bytes: 4 });
     assert.deepEqual(
       info.namespaces.map((x) => [x.backboneId, x.view, x.inputSize, x.entries, x.bytes]),
       [
@@ -206,6 +208,7 @@ describe('EmbeddingCache', () => {
     assert.deepEqual(await cache.clear({ backbone: 'efficientnet-b0' }), {
       removed: 4,
       lowered: 0,
+      temp: 0,
       bytes: 4 * (20 + 64 * 4),
     });
     const ids = await readdir(path.join(cache.dir, 'embeddings'));
@@ -214,6 +217,7 @@ describe('EmbeddingCache', () => {
     assert.deepEqual(await cache.clear({ backbone: 'no-such' }), {
       removed: 0,
       lowered: 0,
+      temp: 0,
       bytes: 0,
     });
     // A put after clear recreates the folder and its namespace.json.
@@ -223,7 +227,12 @@ describe('EmbeddingCache', () => {
       'efficientnet-b0',
       'mobilenet-v2',
     ]);
-    assert.deepEqual(await cache.clear(), { removed: 5, lowered: 0, bytes: 5 * (20 + 64 * 4) });
+    assert.deepEqual(await cache.clear(), {
+      removed: 5,
+      lowered: 0,
+      temp: 0,
+      bytes: 5 * (20 + 64 * 4),
+    });
     assert.deepEqual(await readdir(path.join(cache.dir, 'embeddings')), []);
   });
 
@@ -243,6 +252,7 @@ describe('EmbeddingCache', () => {
     assert.deepEqual(await cache.clear({ olderThanMs: 30 * DAY }), {
       removed: 2,
       lowered: 0,
+      temp: 1,
       bytes: 2 * (20 + 64 * 4) + 10,
     });
     assert.equal(await cache.get(NS, keys[0]!, 64), null);
@@ -324,6 +334,7 @@ describe('EmbeddingCache', () => {
     assert.deepEqual(await cache.clear({ backbone: 'tiny' }), {
       removed: 0,
       lowered: 1,
+      temp: 0,
       bytes: so,
     });
     const old = new Date(Date.now() - 40 * DAY);
@@ -331,6 +342,7 @@ describe('EmbeddingCache', () => {
     assert.deepEqual(await cache.clear({ olderThanMs: 30 * DAY }), {
       removed: 0,
       lowered: 1,
+      temp: 0,
       bytes: sp,
     });
     assert.ok(await cache.getLowered(body));
@@ -338,6 +350,7 @@ describe('EmbeddingCache', () => {
     assert.deepEqual(await cache.clear(), {
       removed: 1,
       lowered: 2,
+      temp: 0,
       bytes: 20 + 64 * 4 + sb + 50,
     });
     assert.deepEqual(await readdir(cache.dir), ['embeddings']);

@@ -136,7 +136,7 @@ test('bad input: exit code 2 and a message that names the problem', async (t) =>
 
   const bad = await runCli(['train', '--data', one, '--epochs', '-3'], dir);
   assert.equal(bad.code, 2);
-  assert.match(bad.stderr, /Expected a positive integer for epochs but received -3/);
+  assert.match(bad.stderr, /Expected an integer from 1 to 100000 for --epochs but received -3/);
 
   const missing = await runCli(['predict', '--model', path.join(dir, 'nope'), 'x.png'], dir);
   assert.equal(missing.code, 2);

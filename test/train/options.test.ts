@@ -32,7 +32,7 @@ test('every row is a CLI flag with its doc and default in --help, and nothing el
     assert.ok(flags.includes(row.flag), `--${row.flag} is a flag`);
     assert.match(help, new RegExp(`--${row.flag}\\b`));
   }
-  assert.match(help, /--epochs\s+Head-stage epochs \[default: 40\]/);
+  assert.match(help, /--epochs\s+Head-stage epochs \(at most 100000\) \[default: 40\]/);
   const extra = flags.filter(
     (f) =>
       !TRAIN_OPTIONS.some((r) => r.flag === f) && !['quiet', 'json', 'help', 'version'].includes(f),

@@ -290,7 +290,7 @@ test('swaAnnealEpochs reaches the head stage: metrics.jsonl shows the cosine fro
 
 test('options are checked before any work, in one wording', () => {
   assert.throws(() => resolveTrainOptions({ data: 'x', epochs: -1 }), {
-    message: 'Expected a positive integer for epochs but received -1',
+    message: 'Expected an integer from 1 to 100000 for epochs but received -1',
   });
   assert.throws(() => resolveTrainOptions({ data: 'x', optimizer: 'rmsprop' as never }), {
     message: "Expected one of adam, sgd, momentum for optimizer but received 'rmsprop'",
