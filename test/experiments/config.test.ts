@@ -113,7 +113,7 @@ test('unknown keys: their name and the closest valid one, with the section they 
 test("bad values: the option's own message, prefixed with the run it came from", () => {
   rejects(
     { out: 'sw', base, grid: { lr: [0.1, -1] } },
-    'run 2 of 2 [lr=-1]: Expected a positive number for lr but received -1',
+    'run 2 of 2 [lr=-1]: Expected a number above 0 and at most 10 for lr but received -1',
   );
   rejects(
     { out: 'sw', base, variants: [{ hidden: 8 }, { hidden: 2.5 }] },
