@@ -7,13 +7,14 @@ Image.resize(BILINEAR) uses the same taps but rounds to 8 bits between its two p
 in fixed point, which moves pixels by a level or two; the model notices.
 """
 
+import io
 import json
 import math
 import sys
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 
 
 def axis_weights(in_size, out_size):
@@ -42,6 +43,16 @@ def resize_rgb(rgb, size):
 def load_rgb(path):
     """EXIF orientation applied, sRGB 8-bit, alpha flattened onto black as round(c * a / 255)."""
     image = ImageOps.exif_transpose(Image.open(path))
+    icc = image.info.get("icc_profile")
+    if icc and image.mode in ("RGB", "RGBA"):
+        # Pillow ignores embedded profiles; the contract converts them to sRGB.
+        image = ImageCms.profileToProfile(
+            image,
+            ImageCms.ImageCmsProfile(io.BytesIO(icc)),
+            ImageCms.createProfile("sRGB"),
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+            outputMode=image.mode,
+        )
     rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
     return np.floor(rgba[..., :3] * rgba[..., 3:] / 255 + 0.5).astype(np.uint8)
 

@@ -17,6 +17,8 @@ export interface PreprocessingContract {
   readonly decode: {
     readonly orientation: 'exif';
     readonly colourSpace: 'srgb';
+    /** An embedded ICC profile is converted to sRGB (relative colorimetric); none means sRGB. */
+    readonly iccProfile: 'convert-to-srgb';
     readonly bitsPerChannel: 8;
     readonly frames: 'first';
     /** Each channel becomes floor(c · a / 255 + 0.5), c and a unpremultiplied 0–255. */
@@ -45,6 +47,7 @@ export const CONTRACT: PreprocessingContract = Object.freeze({
   decode: Object.freeze({
     orientation: 'exif',
     colourSpace: 'srgb',
+    iccProfile: 'convert-to-srgb',
     bitsPerChannel: 8,
     frames: 'first',
     alpha: 'flatten-onto-black',
