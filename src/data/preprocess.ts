@@ -80,23 +80,28 @@ export function resizeRgb(
       `Expected ${width}×${height}×3 = ${width * height * 3} values for pixels but received ${rgb.length}`,
     );
   }
+  // A plain Uint8Array view (not a Buffer or an Array) keeps the loop below monomorphic.
+  const src =
+    rgb instanceof Uint8Array
+      ? new Uint8Array(rgb.buffer, rgb.byteOffset, rgb.length)
+      : Uint8Array.from(rgb, (v) => Math.min(255, Math.max(0, Math.round(v))));
   const h = axisTaps(width, outWidth);
+  const { start, count, weights, width: taps } = h;
   const tmp = new Float64Array(height * outWidth * 3);
   for (let y = 0; y < height; y++) {
     const row = y * width * 3;
     for (let o = 0; o < outWidth; o++) {
-      const lo = h.start[o]!;
-      const n = h.count[o]!;
-      const wo = o * h.width;
+      const n = count[o]!;
+      const wo = o * taps;
+      let i = row + start[o]! * 3;
       let r = 0;
       let g = 0;
       let b = 0;
-      for (let k = 0; k < n; k++) {
-        const w = h.weights[wo + k]!;
-        const i = row + (lo + k) * 3;
-        r += rgb[i]! * w;
-        g += rgb[i + 1]! * w;
-        b += rgb[i + 2]! * w;
+      for (let k = 0; k < n; k++, i += 3) {
+        const w = weights[wo + k]!;
+        r += src[i]! * w;
+        g += src[i + 1]! * w;
+        b += src[i + 2]! * w;
       }
       const t = (y * outWidth + o) * 3;
       tmp[t] = r;
