@@ -55,6 +55,8 @@ export interface ClassifierMetadata {
 }
 
 export const MODEL_DIR = 'model';
+/** The weights of model.json, as `saveClassifier` writes them (one shard). */
+export const WEIGHTS_FILE = 'weights.bin';
 /** The ONNX copy of a full classifier, beside model.json. */
 export const ONNX_FILE = 'model.onnx';
 
@@ -168,7 +170,16 @@ export async function loadClassifierModel(
   location: string,
 ): Promise<{ model: tf.LayersModel; metadata: ClassifierMetadata; file: string }> {
   const file = await locateModelJson(location);
-  const model = await tf.loadLayersModel(fileLoadHandler(file));
+  const inner = fileLoadHandler(file);
+  let weightsSha256 = '';
+  const model = await tf.loadLayersModel({
+    load: async () => {
+      const artifacts = await inner.load!();
+      const data = artifacts.weightData as ArrayBuffer | ArrayBuffer[] | undefined;
+      weightsSha256 = sha256(new Uint8Array(data ? tf.io.concatenateArrayBuffers(data) : []));
+      return artifacts;
+    },
+  });
   const metadata = model.getUserDefinedMetadata() as ClassifierMetadata | undefined;
   if (metadata?.toolkit !== 'tfjs-finetune' || !Array.isArray(metadata.labels)) {
     model.dispose();
@@ -180,6 +191,14 @@ export async function loadClassifierModel(
     throw dataError(
       `has ${metadata.labels.length} labels in its metadata but the model has ${outputs} outputs`,
       { path: file },
+    );
+  }
+  // Exports since the preprocessing contract carry the hash of the weights they were saved with.
+  if (metadata.weightsSha256 !== undefined && metadata.weightsSha256 !== weightsSha256) {
+    model.dispose();
+    throw dataError(
+      `does not match the weights sha256 in model.json (${weightsSha256}, model.json has ${metadata.weightsSha256}); the model folder was changed after export`,
+      { path: path.join(path.dirname(file), WEIGHTS_FILE) },
     );
   }
   return { model, metadata, file };

@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { cp, mkdir, readFile, rename, rm } from 'node:fs/promises';
+import { cp, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { pathToFileURL } from 'node:url';
@@ -252,5 +252,21 @@ test('a model.onnx from another export is refused, naming the file, whatever the
     evaluate({ model: stale, data }),
     /was not exported with model.json beside it/,
   );
+  assert.equal(tf.memory().numTensors, before);
+});
+
+test('weights changed after export are refused, naming weights.bin', async () => {
+  const changed = path.join(dir, 'run-changed');
+  await cp(run, changed, { recursive: true });
+  const file = path.join(changed, 'model', 'weights.bin');
+  const bytes = await readFile(file);
+  bytes[bytes.length - 1] ^= 0x01;
+  await writeFile(file, bytes);
+  const before = tf.memory().numTensors;
+  await assert.rejects(predict({ model: changed, inputs: [data], engine: 'tfjs' }), {
+    message: new RegExp(
+      `^${file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: does not match the weights sha256 in model.json \\([0-9a-f]{64}, model.json has [0-9a-f]{64}\\); the model folder was changed after export$`,
+    ),
+  });
   assert.equal(tf.memory().numTensors, before);
 });
