@@ -67,6 +67,14 @@ export {
   type SkippedFile,
 } from './data/embed.js';
 export {
+  flattenAlpha,
+  PREPROCESS_CONTRACT,
+  preprocessRgba,
+  resizeRgb,
+  toNchw,
+  toNhwc,
+} from './data/preprocess.js';
+export {
   type LabelledFile,
   listFiles,
   loadSplits,
@@ -139,13 +147,24 @@ export {
   sweep,
 } from './experiments/sweep.js';
 export { type ExportResult, exportClassifier } from './export/classifier.js';
+export {
+  CONTRACT,
+  ONNX_METADATA_KEYS,
+  PREPROCESS_FILE,
+  type PreprocessingContract,
+  readOnnxMetadata,
+} from './export/contract.js';
 // Results
 export {
   type ClassificationReport,
   type ClassMetrics,
   classificationReport,
 } from './export/metrics.js';
-export { type ClassifierMetadata, loadClassifierModel } from './export/model-dir.js';
+export {
+  type ClassifierMetadata,
+  type InputSpec,
+  loadClassifierModel,
+} from './export/model-dir.js';
 export {
   type Classifier,
   type ClassifierRunOptions,

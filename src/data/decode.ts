@@ -5,6 +5,7 @@ import { availableParallelism } from 'node:os';
 import sharp from 'sharp';
 import { invalidOption } from '../errors.js';
 import { positiveInteger } from '../util/is.js';
+import { flattenAlpha, resizeRgb } from './preprocess.js';
 
 /**
  * Image decoding for training and prediction: any supported file becomes exactly
@@ -216,14 +217,14 @@ export async function readImageFile(
  * - EXIF orientation is applied before resizing.
  * - Greyscale, CMYK, 16-bit and palette images become 8-bit sRGB; embedded ICC profiles
  *   are honoured.
- * - Alpha is flattened onto black (a fully transparent pixel becomes 0,0,0). PIL's
+ * - Alpha is flattened onto black: each channel becomes round(c · a / 255). PIL's
  *   `convert('RGB')` instead keeps whatever colour hides under alpha 0, but that colour is
- *   arbitrary, and sharp would premultiply it away during resizing anyway, so the result
- *   would depend on the resize ratio.
- * - The image is stretched to exactly `width × height` (`fit: 'fill'`, aspect ratio
- *   ignored, as Keras `image_dataset_from_directory` and nsfwjs do) with the linear
- *   (triangle) kernel, which is bilinear when enlarging and an antialiased box-like filter
- *   when shrinking. JPEG/WebP shrink-on-load stays on, so large photos decode fast.
+ *   arbitrary.
+ * - The image is decoded at full size, then stretched to exactly `width × height`
+ *   (`fill`: aspect ratio ignored, as Keras `image_dataset_from_directory` and nsfwjs do)
+ *   by `resizeRgb`: half-pixel bilinear, antialiased when shrinking (Pillow's BILINEAR
+ *   taps). This is the preprocessing contract `PREPROCESS_CONTRACT`, which the export
+ *   carries and ships as model/preprocess.js so that every client computes the same pixels.
  * - Animated and multi-page images give their first frame.
  *
  * Never throws for a bad file: empty, unrecognised, corrupt, truncated, oversized (more
@@ -265,6 +266,8 @@ export async function decodeImage(
   }
 
   try {
+    // Decoded at full size (no shrink-on-load, whose DCT scaling no client reproduces), then
+    // resized by the contract's own kernel (preprocess.ts), which every client can run.
     const { data, info } = await sharp(bytes, {
       // 'truncated' rejects cut-off files (otherwise the missing part decodes as grey) and
       // hard decode errors, but tolerates libjpeg's recoverable warnings such as extraneous
@@ -273,18 +276,17 @@ export async function decodeImage(
       limitInputPixels: maxPixels,
       autoOrient: true,
     })
-      .flatten({ background: { r: 0, g: 0, b: 0 } })
-      .resize(width, height, { fit: 'fill', kernel: 'linear' })
       .toColourspace('srgb')
       .raw({ depth: 'uchar' })
       .toBuffer({ resolveWithObject: true });
-    if (info.channels !== 3 || info.width !== width || info.height !== height) {
+    if (info.channels !== 3 && info.channels !== 4) {
       return {
         ok: false,
         reason: `unexpected decoder output (${info.width}×${info.height}×${info.channels})`,
       };
     }
-    return { ok: true, pixels: data };
+    const rgb = info.channels === 4 ? flattenAlpha(data) : data;
+    return { ok: true, pixels: resizeRgb(rgb, info.width, info.height, width, height) };
   } catch (err) {
     const message = errorText(err);
     if (/pixel limit/i.test(message))

@@ -7,9 +7,10 @@ import { embedFiles, type SkippedFile } from '../data/embed.js';
 import { listFiles, scanClassFolders } from '../data/scan.js';
 import { createFrozenModel, type EngineOption, resolveEngineContext } from '../engine/index.js';
 import type { FrozenModel } from '../engine/types.js';
-import { FinetuneError, fileError } from '../errors.js';
+import { dataError, FinetuneError, fileError } from '../errors.js';
 import { argmax } from '../train/fit.js';
 import * as is from '../util/is.js';
+import { ONNX_METADATA_KEYS, readOnnxMetadata } from './contract.js';
 import { type ClassificationReport, classificationReport } from './metrics.js';
 import { type ClassifierMetadata, loadClassifierModel, ONNX_FILE } from './model-dir.js';
 
@@ -74,13 +75,15 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
       throw err;
     }
   }
-  const exported =
-    metadata.contents === 'full' && context.engine !== 'tfjs'
-      ? await readExportedOnnx(path.join(path.dirname(file), ONNX_FILE))
-      : { bytes: null, fallback: null };
-  const onnx = exported.bytes;
   let bb: Backbone | null = null;
   try {
+    // Read whatever the engine: a model.onnx from another export is refused either way.
+    const found =
+      metadata.contents === 'full'
+        ? await readExportedOnnx(path.join(path.dirname(file), ONNX_FILE), metadata)
+        : { bytes: null, fallback: null };
+    const exported = context.engine === 'tfjs' ? { bytes: null, fallback: null } : found;
+    const onnx = exported.bytes;
     if (metadata.contents === 'head') {
       const ref = backboneFromRecord({ ...metadata.backbone, inputSize: metadata.input.size });
       bb = await loadBackbone(ref.backbone, ref.options);
@@ -125,10 +128,13 @@ const MAX_ONNX_BYTES = 2 ** 31 - 1;
 /**
  * The exported model.onnx, or why not: missing is the normal fallback; anything else (not a
  * regular file, too large, unreadable) is reported, never thrown, since the classifier still
- * runs without it. Stat first: reading a FIFO would block forever.
+ * runs without it. Stat first: reading a FIFO would block forever. One that model.json does
+ * not vouch for (another run id or weights hash, or no metadata where model.json has some)
+ * throws: a stale model.onnx must never answer silently.
  */
 async function readExportedOnnx(
   file: string,
+  metadata: ClassifierMetadata,
 ): Promise<{ bytes: Uint8Array | null; fallback: OnnxFallback | null }> {
   const fail = (reason: string) => ({ bytes: null, fallback: { reason, error: true } });
   let size: number;
@@ -143,10 +149,33 @@ async function readExportedOnnx(
     return fail(`${file}: cannot read (${(err as Error).message})`);
   }
   if (size > MAX_ONNX_BYTES) return fail(`${file}: ${size} bytes, more than ONNX Runtime reads`);
+  let bytes: Uint8Array;
   try {
-    return { bytes: new Uint8Array(await readFile(file)), fallback: null };
+    bytes = new Uint8Array(await readFile(file));
   } catch (err) {
     return fail(`${file}: cannot read (${(err as Error).message})`);
+  }
+  checkSameExport(file, readOnnxMetadata(bytes, file), metadata);
+  return { bytes, fallback: null };
+}
+
+/** Throws, naming `file`, when model.onnx's run id or weights hash is not model.json's. */
+function checkSameExport(
+  file: string,
+  props: Readonly<Record<string, string>>,
+  metadata: ClassifierMetadata,
+): void {
+  const pairs = [
+    ['run id', props[ONNX_METADATA_KEYS.runId], metadata.runId],
+    ['weights sha256', props[ONNX_METADATA_KEYS.weightsSha256], metadata.weightsSha256],
+  ] as const;
+  for (const [what, onnx, json] of pairs) {
+    if ((onnx ?? '') !== (json ?? '')) {
+      throw dataError(
+        `was not exported with model.json beside it (${what} ${onnx || 'missing'}, model.json has ${json || 'none'}); export again or delete it`,
+        { path: file },
+      );
+    }
   }
 }
 

@@ -4,6 +4,7 @@ import { cutPrefix } from '../backbones/prefix.js';
 import { type AugmentKind, applyAugment, augmentPlan } from '../data/augment.js';
 import type { CacheNamespace, EmbeddingCache } from '../data/cache.js';
 import { embedFiles } from '../data/embed.js';
+import { PREPROCESS_CONTRACT } from '../data/preprocess.js';
 import { createFrozenModel, type EngineContext } from '../engine/index.js';
 import type { FrozenModel } from '../engine/types.js';
 import { FinetuneError, invalidOption } from '../errors.js';
@@ -507,7 +508,7 @@ export function cacheNamespace(backbone: Backbone, layer: string): CacheNamespac
     layer,
     inputSize: backbone.inputSize,
     // Bumped when decoding changes what pixels an image becomes.
-    preprocessing: `${JSON.stringify(backbone.preprocessing)};decode=sharp-fill-linear-v1`,
+    preprocessing: `${JSON.stringify(backbone.preprocessing)};decode=${PREPROCESS_CONTRACT}`,
     view: 'plain',
   };
 }

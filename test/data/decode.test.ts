@@ -11,6 +11,7 @@ import {
   sniffImageType,
   toModelInput,
 } from '../../src/data/decode.js';
+import { flattenAlpha, resizeRgb } from '../../src/data/preprocess.js';
 
 type RGB = readonly [number, number, number];
 const COLOUR: RGB = [200, 40, 90];
@@ -395,5 +396,69 @@ describe('mapConcurrent', () => {
         // never reached
       }
     }, /limit/);
+  });
+});
+
+describe('the preprocessing contract (resizeRgb, flattenAlpha)', () => {
+  /** One row of grey pixels as RGB. */
+  const row = (values: readonly number[]): Uint8Array =>
+    Uint8Array.from(values.flatMap((v) => [v, v, v]));
+  const greys = (rgb: Uint8Array): number[] => Array.from(rgb.filter((_, i) => i % 3 === 0));
+
+  test('enlarging is half-pixel bilinear with edge pixels repeated', () => {
+    // 2 → 8: output o samples (o + 0.5) / 4 − 0.5 = −0.375, −0.125, 0.125, …
+    const out = resizeRgb(row([0, 160]), 2, 1, 8, 1);
+    assert.deepEqual(greys(out), [0, 0, 20, 60, 100, 140, 160, 160]);
+    // Both axes, 2×2 → 4×4: weights per axis [1 0] [.75 .25] [.25 .75] [0 1], e.g. the
+    // second row's second pixel is .75·(.75·0 + .25·64) + .25·(.75·128 + .25·255) = 51.94.
+    const square = resizeRgb(row([0, 64, 128, 255]), 2, 2, 4, 4);
+    assert.deepEqual(
+      greys(square),
+      [0, 16, 48, 64, 32, 52, 92, 112, 96, 124, 179, 207, 128, 160, 223, 255],
+    );
+  });
+
+  test('shrinking antialiases: the triangle widens by the scale (Pillow BILINEAR taps)', () => {
+    // 4 → 2, scale 2: output 0 is centred on 1 with taps 0..2 weighted .75 .75 .25;
+    // output 1 on 3 with taps 1..3 weighted .25 .75 .75 (tap 4 is outside and dropped).
+    const out = resizeRgb(row([0, 100, 200, 40]), 4, 1, 2, 1);
+    assert.deepEqual(greys(out), [Math.round(125 / 1.75), Math.round(205 / 1.75)]);
+    // A constant image stays constant whatever the ratio.
+    const flat = resizeRgb(new Uint8Array(37 * 23 * 3).fill(77), 37, 23, 5, 11);
+    assert.ok(flat.every((v) => v === 77));
+  });
+
+  test('channels stay apart and a wrong length is named', () => {
+    const rgb = Uint8Array.from([10, 20, 30, 50, 60, 70]);
+    assert.deepEqual(Array.from(resizeRgb(rgb, 2, 1, 1, 1)), [30, 40, 50]);
+    assert.throws(() => resizeRgb(rgb, 3, 1, 1, 1), {
+      message: 'Expected 3×1×3 = 9 values for pixels but received 6',
+    });
+  });
+
+  test('alpha: each channel becomes round(c · a / 255)', () => {
+    const out = flattenAlpha(Uint8Array.from([255, 128, 3, 128, 200, 10, 0, 0, 9, 9, 9, 255]));
+    assert.deepEqual(Array.from(out), [128, 64, 2, 0, 0, 0, 9, 9, 9]);
+  });
+
+  test('decodeImage is full-size decoding followed by the contract, for PNG and JPEG', async () => {
+    for (const [name, image] of [
+      ['up.png', photoLike(19, 13).png()],
+      ['down.jpg', photoLike(640, 480).jpeg({ quality: 90 })],
+      ['alpha.png', photoLike(50, 40).ensureAlpha(0.5).png()],
+    ] as const) {
+      const bytes = await image.toBuffer();
+      const { data, info } = await sharp(bytes)
+        .toColourspace('srgb')
+        .raw({ depth: 'uchar' })
+        .toBuffer({ resolveWithObject: true });
+      const rgb = info.channels === 4 ? flattenAlpha(data) : data;
+      const want = resizeRgb(rgb, info.width, info.height, 24, 16);
+      const got = (await decodeImage(bytes, { width: 24, height: 16 })) as DecodeResult & {
+        ok: true;
+      };
+      assert.ok(got.ok, name);
+      assert.deepEqual(got.pixels, want, name);
+    }
   });
 });

@@ -1,9 +1,15 @@
 import assert from 'node:assert/strict';
-import { cp, mkdir, readFile, rename, rm } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { cp, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
+import { pathToFileURL } from 'node:url';
 import * as tf from '@tensorflow/tfjs';
+import * as ort from 'onnxruntime-node';
 import { initBackend } from '../../src/backend/index.js';
+import { preprocessRgba } from '../../src/data/preprocess.js';
+import type { FinetuneError } from '../../src/errors.js';
+import { CONTRACT, readOnnxMetadata } from '../../src/export/contract.js';
 import { evaluate, predict } from '../../src/export/predict.js';
 import { train } from '../../src/train/train.js';
 import { tempDir, writeColourDataset, writeTinyBackbone, writeTinyGraphModel } from '../helpers.js';
@@ -163,4 +169,104 @@ test('a graph-model backbone exports the head alone plus a reference to the back
   await assert.rejects(predict({ model: out, inputs: [data] }), (err: Error) =>
     err.message.includes(graph),
   );
+});
+
+test('both exports carry labels, input spec, contract, run id and weights hash, with the same names', async () => {
+  const model = path.join(run, 'model');
+  const json = JSON.parse(await readFile(path.join(model, 'model.json'), 'utf8'));
+  const meta = json.userDefinedMetadata;
+  const weights = await readFile(path.join(model, 'weights.bin'));
+  assert.equal(meta.weightsSha256, createHash('sha256').update(weights).digest('hex'));
+  assert.match(meta.runId, /^[0-9a-f-]{36}$/);
+  assert.deepEqual(meta.contract, CONTRACT);
+  assert.deepEqual(meta.input, {
+    format: 'raw-rgb',
+    size: 32,
+    resize: 'fill',
+    name: 'pixels',
+    layout: 'nhwc',
+    dtype: 'float32',
+    shape: [null, 32, 32, 3],
+    range: [0, 255],
+  });
+  assert.deepEqual(meta.output, { name: 'output', shape: [null, 3] });
+  const topology = json.modelTopology.config;
+  assert.deepEqual(topology.input_layers, [['pixels', 0, 0]]);
+  assert.deepEqual(topology.output_layers, [['output', 0, 0]]);
+
+  const bytes = await readFile(path.join(model, 'model.onnx'));
+  const props = readOnnxMetadata(bytes, 'model.onnx');
+  assert.deepEqual(JSON.parse(props['labels']!), ['cyan', 'magenta', 'yellow']);
+  assert.deepEqual(JSON.parse(props['input']!), {
+    ...meta.input,
+    layout: 'nchw',
+    shape: [null, 3, 32, 32],
+  });
+  assert.deepEqual(JSON.parse(props['output']!), meta.output);
+  assert.deepEqual(JSON.parse(props['preprocessing']!), CONTRACT);
+  assert.equal(props['run_id'], meta.runId);
+  assert.equal(props['weights_sha256'], meta.weightsSha256);
+  assert.deepEqual(JSON.parse(props['tfjs_finetune']!).labels, meta.labels);
+  const session = await ort.InferenceSession.create(bytes);
+  assert.deepEqual([session.inputNames, session.outputNames], [['pixels'], ['output']]);
+  await session.release();
+  // The reference preprocessing code ships beside the model, and is the toolkit's.
+  const shipped = await import(pathToFileURL(path.join(model, 'preprocess.js')).href);
+  assert.equal(shipped.PREPROCESS_CONTRACT, CONTRACT.id);
+  const pixels = Uint8Array.from({ length: 7 * 5 * 4 }, (_, i) => (i * 37) % 256);
+  assert.deepEqual(shipped.preprocessRgba(pixels, 7, 5, 3), preprocessRgba(pixels, 7, 5, 3));
+});
+
+test('a model.onnx from another export is refused, naming the file, whatever the engine', async () => {
+  const other = path.join(dir, 'run-other');
+  await train({
+    data,
+    out: other,
+    backbone: await writeTinyBackbone(path.join(dir, 'other-bb'), 2),
+    backend: 'wasm',
+    epochs: 2,
+    batchSize: 8,
+    cache: false,
+  });
+  const stale = path.join(dir, 'run-stale');
+  await cp(run, stale, { recursive: true });
+  const file = path.join(stale, 'model', 'model.onnx');
+  await cp(path.join(other, 'model', 'model.onnx'), file);
+  const before = tf.memory().numTensors;
+  for (const engine of ['onnx', 'tfjs'] as const) {
+    await assert.rejects(
+      predict({ model: stale, inputs: [data], engine }),
+      (err: FinetuneError) => {
+        assert.match(
+          err.message,
+          new RegExp(
+            `^${file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: was not exported with model.json beside it \\(run id [0-9a-f-]{36}, model.json has [0-9a-f-]{36}\\); export again or delete it$`,
+          ),
+        );
+        assert.equal(err.exitCode, 3);
+        return true;
+      },
+    );
+  }
+  await assert.rejects(
+    evaluate({ model: stale, data }),
+    /was not exported with model.json beside it/,
+  );
+  assert.equal(tf.memory().numTensors, before);
+});
+
+test('weights changed after export are refused, naming weights.bin', async () => {
+  const changed = path.join(dir, 'run-changed');
+  await cp(run, changed, { recursive: true });
+  const file = path.join(changed, 'model', 'weights.bin');
+  const bytes = await readFile(file);
+  bytes[bytes.length - 1] ^= 0x01;
+  await writeFile(file, bytes);
+  const before = tf.memory().numTensors;
+  await assert.rejects(predict({ model: changed, inputs: [data], engine: 'tfjs' }), {
+    message: new RegExp(
+      `^${file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}: does not match the weights sha256 in model.json \\([0-9a-f]{64}, model.json has [0-9a-f]{64}\\); the model folder was changed after export$`,
+    ),
+  });
+  assert.equal(tf.memory().numTensors, before);
 });

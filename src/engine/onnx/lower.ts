@@ -52,6 +52,11 @@ export const ONNX_OUTPUT = 'output';
 export interface LowerToOnnxOptions {
   /** Cut the graph at this layer's output; default the model's output. */
   readonly output?: string;
+  /**
+   * Written as the model's `metadata_props` (key → string value), which ONNX Runtime shows
+   * as `custom_metadata_map`. Default none: the bytes are then as without this option.
+   */
+  readonly metadata?: Readonly<Record<string, string>>;
 }
 
 /**
@@ -66,7 +71,10 @@ export interface LowerToOnnxOptions {
  * @throws UnsupportedLayerError for a layer type or configuration it cannot lower.
  */
 export function lowerToOnnx(model: tf.LayersModel, options: LowerToOnnxOptions = {}): Uint8Array {
-  return onnx.ModelProto.encode(buildModel(model, options.output)).finish();
+  const proto = buildModel(model, options.output);
+  const props = Object.entries(options.metadata ?? {});
+  if (props.length) proto.metadataProps = props.map(([key, value]) => ({ key, value }));
+  return onnx.ModelProto.encode(proto).finish();
 }
 
 /**
