@@ -26,6 +26,11 @@ export interface FinetuneErrorOptions {
   cause?: unknown;
   /** The option a bad value was given for, by its library name (see `invalidOption`). */
   option?: string;
+  /**
+   * The message again with every option it names shown another way (for a message that
+   * names several, e.g. options given without what they need).
+   */
+  renamed?: (shown: (key: string) => string) => string;
 }
 
 export class FinetuneError extends Error {
@@ -37,10 +42,13 @@ export class FinetuneError extends Error {
    * can name it in its own vocabulary (the CLI's `--batch-size`): see `renameOption`.
    */
   readonly option: string | undefined;
+  /** See FinetuneErrorOptions.renamed. */
+  readonly renamed: ((shown: (key: string) => string) => string) | undefined;
   constructor(message: string, options: FinetuneErrorOptions = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'FinetuneError';
     this.option = options.option;
+    this.renamed = options.renamed;
     this.kind =
       options.kind ??
       (options.exitCode === undefined ? 'usage' : (KIND_OF_CODE[options.exitCode] ?? 'internal'));

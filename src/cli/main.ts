@@ -26,8 +26,16 @@ const OTHER_FLAGS: Readonly<Record<string, string>> = Object.freeze({
  */
 function messageOf(err: unknown): string {
   if (!(err instanceof Error)) return String(err);
-  if (!(err instanceof FinetuneError) || err.option === undefined) return err.message;
-  const flag = optionRow(err.option)?.flag ?? OTHER_FLAGS[err.option];
+  if (!(err instanceof FinetuneError)) return err.message;
+  const flagOf = (key: string): string | undefined => optionRow(key)?.flag ?? OTHER_FLAGS[key];
+  if (err.renamed) {
+    return err.renamed((key) => {
+      const flag = flagOf(key);
+      return flag === undefined ? key : `--${flag}`;
+    });
+  }
+  if (err.option === undefined) return err.message;
+  const flag = flagOf(err.option);
   return flag === undefined ? err.message : renameOption(err, `--${flag}`);
 }
 

@@ -575,10 +575,16 @@ function holds(need: Need, r: Partial<ResolvedTrainOptions>): boolean {
   return (r.augment?.length ?? 0) > 0;
 }
 
-const NEED_MESSAGES: Readonly<Record<Need, (keys: string) => string>> = {
-  finetune: (keys) => `${keys} need a fine-tune stage (finetuneEpochs > 0)`,
-  swa: (keys) => `${keys} cannot be used with swa turned off`,
-  augment: (keys) => `${keys} needs augment (e.g. flip,crop)`,
+/** What an option given without its need says; `shown` names an option (a key, or the CLI's flag). */
+const NEED_MESSAGES: Readonly<
+  Record<Need, (keys: readonly string[], shown: (key: string) => string) => string>
+> = {
+  finetune: (keys, shown) =>
+    `${keys.map(shown).join(', ')} need a fine-tune stage (${shown('finetuneEpochs')} > 0)`,
+  swa: (keys, shown) =>
+    `${keys.map(shown).join(', ')} cannot be used with ${shown('swa')} turned off`,
+  augment: (keys, shown) =>
+    `${keys.map(shown).join(', ')} needs ${shown('augment')} (e.g. flip,crop)`,
 };
 
 /**
@@ -594,7 +600,12 @@ export function resolveTrainOptions(o: TrainOptions): ResolvedTrainOptions {
   for (const key of Object.keys(given)) {
     if (key !== 'onEvent' && !ROWS.has(key as OptionKey) && given[key] !== undefined) {
       const near = closest(key, [...ROWS.keys()]);
-      throw new FinetuneError(`Unknown option ${key}${near ? `; did you mean ${near}?` : ''}`);
+      const say = (shown: (k: string) => string) =>
+        `Unknown option ${key}${near ? `; did you mean ${shown(near)}?` : ''}`;
+      throw new FinetuneError(
+        say((k) => k),
+        { renamed: say },
+      );
     }
   }
   // The conditions first (they need nothing but each other), then every unmet need.
@@ -608,7 +619,13 @@ export function resolveTrainOptions(o: TrainOptions): ResolvedTrainOptions {
     const keys = TRAIN_OPTIONS.filter(
       (row) => row.needs?.includes(need) && given[row.key] !== undefined,
     ).map((row) => row.key);
-    if (keys.length) throw new FinetuneError(NEED_MESSAGES[need](keys.join(', ')));
+    if (keys.length) {
+      const say = NEED_MESSAGES[need];
+      throw new FinetuneError(
+        say(keys, (k) => k),
+        { renamed: (shown) => say(keys, shown) },
+      );
+    }
   }
   const r: Partial<ResolvedTrainOptions> = {};
   for (const row of TRAIN_OPTIONS) {

@@ -55,6 +55,12 @@ test('train: bad values fail at once, named by their flag (exit 2)', async () =>
       ['--embed-batch-size', '100000'],
       'Expected an integer from 1 to 87381 for --embed-batch-size but received 100000',
     ],
+    // Options given without what they need name flags too.
+    [
+      ['--unfreeze', 'blocks:1', '--keep', 'best'],
+      '--unfreeze, --keep need a fine-tune stage (--finetune-epochs > 0)',
+    ],
+    [['--no-swa', '--swa-freq', '2'], '--swa-freq cannot be used with --swa turned off'],
   ];
   for (const [flags, message] of cases) {
     const out = path.join(dir, 'never');
