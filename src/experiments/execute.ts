@@ -5,15 +5,8 @@ import { EmbeddingCache } from '../data/cache.js';
 import { FinetuneError } from '../errors.js';
 import { exportClassifier } from '../export/classifier.js';
 import { MODEL_DIR, writeJson } from '../export/model-dir.js';
-import type { EpochLogs } from '../train/callbacks.js';
 import { type TrainEvent, type TrainSummary, weightsName } from '../train/events.js';
-import {
-  evaluateTest,
-  type FinetuneStageResult,
-  type HeadResult,
-  trainFinetune,
-  trainHead,
-} from '../train/phases.js';
+import { type HeadResult, trainStages } from '../train/phases.js';
 import { writeRunRecords } from '../train/records.js';
 import type { EmbeddedSplits, PreparedRun } from '../train/run.js';
 import type { SweepRun } from './config.js';
@@ -184,27 +177,16 @@ export async function executeRun(
     mark = now;
   };
   let head: HeadResult | null = null;
-  let finetune: FinetuneStageResult | null = null;
   let handedOver = false;
   try {
-    head = await trainHead(view, embedded, o);
-    lap('head');
-    const history: EpochLogs[] = [...head.stage.history];
-    const stages: TrainSummary['stages'] = { head: head.summary };
-    let kept = head.kept;
-    let val = head.val;
-    if (run.needsBackbone) {
-      finetune = await trainFinetune(view, embedded, head, o);
-      history.push(...finetune.result.stage.history);
-      stages.finetune = finetune.summary;
-      kept = finetune.kept;
-      val = finetune.val;
-      lap('finetune');
-    }
-    const test = await evaluateTest(view, embedded, head, finetune);
+    const stagesResult = await trainStages(view, embedded, o, {
+      finetune: run.needsBackbone,
+      predictions: false,
+      lap,
+    });
+    head = stagesResult.head;
+    const { history, stages, kept, val, test } = stagesResult;
     lap('test');
-    await finetune?.result.dispose();
-    finetune = null;
     const exported = weightsName(kept);
     let onnx: string | null = null;
     if (job.export) {
@@ -212,7 +194,7 @@ export async function executeRun(
       ({ onnx } = await exportClassifier(
         o.out,
         shared.backbone,
-        head.head,
+        stagesResult.head.head,
         { hidden: o.hidden, dropout: o.dropout, seed: o.seed },
         shared.splits.classes,
         exported,
@@ -258,7 +240,6 @@ export async function executeRun(
     handedOver = options.keepHead && !run.needsBackbone;
     return { row, head: handedOver ? head : null };
   } finally {
-    await finetune?.result.dispose();
     if (!handedOver) head?.dispose();
   }
 }

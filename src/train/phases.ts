@@ -2,8 +2,8 @@ import path from 'node:path';
 import type * as tf from '@tensorflow/tfjs';
 import { classificationReport } from '../export/metrics.js';
 import { buildHead, dropoutSeeder, logitsView } from '../head/build.js';
-import type { TrainingCallback } from './callbacks.js';
-import type { StageSummary, ValFigures, WeightsChoice } from './events.js';
+import type { EpochLogs, TrainingCallback } from './callbacks.js';
+import type { StageSummary, TrainSummary, ValFigures, WeightsChoice } from './events.js';
 import { type FineTuneResult, runFineTune } from './finetune.js';
 import { ArrayBatches, argmax, balancedWeights, type Evaluation, evaluateBatches } from './fit.js';
 import type { ResolvedTrainOptions } from './options.js';
@@ -269,4 +269,58 @@ export function valPredictions(
       confidence: ev.probs[i * k + p]!,
     };
   });
+}
+
+/** What the stages of one run leave: the head (the caller disposes it) and their records. */
+export interface StagesResult {
+  readonly head: HeadResult;
+  /** Every epoch of every stage, in order: metrics.jsonl. */
+  readonly history: EpochLogs[];
+  readonly stages: TrainSummary['stages'];
+  /** The weights the model holds at the end, and their validation figures. */
+  readonly kept: WeightsChoice;
+  readonly val: ValFigures | null;
+  readonly test: (ValFigures & { macroF1: number }) | null;
+  /** With `predictions`: each validation image's prediction by the kept weights. */
+  readonly predictions: ValPrediction[] | null;
+}
+
+/**
+ * The stages of one run on an embedding: the head, the fine-tune stage when `finetune`
+ * (the run must be prepared with its cut), then the test figures. The fine-tune stage's
+ * resources are freed before this returns; the head is the caller's. `lap` is called
+ * after each stage with its name, for the run's seconds.
+ */
+export async function trainStages(
+  run: PreparedRun,
+  embedded: EmbeddedSplits,
+  options: ResolvedTrainOptions,
+  settings: { finetune: boolean; predictions: boolean; lap?: (name: string) => void },
+): Promise<StagesResult> {
+  const lap = settings.lap ?? (() => undefined);
+  const head = await trainHead(run, embedded, options);
+  let finetune: FinetuneStageResult | null = null;
+  try {
+    lap('head');
+    const history: EpochLogs[] = [...head.stage.history];
+    const stages: TrainSummary['stages'] = { head: head.summary };
+    let kept = head.kept;
+    let val = head.val;
+    if (settings.finetune) {
+      finetune = await trainFinetune(run, embedded, head, options);
+      history.push(...finetune.result.stage.history);
+      stages.finetune = finetune.summary;
+      kept = finetune.kept;
+      val = finetune.val;
+      lap('finetune');
+    }
+    const test = await evaluateTest(run, embedded, head, finetune);
+    const predictions = settings.predictions ? valPredictions(run, embedded, head, finetune) : null;
+    return { head, history, stages, kept, val, test, predictions };
+  } catch (err) {
+    head.dispose();
+    throw err;
+  } finally {
+    await finetune?.result.dispose();
+  }
 }

@@ -2,17 +2,9 @@ import path from 'node:path';
 import { dataError } from '../errors.js';
 import { exportClassifier } from '../export/classifier.js';
 import { openRunFolder } from '../io/run-folder.js';
-import type { EpochLogs } from './callbacks.js';
 import { type TrainSummary, weightsName } from './events.js';
 import { resolveTrainOptions, type TrainOptions } from './options.js';
-import {
-  evaluateTest,
-  type FinetuneStageResult,
-  type HeadResult,
-  trainFinetune,
-  trainHead,
-  valPredictions,
-} from './phases.js';
+import { type HeadResult, trainStages } from './phases.js';
 import { writeRunRecords } from './records.js';
 import { type EmbeddedSplits, embedSplits, type PreparedRun, prepareRun } from './run.js';
 
@@ -87,31 +79,19 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
     mark = now;
   };
   let head: HeadResult | null = null;
-  let finetune: FinetuneStageResult | null = null;
   let committed = false;
   try {
     const embedded = await embedSplits(run);
     lap('embed');
     const counts = checkCounts(run, embedded);
 
-    head = await trainHead(run, embedded);
-    lap('head');
-    const history: EpochLogs[] = [...head.stage.history];
-    const stages: TrainSummary['stages'] = { head: head.summary };
-    let kept = head.kept;
-    let val = head.val;
-    if (run.finetune) {
-      finetune = await trainFinetune(run, embedded, head);
-      history.push(...finetune.result.stage.history);
-      stages.finetune = finetune.summary;
-      kept = finetune.kept;
-      val = finetune.val;
-      lap('finetune');
-    }
-    const test = await evaluateTest(run, embedded, head, finetune);
-    const predictions = valPredictions(run, embedded, head, finetune);
-    await finetune?.result.dispose();
-    finetune = null;
+    const stagesResult = await trainStages(run, embedded, o, {
+      finetune: run.finetune !== null,
+      predictions: true,
+      lap,
+    });
+    head = stagesResult.head;
+    const { history, stages, kept, val, test, predictions } = stagesResult;
 
     const exported = weightsName(kept);
     const { onnx } = await exportClassifier(
@@ -148,7 +128,6 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
     run.emit({ type: 'done', summary });
     return summary;
   } finally {
-    await finetune?.result.dispose();
     head?.dispose();
     run.dispose();
     if (!committed) await folder.abandon();
