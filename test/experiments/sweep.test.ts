@@ -69,9 +69,12 @@ test('a head-only sweep: one embedding pass, a record per run, the tables, the b
   const embeddings = events.filter((e) => e.type === 'embedding');
   assert.equal(embeddings.length, 1);
   assert.deepEqual(
-    embeddings.map((e) => e.type === 'embedding' && [e.runs, e.images, e.cached]),
-    [[8, 33, 0]],
+    embeddings.map((e) => e.type === 'embedding' && [e.runs, e.images]),
+    [[8, 33]],
   );
+  // Only the 9 test images that repeat training images byte for byte can hit a fresh cache
+  // (when their twin's entry lands first: timing decides).
+  assert.ok(embeddings.every((e) => e.type === 'embedding' && e.cached <= 9));
   assert.equal(events.filter((e) => e.type === 'run-start' && !e.inChild).length, 8);
 
   // Per run: the records train writes, and result.json.
@@ -246,11 +249,13 @@ test('fine-tune runs in parallel child processes share the prefix cache without 
     assert.ok(s['embed']! > 0 && s['finetune']! > 0);
     assert.ok(s['total']! >= s['scan']! + s['load']! + s['embed']! + s['head']! + s['finetune']!);
   }
-  // The first run computes the embeddings and the prefix activations (33 images each; the
-  // 9 test images repeat training images byte for byte, so they hit already); the other
-  // two, running at the same time, read all of them from the cache.
+  // The first run computes the embeddings and the prefix activations (33 images each). The
+  // 9 test images repeat training images byte for byte: each copy hits only if its twin's
+  // entry was written before it was read, which depends on timing (up to 9 per pass, 18 in
+  // all). The other two, running at the same time, read all of them from the cache.
   const [first, ...rest] = result.rows;
-  assert.deepEqual(first!.cache, { hits: 9, misses: 57 });
+  assert.equal(first!.cache!.hits + first!.cache!.misses, 66);
+  assert.ok(first!.cache!.misses >= 48, `first run computed ${first!.cache!.misses} of 66`);
   for (const row of rest) assert.deepEqual(row.cache, { hits: 66, misses: 0 });
   const order = events.flatMap((e) =>
     e.type === 'run-start'
