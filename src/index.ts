@@ -181,6 +181,7 @@ export {
 } from './export/predict.js';
 // Heads, training loop, SWA
 export { applyHead, buildHead, type HeadOptions } from './head/build.js';
+export { type HeadMember, HeadPopulation } from './head/population.js';
 export { openRunFolder, type RunFolder, removePendingSync } from './io/run-folder.js';
 export { type AveragerKind, type AveragerState, WeightAverager } from './swa/averager.js';
 export {
@@ -215,8 +216,16 @@ export {
   splitBody,
   type Unfreeze,
 } from './train/finetune.js';
-export { ArrayBatches, type Batches, evaluateBatches, type FitOptions, fit } from './train/fit.js';
-export { createOptimizer, OPTIMIZERS, type OptimizerName } from './train/optimizers.js';
+export {
+  ArrayBatches,
+  type Batches,
+  evaluateBatches,
+  evaluateMembers,
+  type FitMember,
+  type FitOptions,
+  fit,
+} from './train/fit.js';
+export { OPTIMIZERS, type OptimizerName, StageOptimizer } from './train/optimizers.js';
 // Running a whole job: options, the phases of a run, and their composition
 export {
   type OptionPhase,
@@ -231,9 +240,12 @@ export {
 export {
   evaluateTest,
   type FinetuneStageResult,
+  type HeadJob,
   type HeadResult,
+  headShapeKey,
   trainFinetune,
   trainHead,
+  trainHeads,
   VAL_PREDICTIONS,
   type ValPrediction,
   valPredictions,
@@ -247,6 +259,14 @@ export {
   type PreparedRun,
   prepareRun,
 } from './train/run.js';
-export { runStage, type StageOptions, type StageResult, type SwaSettings } from './train/stage.js';
+export {
+  runMembers,
+  runStage,
+  type StageMember,
+  type StageOptions,
+  type StageResult,
+  type StageShared,
+  type SwaSettings,
+} from './train/stage.js';
 export { train } from './train/train.js';
 export { VERSION, versions } from './version.js';

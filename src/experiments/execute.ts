@@ -101,7 +101,11 @@ function rowBase(run: SweepRun) {
  * `out`), warnings and events over the shared backbone, splits and cache. Disposing it
  * leaves the shared backbone alone.
  */
-function runView(shared: PreparedRun, run: SweepRun, emit: (e: TrainEvent) => void): PreparedRun {
+export function runView(
+  shared: PreparedRun,
+  run: SweepRun,
+  emit: (e: TrainEvent) => void,
+): PreparedRun {
   const warnings = [...shared.warnings];
   return {
     ...shared,
@@ -160,13 +164,20 @@ export async function executeRun(
     cache: CountingCache | null;
     /** Seconds this run spent on phases of its own before the head (a child's prepare and embed). */
     before?: Readonly<Record<string, number>>;
+    /** Its head, already trained beside others' (trainHeads); this run owns it from here. */
+    head?: { result: HeadResult; seconds: number };
   },
 ): Promise<{ row: ResultRow; head: HeadResult | null }> {
   const { run } = job;
   const o = run.options;
   if (run.needsBackbone && !shared.finetune)
     throw new FinetuneError(`run ${run.id} needs a run prepared with its fine-tune stage`);
-  await rm(o.out, { recursive: true, force: true });
+  try {
+    await rm(o.out, { recursive: true, force: true });
+  } catch (err) {
+    options.head?.result.dispose();
+    throw err;
+  }
   const view = runView(shared, run, options.emit);
   const t0 = performance.now();
   const seconds: Record<string, number> = { ...options.before };
@@ -176,13 +187,18 @@ export async function executeRun(
     seconds[name] = (now - mark) / 1000;
     mark = now;
   };
-  let head: HeadResult | null = null;
+  let head: HeadResult | null = options.head?.result ?? null;
   let handedOver = false;
   try {
     const stagesResult = await trainStages(view, embedded, o, {
       finetune: run.needsBackbone,
       predictions: false,
-      lap,
+      lap: (name) => {
+        lap(name);
+        // A head trained beside others: its share of their common loop.
+        if (name === 'head' && options.head) seconds['head'] = options.head.seconds;
+      },
+      ...(options.head ? { head: options.head.result } : {}),
     });
     head = stagesResult.head;
     const { history, stages, kept, val, test } = stagesResult;
@@ -217,7 +233,10 @@ export async function executeRun(
       onnx,
       val,
       test,
-      seconds: { ...seconds, total: (performance.now() - t0) / 1000 + sum(options.before) },
+      seconds: {
+        ...seconds,
+        total: (performance.now() - t0) / 1000 + sum(options.before) + (options.head?.seconds ?? 0),
+      },
     };
     await writeRunRecords(view, summary, history, { report: false });
     lap('records');
@@ -233,7 +252,10 @@ export async function executeRun(
         exported,
       },
       test,
-      seconds: { ...seconds, total: (performance.now() - t0) / 1000 + sum(options.before) },
+      seconds: {
+        ...seconds,
+        total: (performance.now() - t0) / 1000 + sum(options.before) + (options.head?.seconds ?? 0),
+      },
       cache: options.cache ? { hits: options.cache.hits, misses: options.cache.misses } : null,
     };
     await writeJson(path.join(o.out, RESULT_FILE), row);

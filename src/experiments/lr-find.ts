@@ -6,7 +6,7 @@ import { writeJson } from '../export/model-dir.js';
 import { buildHead, dropoutSeeder, logitsView } from '../head/build.js';
 import type { TrainingCallback } from '../train/callbacks.js';
 import { ArrayBatches, balancedWeights, fit } from '../train/fit.js';
-import { createOptimizer, setLearningRate } from '../train/optimizers.js';
+import { StageOptimizer } from '../train/optimizers.js';
 import type { ResolvedTrainOptions, TrainOptions } from '../train/options.js';
 import { embedSplits, prepareRun } from '../train/run.js';
 import { checkCounts } from '../train/train.js';
@@ -131,7 +131,7 @@ export async function lrFind(
   const t0 = performance.now();
   const run = await prepareRun(options);
   const o = run.options;
-  const head = { model: null as tf.LayersModel | null, optimizer: null as tf.Optimizer | null };
+  const head = { model: null as tf.LayersModel | null, optimizer: null as StageOptimizer | null };
   try {
     const embedded = await embedSplits(run);
     // Fails on fewer than two learnable classes, as train does.
@@ -145,9 +145,10 @@ export async function lrFind(
       seed: o.seed,
     });
     head.model = model;
-    const optimizer = createOptimizer(o.optimizer, s.startLr);
-    head.optimizer = optimizer;
     const logits = logitsView(model);
+    const variables = model.trainableWeights.map((w) => w.read() as tf.Variable);
+    const optimizer = new StageOptimizer(o.optimizer, variables, s.startLr);
+    head.optimizer = optimizer;
     const train = new ArrayBatches(embedded.train.features, [dim], embedded.train.labels);
     const points: LrFindPoint[] = [];
     const ratio = s.endLr / s.startLr;
@@ -158,7 +159,7 @@ export async function lrFind(
     let diverged = false;
     const ramp: TrainingCallback = {
       onBatchBegin() {
-        setLearningRate(optimizer, lrAt(step));
+        optimizer.setLearningRate(lrAt(step));
       },
       onBatchEnd(_batch, logs) {
         avg = s.beta * avg + (1 - s.beta) * logs.loss;
@@ -181,16 +182,22 @@ export async function lrFind(
         epochs: Math.ceil(s.steps / perEpoch),
         batchSize: o.batchSize,
         optimizer,
-        variables: model.trainableWeights.map((w) => w.read() as tf.Variable),
+        variables,
         forward: (x, training) => logits.apply(x, { training }) as tf.Tensor,
         numClasses,
-        labelSmoothing: o.labelSmoothing,
-        classWeights:
-          o.classWeights === 'balanced' ? balancedWeights(embedded.train.labels, numClasses) : null,
-        seed: o.seed,
+        members: [
+          {
+            labelSmoothing: o.labelSmoothing,
+            classWeights:
+              o.classWeights === 'balanced'
+                ? balancedWeights(embedded.train.labels, numClasses)
+                : null,
+            seed: o.seed,
+            lr: () => lrAt(Math.max(0, step - 1)),
+            callbacks: [ramp],
+          },
+        ],
         reseed: dropoutSeeder(model),
-        lr: () => lrAt(Math.max(0, step - 1)),
-        callbacks: [ramp],
       });
     } catch (err) {
       if (!(err instanceof RampEnd)) throw err;

@@ -6,13 +6,20 @@ import { fileURLToPath } from 'node:url';
 import { FinetuneError } from '../errors.js';
 import { MODEL_DIR } from '../export/model-dir.js';
 import type { TrainEvent } from '../train/events.js';
-import type { HeadResult } from '../train/phases.js';
+import { type HeadResult, headShapeKey, trainHeads } from '../train/phases.js';
 import { embedSplits, prepareRun } from '../train/run.js';
 import { checkCounts } from '../train/train.js';
 import { closest } from '../util/closest.js';
 import * as is from '../util/is.js';
 import { expandSweep, type SweepConfig, type SweepRun } from './config.js';
-import { executeRun, exportInto, failedRow, type RunJob, readFinished } from './execute.js';
+import {
+  executeRun,
+  exportInto,
+  failedRow,
+  type RunJob,
+  readFinished,
+  runView,
+} from './execute.js';
 import {
   bestConfig,
   bestRun,
@@ -360,35 +367,64 @@ async function runHeadJobs(group: readonly SweepRun[], s: HeadJobSettings): Prom
     };
     s.embeddings.push(record);
     s.onEvent({ type: 'embedding', ...record });
-    for (const run of group) {
-      s.onEvent({
-        type: 'run-start',
-        id: run.id,
-        index: run.index,
-        total: s.total,
-        params: run.params,
-        inChild: false,
-      });
-      let row: ResultRow;
-      try {
-        const result = await executeRun(
-          prepared,
-          embedded,
-          counts,
-          { run, export: s.exportAll },
-          { emit: eventsOf(run.id), keepHead: s.keepBest, cache: null },
-        );
-        row = result.row;
-        if (result.head) {
-          if (s.isBest(row)) {
-            kept?.head.dispose();
-            kept = { row, head: result.head };
-          } else result.head.dispose();
-        }
-      } catch (err) {
-        row = await failedRow(run, err);
+    for (const chunk of headChunks(group)) {
+      for (const run of chunk) {
+        s.onEvent({
+          type: 'run-start',
+          id: run.id,
+          index: run.index,
+          total: s.total,
+          params: run.params,
+          inChild: false,
+        });
       }
-      await report(row);
+      const t1 = performance.now();
+      let heads: (HeadResult | Error)[];
+      try {
+        heads = await trainHeads(
+          embedded,
+          chunk.map((run) => ({
+            run: runView(prepared!, run, eventsOf(run.id)),
+            options: run.options,
+          })),
+        );
+      } catch (err) {
+        for (const run of chunk) await report(await failedRow(run, err));
+        continue;
+      }
+      // Each run's share of the loop that trained its chunk.
+      const share = (performance.now() - t1) / 1000 / chunk.length;
+      for (const [i, run] of chunk.entries()) {
+        const trained = heads[i]!;
+        let row: ResultRow;
+        if (trained instanceof Error) row = await failedRow(run, trained);
+        else {
+          try {
+            const result = await executeRun(
+              prepared,
+              embedded,
+              counts,
+              { run, export: s.exportAll },
+              {
+                emit: eventsOf(run.id),
+                keepHead: s.keepBest,
+                cache: null,
+                head: { result: trained, seconds: share },
+              },
+            );
+            row = result.row;
+            if (result.head) {
+              if (s.isBest(row)) {
+                kept?.head.dispose();
+                kept = { row, head: result.head };
+              } else result.head.dispose();
+            }
+          } catch (err) {
+            row = await failedRow(run, err);
+          }
+        }
+        await report(row);
+      }
     }
     if (kept && s.isBest(kept.row)) {
       const run = group.find((r) => r.id === kept!.row.id)!;
@@ -405,6 +441,23 @@ async function runHeadJobs(group: readonly SweepRun[], s: HeadJobSettings): Prom
     prepared?.dispose();
   }
   return results;
+}
+
+/** Heads trained side by side at most: memory grows with each (a batch of features per head). */
+const MAX_HEADS_TOGETHER = 32;
+
+/** Head-only runs split into groups that can train side by side (same head shape, see headShapeKey), in run order. */
+function headChunks(group: readonly SweepRun[]): SweepRun[][] {
+  const byShape = new Map<string, SweepRun[]>();
+  for (const run of group) {
+    const key = headShapeKey(run.options);
+    byShape.set(key, [...(byShape.get(key) ?? []), run]);
+  }
+  return [...byShape.values()].flatMap((runs) =>
+    Array.from({ length: Math.ceil(runs.length / MAX_HEADS_TOGETHER) }, (_, i) =>
+      runs.slice(i * MAX_HEADS_TOGETHER, (i + 1) * MAX_HEADS_TOGETHER),
+    ),
+  );
 }
 
 /** One run in a child process; never rejects (a crash is a failed row). */

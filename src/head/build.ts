@@ -74,14 +74,14 @@ export function logitsView(model: tf.LayersModel): tf.LayersModel {
 
 /**
  * tfjs's Dropout reuses its configured seed on every call (the same mask each batch);
- * the loop hands it a fresh seed per step instead, and NaN (no seed) when done so the
+ * the loop hands it a fresh seed per step instead (the model is the loop's only member), and NaN (no seed) when done so the
  * saved config carries none.
  */
-export function dropoutSeeder(model: tf.LayersModel): (seed: number) => void {
+export function dropoutSeeder(model: tf.LayersModel): (seeds: readonly number[]) => void {
   const layers = model.layers.filter((l) => l.getClassName() === 'Dropout') as unknown as {
     seed?: number;
   }[];
-  return (seed) => {
+  return ([seed = Number.NaN]) => {
     for (const l of layers) l.seed = Number.isNaN(seed) ? undefined : seed;
   };
 }

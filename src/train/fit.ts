@@ -38,27 +38,47 @@ export class ArrayBatches implements Batches {
   }
 }
 
-/** Logits for a batch; `training` turns dropout (and only what the caller allows) on. */
+/**
+ * Logits for a batch; `training` turns dropout (and only what the caller allows) on. When
+ * members are stacked, inputs are [K, B, …] and logits [K, B, C].
+ */
 export type Forward = (x: tf.Tensor, training: boolean) => tf.Tensor;
+
+/** What a training step needs of an optimizer (StageOptimizer keeps a learning rate per member). */
+export interface StepOptimizer {
+  applyGradients(grads: tf.NamedTensorMap): void;
+}
+
+/** One of the models a fit trains side by side (usually the only one). */
+export interface FitMember {
+  /** Seeds its shuffles and, through `reseed`, its dropout masks. */
+  readonly seed: number;
+  readonly labelSmoothing: number;
+  /** Loss weight of each class (Keras class_weight); null for none. */
+  readonly classWeights: readonly number[] | null;
+  readonly callbacks: readonly TrainingCallback[];
+  /** Current learning rate, for the logs. */
+  readonly lr: () => number;
+}
 
 export interface FitOptions {
   readonly stage: string;
   readonly epochs: number;
   readonly batchSize: number;
-  readonly optimizer: tf.Optimizer;
+  readonly optimizer: StepOptimizer;
   /** The variables the optimizer updates (the trainable set of this stage). */
   readonly variables: readonly tf.Variable[];
   readonly forward: Forward;
   readonly numClasses: number;
-  readonly labelSmoothing: number;
-  /** Loss weight of each class (Keras class_weight); null for none. */
-  readonly classWeights: readonly number[] | null;
-  readonly seed: number;
-  /** Called before every training step with a fresh seed, so dropout masks differ per step yet repeat per run. */
-  readonly reseed?: (seed: number) => void;
-  /** Current learning rate, for the logs. */
-  readonly lr: () => number;
-  readonly callbacks: readonly TrainingCallback[];
+  /**
+   * The models trained: one, or several stacked on the first axis of every variable (all
+   * see the same data and batch size, each in its own order with its own settings).
+   */
+  readonly members: readonly FitMember[];
+  /** Inputs and logits carry the member axis (required with more than one member). */
+  readonly stacked?: boolean;
+  /** Called before every training step with a fresh seed per member, so dropout masks differ per step yet repeat per run. */
+  readonly reseed?: (seeds: readonly number[]) => void;
 }
 
 /** Mean loss and accuracy over a data set, plus each row's probabilities. */
@@ -68,35 +88,48 @@ export interface Evaluation {
   probs: Float32Array;
 }
 
-function lossOf(
-  logits: tf.Tensor,
-  labels: tf.Tensor1D,
-  numClasses: number,
-  labelSmoothing: number,
-  weights: tf.Tensor1D | null,
-): tf.Scalar {
-  const onehot = tf.oneHot(labels, numClasses);
-  return tf.losses.softmaxCrossEntropy(
-    onehot,
-    logits as tf.Tensor2D,
-    weights ?? undefined,
-    labelSmoothing,
-  ) as tf.Scalar;
+/** Per-member settings as tensors for the loss: label smoothing [K, 1, 1] and row weights [K, B]. */
+interface LossSettings {
+  readonly smoothing: tf.Tensor | null;
+  readonly weights: tf.Tensor | null;
 }
 
 /**
- * Evaluates `forward` (inference mode) over `data` in batches. The loss has no label
- * smoothing and no class weights: it is the plain cross-entropy of the predictions.
+ * Each member's training loss [K] from logits [K, B, C] and labels [K, B]: the arithmetic of
+ * tf.losses.softmaxCrossEntropy (label smoothing, then the mean over rows weighted by class
+ * weight and divided by the rows of non-zero weight), with every setting per member.
  */
-export async function evaluateBatches(
+function memberLosses(
+  logits: tf.Tensor,
+  labels: tf.Tensor,
+  numClasses: number,
+  s: LossSettings,
+): tf.Tensor1D {
+  let onehot = tf.oneHot(labels, numClasses);
+  if (s.smoothing)
+    onehot = tf.add(tf.mul(onehot, tf.sub(1, s.smoothing)), tf.div(s.smoothing, numClasses));
+  const losses = tf.losses.softmaxCrossEntropy(onehot, logits, undefined, 0, tf.Reduction.NONE);
+  if (!s.weights) return tf.div(tf.sum(losses, -1), losses.shape[1]!) as tf.Tensor1D;
+  const nonZero = tf.cast(tf.sum(tf.notEqual(s.weights, 0), -1), 'float32');
+  return tf.div(tf.sum(tf.mul(losses, s.weights), -1), nonZero) as tf.Tensor1D;
+}
+
+/**
+ * Evaluates `forward` (inference mode) over `data` in batches for each of `members`
+ * stacked models (every member sees every row). The loss has no label smoothing and no
+ * class weights: it is the plain cross-entropy of the predictions.
+ */
+export async function evaluateMembers(
   forward: Forward,
   data: Batches,
   batchSize: number,
   numClasses: number,
-): Promise<Evaluation> {
-  const probs = new Float32Array(data.size * numClasses);
-  let lossSum = 0;
-  let correct = 0;
+  members: number,
+  stacked: boolean,
+): Promise<Evaluation[]> {
+  const probs = Array.from({ length: members }, () => new Float32Array(data.size * numClasses));
+  const lossSum = new Float64Array(members);
+  const correct = new Float64Array(members);
   for (let start = 0; start < data.size; start += batchSize) {
     const rows = Array.from(
       { length: Math.min(batchSize, data.size - start) },
@@ -104,33 +137,45 @@ export async function evaluateBatches(
     );
     const [p, l] = tf.tidy(() => {
       const x = data.take(rows);
-      const logits = forward(x, false);
+      const input = stacked ? tf.tile(tf.expandDims(x, 0), [members, ...x.shape.map(() => 1)]) : x;
+      let logits = forward(input, false);
+      if (!stacked) logits = tf.expandDims(logits, 0);
       const labels = tf.tensor1d(
         rows.map((r) => data.labels[r]!),
         'int32',
       );
-      const loss = tf.losses.softmaxCrossEntropy(
-        tf.oneHot(labels, numClasses),
-        logits as tf.Tensor2D,
-        undefined,
-        0,
-        tf.Reduction.SUM,
-      );
-      return [tf.softmax(logits), loss];
+      const onehot = tf.tile(tf.expandDims(tf.oneHot(labels, numClasses), 0), [members, 1, 1]);
+      const losses = tf.losses.softmaxCrossEntropy(onehot, logits, undefined, 0, tf.Reduction.NONE);
+      return [tf.softmax(logits), tf.sum(losses, -1)];
     });
     const pv = (await p.data()) as Float32Array;
-    lossSum += (await l.data())[0]!;
+    const lv = await l.data();
     tf.dispose([p, l]);
-    probs.set(pv, start * numClasses);
-    rows.forEach((r, i) => {
-      if (argmax(pv, i * numClasses, numClasses) === data.labels[r]) correct++;
-    });
+    const per = rows.length * numClasses;
+    for (let m = 0; m < members; m++) {
+      lossSum[m]! += lv[m]!;
+      const mp = pv.subarray(m * per, (m + 1) * per);
+      probs[m]!.set(mp, start * numClasses);
+      rows.forEach((r, i) => {
+        if (argmax(mp, i * numClasses, numClasses) === data.labels[r]) correct[m]!++;
+      });
+    }
   }
-  return {
-    loss: data.size ? lossSum / data.size : Number.NaN,
-    acc: data.size ? correct / data.size : Number.NaN,
-    probs,
-  };
+  return probs.map((p, m) => ({
+    loss: data.size ? lossSum[m]! / data.size : Number.NaN,
+    acc: data.size ? correct[m]! / data.size : Number.NaN,
+    probs: p,
+  }));
+}
+
+/** `evaluateMembers` for one model. */
+export async function evaluateBatches(
+  forward: Forward,
+  data: Batches,
+  batchSize: number,
+  numClasses: number,
+): Promise<Evaluation> {
+  return (await evaluateMembers(forward, data, batchSize, numClasses, 1, false))[0]!;
 }
 
 /** Keras/sklearn 'balanced': n / (k · n_c) per class. */
@@ -160,77 +205,132 @@ export function divergedError(
   );
 }
 
+/** Per-member loss settings as tensors (null where every member has none). */
+function lossSettings(members: readonly FitMember[], rowLabels: readonly number[][]): LossSettings {
+  const k = members.length;
+  const smoothing = members.some((m) => m.labelSmoothing > 0)
+    ? tf.tensor(
+        members.map((m) => m.labelSmoothing),
+        [k, 1, 1],
+      )
+    : null;
+  const weights = members.some((m) => m.classWeights)
+    ? tf.tensor2d(
+        members.map((m, i) => rowLabels[i]!.map((c) => (m.classWeights ? m.classWeights[c]! : 1))),
+      )
+    : null;
+  return { smoothing, weights };
+}
+
+/** What a fit leaves: each member's epoch logs, and why a member stopped counting (null: it did not). */
+export interface FitResult {
+  readonly histories: EpochLogs[][];
+  /** A member whose loss became NaN or infinite (stacked members only; one member throws). */
+  readonly diverged: (FinetuneError | null)[];
+}
+
 /**
  * The one training loop: seeded shuffles, a step per batch, validation at every epoch
- * end, named callback events. Every batch's tensors are freed inside the step.
+ * end, named callback events. Every batch's tensors are freed inside the step. Members
+ * (models stacked side by side) each have their own order, settings, callbacks and logs;
+ * one step updates them all. A member whose loss diverges drops out of the callbacks and
+ * logs (its slice cannot touch the others'); with one member, or when all diverge, the
+ * fit throws.
  */
 export async function fit(
   train: Batches,
   val: Batches | null,
   options: FitOptions,
-): Promise<EpochLogs[]> {
-  const { epochs, batchSize, optimizer, variables, forward, numClasses, labelSmoothing } = options;
-  const callbacks = new CallbackList(options.callbacks);
-  const random = seededRandom(options.seed);
-  const classWeights = options.classWeights;
-  const history: EpochLogs[] = [];
-  const order = Array.from({ length: train.size }, (_, i) => i);
-  await callbacks.trainBegin();
+): Promise<FitResult> {
+  const { epochs, batchSize, optimizer, variables, forward, numClasses, members } = options;
+  const k = members.length;
+  const stacked = options.stacked ?? false;
+  if (k > 1 && !stacked) throw new Error('fit: several members must be stacked');
+  const callbacks = members.map((m) => new CallbackList(m.callbacks));
+  const randoms = members.map((m) => seededRandom(m.seed));
+  const histories: EpochLogs[][] = members.map(() => []);
+  const diverged: (FinetuneError | null)[] = members.map(() => null);
+  const orders = members.map(() => Array.from({ length: train.size }, (_, i) => i));
+  const each = async (f: (c: CallbackList, m: number) => Promise<void>) => {
+    for (let m = 0; m < k; m++) if (!diverged[m]) await f(callbacks[m]!, m);
+  };
+  await each((c) => c.trainBegin());
   for (let epoch = 0; epoch < epochs; epoch++) {
     const started = performance.now();
-    await callbacks.epochBegin(epoch);
-    shuffleInPlace(order, random);
-    let lossSum = 0;
-    let correct = 0;
+    await each((c) => c.epochBegin(epoch));
+    orders.forEach((order, m) => {
+      shuffleInPlace(order, randoms[m]!);
+    });
+    const lossSum = new Float64Array(k);
+    const correct = new Float64Array(k);
     let batch = 0;
     for (let start = 0; start < train.size; start += batchSize, batch++) {
-      const rows = order.slice(start, start + batchSize);
-      await callbacks.batchBegin(batch);
-      options.reseed?.(Math.floor(random() * 2 ** 31));
+      const rows = orders.map((order) => order.slice(start, start + batchSize));
+      const size = rows[0]!.length;
+      await each((c) => c.batchBegin(batch));
+      options.reseed?.(randoms.map((random) => Math.floor(random() * 2 ** 31)));
       const [lossT, correctT] = tf.tidy(() => {
-        const x = train.take(rows);
-        const labelValues = rows.map((r) => train.labels[r]!);
-        const labels = tf.tensor1d(labelValues, 'int32');
-        const weights = classWeights ? tf.tensor1d(labelValues.map((c) => classWeights[c]!)) : null;
+        const flat = rows.flat();
+        const taken = train.take(flat);
+        const x = stacked ? taken.reshape([k, size, ...taken.shape.slice(1)]) : taken;
+        const rowLabels = rows.map((r) => r.map((i) => train.labels[i]!));
+        const labels = tf.tensor2d(rowLabels, [k, size], 'int32');
+        const settings = lossSettings(members, rowLabels);
         let hits: tf.Tensor | null = null;
-        const { value, grads } = tf.variableGrads(() => {
-          const logits = forward(x, true);
-          hits = tf.keep(tf.equal(tf.argMax(logits, 1), labels).sum());
-          return lossOf(logits, labels, numClasses, labelSmoothing, weights);
+        let perMember: tf.Tensor | null = null;
+        const { grads } = tf.variableGrads(() => {
+          let logits = forward(x, true);
+          if (!stacked) logits = tf.expandDims(logits, 0);
+          hits = tf.keep(tf.sum(tf.equal(tf.argMax(logits, -1), labels), -1));
+          const losses = memberLosses(logits, labels, numClasses, settings);
+          perMember = tf.keep(losses);
+          return tf.sum(losses) as tf.Scalar;
         }, variables as tf.Variable[]);
         optimizer.applyGradients(grads);
-        return [value, hits as unknown as tf.Tensor];
+        return [perMember as unknown as tf.Tensor, hits as unknown as tf.Tensor];
       });
-      const loss = (await lossT.data())[0]!;
-      correct += (await correctT.data())[0]!;
+      const losses = await lossT.data();
+      const hitCounts = await correctT.data();
       tf.dispose([lossT, correctT]);
-      // A NaN or infinite loss never comes back: the weights are already poisoned, and
-      // carrying on would export a model that predicts NaN.
-      if (!Number.isFinite(loss)) throw divergedError(options.stage, epoch + 1, batch + 1, loss);
-      lossSum += loss * rows.length;
-      await callbacks.batchEnd(batch, { batch, size: rows.length, loss });
+      for (let m = 0; m < k; m++) {
+        const loss = losses[m]!;
+        // A NaN or infinite loss never comes back: the weights are already poisoned, and
+        // carrying on would export a model that predicts NaN.
+        if (!Number.isFinite(loss) && !diverged[m]) {
+          diverged[m] = divergedError(options.stage, epoch + 1, batch + 1, loss);
+          if (diverged.every(Boolean)) throw diverged[0]!;
+        }
+        correct[m]! += hitCounts[m]!;
+        lossSum[m]! += loss * size;
+      }
+      await each((c, m) => c.batchEnd(batch, { batch, size, loss: losses[m]! }));
       // On wasm every await above resolves as a microtask, so without this the loop never
       // lets the event loop run: signals (Ctrl-C), timers and I/O would wait for the end.
       await new Promise<void>((resolve) => setImmediate(resolve));
     }
-    const logs: EpochLogs = {
-      stage: options.stage,
-      epoch: epoch + 1,
-      loss: lossSum / train.size,
-      acc: correct / train.size,
-      lr: options.lr(),
-      seconds: 0,
-    };
-    if (val && val.size > 0) {
-      const ev = await evaluateBatches(forward, val, Math.max(batchSize, 64), numClasses);
-      logs.val_loss = ev.loss;
-      logs.val_acc = ev.acc;
-    }
-    logs.seconds = (performance.now() - started) / 1000;
-    await callbacks.epochEnd(epoch, logs);
-    history.push(logs);
+    const evals =
+      val && val.size > 0
+        ? await evaluateMembers(forward, val, Math.max(batchSize, 64), numClasses, k, stacked)
+        : null;
+    const seconds = (performance.now() - started) / 1000;
+    await each(async (c, m) => {
+      const logs: EpochLogs = {
+        stage: options.stage,
+        epoch: epoch + 1,
+        loss: lossSum[m]! / train.size,
+        acc: correct[m]! / train.size,
+        lr: members[m]!.lr(),
+        seconds,
+      };
+      if (evals) {
+        logs.val_loss = evals[m]!.loss;
+        logs.val_acc = evals[m]!.acc;
+      }
+      await c.epochEnd(epoch, logs);
+      histories[m]!.push(logs);
+    });
   }
-  options.reseed?.(Number.NaN);
-  await callbacks.trainEnd();
-  return history;
+  options.reseed?.(members.map(() => Number.NaN));
+  await each((c) => c.trainEnd());
+  return { histories, diverged };
 }

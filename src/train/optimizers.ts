@@ -3,27 +3,158 @@ import { oneOf } from '../util/is.js';
 
 export type OptimizerName = 'adam' | 'sgd' | 'momentum';
 
-/** Optimizers by name; momentum is SGD with Nesterov-free momentum 0.9 (PyTorch/Keras default pairing). */
-export const OPTIMIZERS: Readonly<Record<OptimizerName, (lr: number) => tf.Optimizer>> =
-  Object.freeze({
-    adam: (lr: number) => tf.train.adam(lr),
-    sgd: (lr: number) => tf.train.sgd(lr),
-    momentum: (lr: number) => tf.train.momentum(lr, 0.9),
-  });
-
-export function createOptimizer(name: string, lr: number): tf.Optimizer {
-  return oneOf('optimizer', name, OPTIMIZERS)(lr);
+/** One variable's update: its gradient, slots and the (negated) learning rate, broadcastable to it. */
+interface UpdateArgs {
+  readonly value: tf.Variable;
+  readonly gradient: tf.Tensor;
+  readonly negLr: tf.Tensor;
+  /** This variable's slots, created on first use (zeros like the variable). */
+  slot(name: string): tf.Variable;
 }
 
+/** An update rule: per-step state (Adam's β powers) and the per-variable update. */
+interface Rule {
+  /** Called once per step before the variables, inside the step's tidy; returns per-step values. */
+  step(): Record<string, tf.Tensor>;
+  update(args: UpdateArgs, stepValues: Record<string, tf.Tensor>): void;
+  /** Called once per step after the variables. */
+  after(): void;
+  dispose(): void;
+}
+
+const BETA1 = 0.9;
+const BETA2 = 0.999;
+const MOMENTUM = 0.9;
+
 /**
- * Changes an optimizer's learning rate in place. SGD-family optimizers cache `-lr` as a
- * tensor (setLearningRate replaces it); Adam reads `learningRate` at every step.
+ * Adam with tfjs's defaults and arithmetic, op for op (tf.train.adam): the same float32
+ * results, with the learning rate as a tensor so that members trained side by side each
+ * have their own.
  */
-export function setLearningRate(optimizer: tf.Optimizer, lr: number): void {
-  const o = optimizer as tf.Optimizer & {
-    setLearningRate?: (lr: number) => void;
-    learningRate?: number;
+function adam(): Rule {
+  const [accBeta1, accBeta2] = tf.tidy(() => [
+    tf.variable(tf.scalar(BETA1), false),
+    tf.variable(tf.scalar(BETA2), false),
+  ]);
+  const epsilon = tf.backend().epsilon();
+  return {
+    step: () => ({ oneMinusAccBeta1: tf.sub(1, accBeta1), oneMinusAccBeta2: tf.sub(1, accBeta2) }),
+    update({ value, gradient, negLr, slot }, s) {
+      const m = slot('m');
+      const v = slot('v');
+      const newM = tf.add(tf.mul(m, BETA1), tf.mul(gradient, 1 - BETA1));
+      const newV = tf.add(tf.mul(v, BETA2), tf.mul(tf.square(gradient), 1 - BETA2));
+      const mHat = tf.div(newM, s['oneMinusAccBeta1']!);
+      const vHat = tf.div(newV, s['oneMinusAccBeta2']!);
+      m.assign(newM);
+      v.assign(newV);
+      value.assign(tf.add(tf.mul(tf.div(mHat, tf.add(tf.sqrt(vHat), epsilon)), negLr), value));
+    },
+    after() {
+      accBeta1.assign(tf.mul(accBeta1, BETA1));
+      accBeta2.assign(tf.mul(accBeta2, BETA2));
+    },
+    dispose: () => tf.dispose([accBeta1, accBeta2]),
   };
-  if (typeof o.setLearningRate === 'function') o.setLearningRate(lr);
-  else o.learningRate = lr;
+}
+
+/** SGD, with momentum when `momentum` > 0 (tf.train.sgd / tf.train.momentum, op for op). */
+function sgd(momentum: number): Rule {
+  return {
+    step: () => ({}),
+    update({ value, gradient, negLr, slot }) {
+      if (momentum > 0) {
+        const acc = slot('momentum');
+        const next = tf.add(tf.mul(momentum, acc), gradient);
+        acc.assign(next);
+        value.assign(tf.add(tf.mul(negLr, next), value));
+      } else value.assign(tf.add(tf.mul(negLr, gradient), value));
+    },
+    after: () => undefined,
+    dispose: () => undefined,
+  };
+}
+
+/** Optimizers by name; momentum is SGD with Nesterov-free momentum 0.9 (PyTorch/Keras default pairing). */
+export const OPTIMIZERS: Readonly<Record<OptimizerName, () => Rule>> = Object.freeze({
+  adam,
+  sgd: () => sgd(0),
+  momentum: () => sgd(MOMENTUM),
+});
+
+/**
+ * The optimizer of one training stage. It updates a fixed list of variables and keeps a
+ * learning rate per member: with `members` > 1 the variables are stacked (member k's
+ * weights at index k of the first axis) and each member steps with its own rate. The
+ * arithmetic is tfjs's own optimizers', so one member trains exactly as tf.train.adam,
+ * tf.train.sgd or tf.train.momentum would.
+ */
+export class StageOptimizer {
+  private readonly rule: Rule;
+  private readonly lrs: number[];
+  private readonly slots = new Map<string, tf.Variable>();
+
+  constructor(
+    name: string,
+    private readonly variables: readonly tf.Variable[],
+    lr: number | readonly number[],
+  ) {
+    this.rule = oneOf('optimizer', name, OPTIMIZERS)();
+    this.lrs = typeof lr === 'number' ? [lr] : [...lr];
+    if (this.lrs.length > 1) {
+      for (const v of variables) {
+        if (v.shape[0] !== this.lrs.length)
+          throw new Error(
+            `StageOptimizer: ${this.lrs.length} members but variable ${v.name} has shape [${v.shape}]`,
+          );
+      }
+    }
+  }
+
+  get members(): number {
+    return this.lrs.length;
+  }
+
+  learningRate(member = 0): number {
+    return this.lrs[member]!;
+  }
+
+  setLearningRate(lr: number, member = 0): void {
+    this.lrs[member] = lr;
+  }
+
+  /** One step: each variable moves by its gradient (keyed by variable name, as tf.variableGrads gives them). */
+  applyGradients(grads: tf.NamedTensorMap): void {
+    tf.tidy(() => {
+      const stepValues = this.rule.step();
+      const k = this.lrs.length;
+      const negLrs = k > 1 ? tf.tensor1d(this.lrs.map((lr) => -lr)) : tf.scalar(-this.lrs[0]!);
+      for (const value of this.variables) {
+        const gradient = grads[value.name];
+        if (!gradient) continue;
+        const negLr = k > 1 ? negLrs.reshape([k, ...value.shape.slice(1).map(() => 1)]) : negLrs;
+        this.rule.update(
+          { value, gradient, negLr, slot: (name) => this.slot(value, name) },
+          stepValues,
+        );
+      }
+      this.rule.after();
+    });
+  }
+
+  private slot(value: tf.Variable, name: string): tf.Variable {
+    const key = `${value.name}/${name}`;
+    let slot = this.slots.get(key);
+    if (!slot) {
+      slot = tf.tidy(() => tf.variable(tf.zerosLike(value), false));
+      this.slots.set(key, slot);
+    }
+    return slot;
+  }
+
+  dispose(): void {
+    this.rule.dispose();
+    tf.dispose([...this.slots.values()]);
+    this.slots.clear();
+  }
 }

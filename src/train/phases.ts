@@ -1,14 +1,15 @@
 import path from 'node:path';
 import type * as tf from '@tensorflow/tfjs';
+import type { FinetuneError } from '../errors.js';
 import { classificationReport } from '../export/metrics.js';
-import { buildHead, dropoutSeeder, logitsView } from '../head/build.js';
+import { HeadPopulation } from '../head/population.js';
 import type { EpochLogs, TrainingCallback } from './callbacks.js';
 import type { StageSummary, TrainSummary, ValFigures, WeightsChoice } from './events.js';
 import { type FineTuneResult, runFineTune } from './finetune.js';
 import { ArrayBatches, argmax, balancedWeights, type Evaluation, evaluateBatches } from './fit.js';
 import type { ResolvedTrainOptions } from './options.js';
 import type { Embedded, EmbeddedSplits, PreparedRun } from './run.js';
-import { runStage, type StageResult } from './stage.js';
+import { runMembers, type StageResult } from './stage.js';
 
 export function figures(e: Evaluation | null): ValFigures | null {
   return e ? { loss: e.loss, acc: e.acc } : null;
@@ -43,9 +44,111 @@ export interface HeadResult {
 }
 
 /**
- * Trains a head on embedded features: the head stage, with SWA over the head's trainable
- * variables. It reads only `embedded` and the head options, so it can run many times on
- * one embedding (a sweep passes each configuration's resolved options).
+ * The head options that must agree for heads to train side by side in `trainHeads`: the
+ * shape of the head and of the loop. Seed, learning rate, label smoothing, dropout, class
+ * weights and SWA settings may differ.
+ */
+export function headShapeKey(o: ResolvedTrainOptions): string {
+  return JSON.stringify([o.hidden, o.epochs, o.batchSize, o.optimizer]);
+}
+
+/** A run whose head trains in `trainHeads`: its view (events, warnings) and its options. */
+export interface HeadJob {
+  readonly run: PreparedRun;
+  readonly options: ResolvedTrainOptions;
+}
+
+/**
+ * Trains heads on embedded features: the head stage, with SWA over each head's trainable
+ * variables. Every job's head trains side by side with the others in one loop (see
+ * HeadPopulation): each ends exactly as it would alone, for about the cost of one. The
+ * jobs must agree on `headShapeKey`. It reads only `embedded` and the head options, so it
+ * can run many times on one embedding (a sweep passes each configuration's options).
+ * A head whose loss diverged gets its error in place of a result (the others are unharmed).
+ */
+export async function trainHeads(
+  embedded: EmbeddedSplits,
+  jobs: readonly HeadJob[],
+): Promise<(HeadResult | FinetuneError)[]> {
+  const first = jobs[0];
+  if (!first) return [];
+  const o = first.options;
+  for (const job of jobs) {
+    if (headShapeKey(job.options) !== headShapeKey(o))
+      throw new Error(
+        'trainHeads: heads trained together must agree on hidden, epochs, batchSize and optimizer',
+      );
+  }
+  const numClasses = first.run.splits.classes.length;
+  const dim = embedded.featureSize;
+  const heads = new HeadPopulation(
+    dim,
+    numClasses,
+    o.hidden,
+    jobs.map((j) => ({ seed: j.options.seed, dropout: j.options.dropout })),
+  );
+  const models: tf.LayersModel[] = [];
+  try {
+    const stages = await runMembers(
+      featureBatches(embedded.train, dim),
+      embedded.val.files.length ? featureBatches(embedded.val, dim) : null,
+      {
+        name: 'head',
+        forward: (x, training) => heads.forward(x, training),
+        variables: heads.variables,
+        reseed: (seeds) => heads.reseed(seeds),
+        epochs: o.epochs,
+        batchSize: o.batchSize,
+        optimizer: o.optimizer,
+        numClasses,
+        stacked: true,
+      },
+      jobs.map(({ run, options: m }) => ({
+        seed: m.seed,
+        lr: m.lr,
+        labelSmoothing: m.labelSmoothing,
+        classWeights: classWeights(m, embedded.train.labels, numClasses),
+        swa: m.swa
+          ? { start: m.swaStart, freq: m.swaFreq, lr: m.swaLr, annealEpochs: m.swaAnnealEpochs }
+          : null,
+        callbacks: [epochLogger(run, m.epochs)],
+      })),
+    );
+    return jobs.map(({ run }, i) => {
+      const stage = stages[i]!;
+      if (stage instanceof Error) return stage;
+      const head = heads.toModel(i);
+      models.push(head);
+      run.emit({
+        type: 'stage-end',
+        stage: 'head',
+        raw: stage.raw?.acc ?? null,
+        swa: stage.swa?.acc ?? null,
+      });
+      return {
+        head,
+        stage,
+        summary: {
+          raw: figures(stage.raw),
+          swa: figures(stage.swa),
+          snapshots: stage.snapshots,
+          kept: stage.kept,
+        },
+        kept: { stage: 'head', weights: stage.kept },
+        val: figures(stage.kept === 'swa' ? stage.swa : stage.raw),
+        dispose: () => head.dispose(),
+      };
+    });
+  } catch (err) {
+    for (const m of models) m.dispose();
+    throw err;
+  } finally {
+    heads.dispose();
+  }
+}
+
+/**
+ * Trains one head on embedded features (`trainHeads` with one job).
  *
  * @example
  *   const run = await prepareRun({ data: 'photos' });
@@ -58,57 +161,9 @@ export async function trainHead(
   embedded: EmbeddedSplits,
   options: ResolvedTrainOptions = run.options,
 ): Promise<HeadResult> {
-  const o = options;
-  const numClasses = run.splits.classes.length;
-  const dim = embedded.featureSize;
-  const head = buildHead(dim, numClasses, { hidden: o.hidden, dropout: o.dropout, seed: o.seed });
-  try {
-    const logits = logitsView(head);
-    const stage = await runStage(
-      featureBatches(embedded.train, dim),
-      embedded.val.files.length ? featureBatches(embedded.val, dim) : null,
-      {
-        name: 'head',
-        forward: (x, training) => logits.apply(x, { training }) as tf.Tensor,
-        variables: head.trainableWeights.map((w) => w.read() as tf.Variable),
-        reseed: dropoutSeeder(head),
-        epochs: o.epochs,
-        batchSize: o.batchSize,
-        optimizer: o.optimizer,
-        lr: o.lr,
-        labelSmoothing: o.labelSmoothing,
-        classWeights: classWeights(o, embedded.train.labels, numClasses),
-        numClasses,
-        seed: o.seed,
-        swa: o.swa
-          ? { start: o.swaStart, freq: o.swaFreq, lr: o.swaLr, annealEpochs: o.swaAnnealEpochs }
-          : null,
-        callbacks: [epochLogger(run, o.epochs)],
-      },
-    );
-    run.emit({
-      type: 'stage-end',
-      stage: 'head',
-      raw: stage.raw?.acc ?? null,
-      swa: stage.swa?.acc ?? null,
-    });
-    return {
-      head,
-      stage,
-      summary: {
-        raw: figures(stage.raw),
-        swa: figures(stage.swa),
-        snapshots: stage.snapshots,
-        kept: stage.kept,
-      },
-      kept: { stage: 'head', weights: stage.kept },
-      val: figures(stage.kept === 'swa' ? stage.swa : stage.raw),
-      dispose: () => head.dispose(),
-    };
-  } catch (err) {
-    head.dispose();
-    throw err;
-  }
+  const [head] = await trainHeads(embedded, [{ run, options }]);
+  if (head instanceof Error) throw head;
+  return head!;
 }
 
 /** The fine-tune stage's result, with what the export holds after it. */
@@ -295,10 +350,16 @@ export async function trainStages(
   run: PreparedRun,
   embedded: EmbeddedSplits,
   options: ResolvedTrainOptions,
-  settings: { finetune: boolean; predictions: boolean; lap?: (name: string) => void },
+  settings: {
+    finetune: boolean;
+    predictions: boolean;
+    lap?: (name: string) => void;
+    /** A head already trained with these options (by `trainHeads` beside others); it becomes the result's. */
+    head?: HeadResult;
+  },
 ): Promise<StagesResult> {
   const lap = settings.lap ?? (() => undefined);
-  const head = await trainHead(run, embedded, options);
+  const head = settings.head ?? (await trainHead(run, embedded, options));
   let finetune: FinetuneStageResult | null = null;
   try {
     lap('head');

@@ -1,9 +1,17 @@
 import type * as tf from '@tensorflow/tfjs';
+import type { FinetuneError } from '../errors.js';
 import { WeightAverager } from '../swa/averager.js';
 import { resolveSwaStart, type SwaSchedule, swaLearningRate } from '../swa/schedule.js';
 import { type EpochLogs, learningRateSchedule, type TrainingCallback } from './callbacks.js';
-import { type Batches, type Evaluation, evaluateBatches, type Forward, fit } from './fit.js';
-import { createOptimizer, type OptimizerName, setLearningRate } from './optimizers.js';
+import {
+  type Batches,
+  type Evaluation,
+  evaluateMembers,
+  type FitMember,
+  type Forward,
+  fit,
+} from './fit.js';
+import { type OptimizerName, StageOptimizer } from './optimizers.js';
 import { swaCallback } from './swa-callback.js';
 
 /** SWA settings of one stage. */
@@ -18,27 +26,37 @@ export interface SwaSettings {
   readonly annealEpochs: number;
 }
 
-export interface StageOptions {
-  readonly name: string;
-  readonly forward: Forward;
-  readonly variables: readonly tf.Variable[];
-  readonly reseed?: (seed: number) => void;
-  readonly epochs: number;
-  readonly batchSize: number;
-  readonly optimizer: OptimizerName;
+/** What may differ between members of a stage trained side by side. */
+export interface StageMember {
+  readonly seed: number;
   readonly lr: number;
   readonly labelSmoothing: number;
   readonly classWeights: readonly number[] | null;
-  readonly numClasses: number;
-  readonly seed: number;
   /** null: no averaging. */
   readonly swa: SwaSettings | null;
   readonly callbacks?: readonly TrainingCallback[];
+}
+
+/** What the members of a stage share. */
+export interface StageShared {
+  readonly name: string;
+  readonly forward: Forward;
+  readonly variables: readonly tf.Variable[];
+  readonly reseed?: (seeds: readonly number[]) => void;
+  readonly epochs: number;
+  readonly batchSize: number;
+  readonly optimizer: OptimizerName;
+  readonly numClasses: number;
+  /** Variables, inputs and logits carry a member axis (required with more than one member). */
+  readonly stacked?: boolean;
   /** Steps of linear LR warm-up at the start (0: none). */
   readonly warmupSteps?: number;
   /** Also return copies of the final raw weights (before SWA is applied); the caller disposes them. */
   readonly keepRaw?: boolean;
 }
+
+/** One model's stage: the shared settings and its own. */
+export type StageOptions = StageShared & StageMember;
 
 export interface StageResult {
   readonly history: EpochLogs[];
@@ -49,84 +67,120 @@ export interface StageResult {
   readonly snapshots: number;
   /** Which weights the variables hold after the stage. */
   readonly kept: 'swa' | 'raw';
-  /** With `keepRaw`: the raw final values of the variables, in order. */
+  /** With `keepRaw`: the raw final values of the variables, in order (stacked: every member's). */
   readonly rawWeights: tf.Tensor[] | null;
 }
 
-/**
- * One training stage: a fresh optimizer for this stage's trainable set (tfjs keys
- * optimizer slots by position), an LR schedule, an averager over exactly these
- * variables, then validation of raw and averaged weights. The variables end up
- * holding the averaged weights when averaging is on.
- */
+/** One model's training stage (see `runMembers`). */
 export async function runStage(
   train: Batches,
   val: Batches | null,
   o: StageOptions,
 ): Promise<StageResult> {
-  const optimizer = createOptimizer(o.optimizer, o.lr);
-  let schedule: SwaSchedule | null = null;
-  let averager: WeightAverager | null = null;
-  const callbacks: TrainingCallback[] = [];
-  let lrCallback: ReturnType<typeof learningRateSchedule>;
-  if (o.swa) {
-    schedule = {
-      startEpoch: resolveSwaStart(o.swa.start, o.epochs, `${o.name} swaStart`),
-      freq: o.swa.freq,
-      swaLr: o.swa.lr,
-      annealEpochs: o.swa.annealEpochs,
-      annealStrategy: 'cos',
-    };
-    const s = schedule;
-    averager = new WeightAverager(o.variables);
-    lrCallback = learningRateSchedule(
-      (lr) => setLearningRate(optimizer, lr),
-      (epoch) => swaLearningRate(s, o.lr, epoch),
-      o.warmupSteps ?? 0,
-    );
-    callbacks.push(lrCallback, swaCallback(averager, schedule));
-  } else {
-    lrCallback = learningRateSchedule(
-      (lr) => setLearningRate(optimizer, lr),
-      () => o.lr,
-      o.warmupSteps ?? 0,
-    );
-    callbacks.push(lrCallback);
-  }
-  callbacks.push(...(o.callbacks ?? []));
-  try {
-    const history = await fit(train, val, {
-      stage: o.name,
-      epochs: o.epochs,
-      batchSize: o.batchSize,
-      optimizer,
-      variables: o.variables,
-      forward: o.forward,
-      numClasses: o.numClasses,
-      labelSmoothing: o.labelSmoothing,
-      classWeights: o.classWeights,
-      seed: o.seed,
-      ...(o.reseed ? { reseed: o.reseed } : {}),
-      lr: () => lrCallback.current,
-      callbacks,
-    });
-    const evalBatch = Math.max(o.batchSize, 64);
-    const raw = val?.size ? await evaluateBatches(o.forward, val, evalBatch, o.numClasses) : null;
-    let swa: Evaluation | null = null;
-    const snapshots = averager?.count ?? 0;
-    const rawWeights = o.keepRaw ? o.variables.map((v) => v.clone()) : null;
-    if (averager && snapshots > 0) {
-      averager.apply();
-      if (val?.size) swa = await evaluateBatches(o.forward, val, evalBatch, o.numClasses);
+  const { seed, lr, labelSmoothing, classWeights, swa, callbacks, ...shared } = o;
+  const member: StageMember = {
+    seed,
+    lr,
+    labelSmoothing,
+    classWeights,
+    swa,
+    ...(callbacks ? { callbacks } : {}),
+  };
+  const [result] = await runMembers(train, val, shared, [member]);
+  if (result instanceof Error) throw result;
+  return result!;
+}
+
+/**
+ * One training stage: a fresh optimizer for this stage's trainable set, an LR schedule,
+ * an averager over exactly these variables, then validation of raw and averaged weights.
+ * The variables end up holding the averaged weights when averaging is on. With several
+ * members (stacked variables) every member has its own LR schedule, snapshots and
+ * figures, and one step trains them all. A member whose loss diverged (stacked members
+ * only; one member throws) gets its error in place of a result.
+ */
+export async function runMembers(
+  train: Batches,
+  val: Batches | null,
+  shared: StageShared,
+  members: readonly StageMember[],
+): Promise<(StageResult | FinetuneError)[]> {
+  const k = members.length;
+  const stacked = shared.stacked ?? false;
+  const optimizer = new StageOptimizer(
+    shared.optimizer,
+    shared.variables,
+    members.map((m) => m.lr),
+  );
+  const averager = members.some((m) => m.swa)
+    ? new WeightAverager(shared.variables, { members: stacked ? k : 1 })
+    : null;
+  const fitMembers: FitMember[] = members.map((m, i) => {
+    const setLr = (lr: number) => optimizer.setLearningRate(lr, i);
+    let lrCallback: ReturnType<typeof learningRateSchedule>;
+    const callbacks: TrainingCallback[] = [];
+    if (m.swa) {
+      const schedule: SwaSchedule = {
+        startEpoch: resolveSwaStart(m.swa.start, shared.epochs, `${shared.name} swaStart`),
+        freq: m.swa.freq,
+        swaLr: m.swa.lr,
+        annealEpochs: m.swa.annealEpochs,
+        annealStrategy: 'cos',
+      };
+      lrCallback = learningRateSchedule(
+        setLr,
+        (epoch) => swaLearningRate(schedule, m.lr, epoch),
+        shared.warmupSteps ?? 0,
+      );
+      callbacks.push(lrCallback, swaCallback(averager!, schedule, i));
+    } else {
+      lrCallback = learningRateSchedule(setLr, () => m.lr, shared.warmupSteps ?? 0);
+      callbacks.push(lrCallback);
     }
+    callbacks.push(...(m.callbacks ?? []));
     return {
-      history,
-      raw,
-      swa,
-      snapshots,
-      kept: averager && snapshots > 0 ? 'swa' : 'raw',
-      rawWeights,
+      seed: m.seed,
+      labelSmoothing: m.labelSmoothing,
+      classWeights: m.classWeights,
+      callbacks,
+      lr: () => lrCallback.current,
     };
+  });
+  try {
+    const { histories, diverged } = await fit(train, val, {
+      stage: shared.name,
+      epochs: shared.epochs,
+      batchSize: shared.batchSize,
+      optimizer,
+      variables: shared.variables,
+      forward: shared.forward,
+      numClasses: shared.numClasses,
+      members: fitMembers,
+      stacked,
+      ...(shared.reseed ? { reseed: shared.reseed } : {}),
+    });
+    const evalBatch = Math.max(shared.batchSize, 64);
+    const evaluate = () =>
+      evaluateMembers(shared.forward, val!, evalBatch, shared.numClasses, k, stacked);
+    const raw = val?.size ? await evaluate() : null;
+    const snapshots = members.map((_, i) => averager?.count(i) ?? 0);
+    const rawWeights = shared.keepRaw ? shared.variables.map((v) => v.clone()) : null;
+    let swa: Evaluation[] | null = null;
+    if (averager && snapshots.some((n) => n > 0)) {
+      averager.apply();
+      if (val?.size) swa = await evaluate();
+    }
+    return members.map(
+      (_, i) =>
+        diverged[i] ?? {
+          history: histories[i]!,
+          raw: raw?.[i] ?? null,
+          swa: snapshots[i]! > 0 ? (swa?.[i] ?? null) : null,
+          snapshots: snapshots[i]!,
+          kept: snapshots[i]! > 0 ? 'swa' : 'raw',
+          rawWeights,
+        },
+    );
   } finally {
     averager?.dispose();
     optimizer.dispose();

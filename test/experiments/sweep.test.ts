@@ -61,9 +61,12 @@ test('a head-only sweep: one embedding pass, a record per run, the tables, the b
   const out = result.out;
   assert.equal(result.rows.length, 8);
   assert.ok(result.rows.every((r) => r.status === 'done'));
+  // Heads of one shape train side by side and end together: hidden 0 runs, then hidden 8.
   assert.deepEqual(
     ended,
-    result.rows.map((r) => r.id),
+    [...result.rows]
+      .sort((a, b) => Number(a.options.hidden) - Number(b.options.hidden))
+      .map((r) => r.id),
   );
   // The 33 images (24 train/val, 9 test) went through the backbone once, for all 8 runs.
   const embeddings = events.filter((e) => e.type === 'embedding');
@@ -123,26 +126,39 @@ test('a head-only sweep: one embedding pass, a record per run, the tables, the b
   assert.equal(result.best!.val!.kept!.loss, Math.min(...losses));
 });
 
-test('a sweep run is the train run of the same options: same figures', async () => {
+test('a sweep run is the train run of the same options: same figures, though trained beside others', async () => {
   const result = await sweep(
     {
       out: path.join(dir, 'same'),
       base: { data, backbone, epochs: 4, cacheDir: path.join(dir, 'cache-same') },
-      grid: { lr: [0.05] },
+      grid: { lr: [0.01, 0.05], dropout: [0, 0.3], labelSmoothing: [0, 0.2] },
+      repeats: 2,
     },
     { export: 'none' },
   );
   assert.equal(result.model, null);
+  assert.equal(result.rows.length, 16);
   assert.ok(!(await exists(path.join(result.out, result.rows[0]!.runDir, 'model'))));
+  // One of the sixteen heads that trained side by side, neither the first nor the last (repeat
+  // 0: train splits with its seed, and a sweep splits with the base seed).
+  const row = result.rows.find(
+    (r) =>
+      r.params['lr'] === 0.05 &&
+      r.params['dropout'] === 0.3 &&
+      r.params['labelSmoothing'] === 0 &&
+      r.repeat === 0,
+  )!;
   const summary = await train({
     data,
     backbone,
     epochs: 4,
     lr: 0.05,
+    dropout: 0.3,
+    labelSmoothing: 0,
+    seed: row.options.seed,
     out: path.join(dir, 'same-train'),
     cacheDir: path.join(dir, 'cache-same'),
   });
-  const row = result.rows[0]!;
   assert.deepEqual(row.val!.kept, summary.val);
   assert.deepEqual(row.test, summary.test);
   assert.deepEqual(row.val!.raw, summary.stages.head!.raw);

@@ -46,7 +46,7 @@ test('SWA with freq 2 averages exactly the snapshot epochs, counted in snapshots
     seen.push(l.snapshots);
   }
   assert.deepEqual(seen, [0, 1, 1, 2, 2, 3, 3]);
-  assert.equal(averager.count, 3);
+  assert.equal(averager.count(), 3);
   // (1 + 3 + 8) / 3 = 4: equal weights per snapshot, not per epoch since start
   const avg = averager.averaged()!;
   assert.deepEqual(Array.from(avg[0]!.dataSync()), [4, -4]);
@@ -80,7 +80,7 @@ test('EMA weighting and state round trip', () => {
   assert.deepEqual(state.values[0]!.data, [4]);
   const other = new WeightAverager([v], { kind: 'ema', decay: 0.5 });
   other.restore(state);
-  assert.equal(other.count, 3);
+  assert.equal(other.count(), 3);
   const avg = other.averaged()!;
   assert.equal(avg[0]!.dataSync()[0], 4);
   tf.dispose(avg);

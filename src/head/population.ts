@@ -1,0 +1,136 @@
+import * as tf from '@tensorflow/tfjs';
+import { buildHead, HEAD_LOGITS } from './build.js';
+
+/** What may differ between heads trained side by side. */
+export interface HeadMember {
+  /** Seed of the initialisers (as buildHead's). */
+  readonly seed: number;
+  /** Dropout rate before the classifier (and after the hidden layer). */
+  readonly dropout: number;
+}
+
+/**
+ * Classification heads of one shape, trained side by side: member k's weights sit at
+ * index k of the first axis of every variable, so a step costs about what one head's
+ * does whatever the number of members (a sweep's head-only runs share every kernel
+ * launch). Each member computes exactly what buildHead's model computes: [Dense(hidden,
+ * relu)] → Dropout → Dense; its initial weights are buildHead's for its seed, its
+ * dropout masks tf.dropout's for the seed its step gets.
+ *
+ * @example
+ *   const heads = new HeadPopulation(1280, 5, 0, [{ seed: 1, dropout: 0.2 }, { seed: 2, dropout: 0 }]);
+ *   const logits = heads.forward(x, true); // x [2, B, 1280] → [2, B, 5]
+ *   const model = heads.toModel(1);        // a plain tfjs head with member 1's weights
+ */
+export class HeadPopulation {
+  readonly variables: tf.Variable[];
+  private readonly hiddenLayer: { kernel: tf.Variable; bias: tf.Variable } | null;
+  private readonly kernel: tf.Variable;
+  private readonly bias: tf.Variable;
+  private seeds: readonly number[];
+
+  constructor(
+    readonly featureSize: number,
+    readonly numClasses: number,
+    readonly hidden: number,
+    readonly members: readonly HeadMember[],
+  ) {
+    this.seeds = members.map(() => Number.NaN);
+    const stack = (make: (m: HeadMember) => tf.Tensor, name: string) =>
+      tf.tidy(() => tf.variable(tf.stack(members.map(make)), true, name));
+    const id = `${Date.now().toString(36)}_${Math.floor(Math.random() * 1e9).toString(36)}`;
+    const inner = hidden > 0 ? hidden : featureSize;
+    this.hiddenLayer =
+      hidden > 0
+        ? {
+            kernel: stack(
+              (m) => tf.initializers.heNormal({ seed: m.seed }).apply([featureSize, hidden]),
+              `heads_${id}/hidden_kernel`,
+            ),
+            bias: stack(() => tf.zeros([1, hidden]), `heads_${id}/hidden_bias`),
+          }
+        : null;
+    this.kernel = stack(
+      (m) => tf.initializers.glorotUniform({ seed: m.seed + 1 }).apply([inner, numClasses]),
+      `heads_${id}/logits_kernel`,
+    );
+    this.bias = stack(() => tf.zeros([1, numClasses]), `heads_${id}/logits_bias`);
+    this.variables = [
+      ...(this.hiddenLayer ? [this.hiddenLayer.kernel, this.hiddenLayer.bias] : []),
+      this.kernel,
+      this.bias,
+    ];
+  }
+
+  /** Dropout seeds for the next training step, one per member (NaN: none). */
+  reseed(seeds: readonly number[]): void {
+    this.seeds = seeds;
+  }
+
+  /** Logits [K, B, C] of inputs [K, B, featureSize]; `training` applies dropout. */
+  forward(x: tf.Tensor, training: boolean): tf.Tensor {
+    let h = x;
+    if (this.hiddenLayer)
+      h = tf.relu(tf.add(tf.matMul(h, this.hiddenLayer.kernel), this.hiddenLayer.bias));
+    if (training) h = this.dropout(h);
+    return tf.add(tf.matMul(h, this.kernel), this.bias);
+  }
+
+  /** tf.dropout's mask of each member, from its own seed ([K, B, D] in, same shape out). */
+  private dropout(h: tf.Tensor): tf.Tensor {
+    if (!this.members.some((m) => m.dropout > 0)) return h;
+    const rowShape = h.shape.slice(1);
+    const multipliers = this.members.map((m, i) => {
+      if (!(m.dropout > 0)) return tf.ones(rowShape);
+      const seed = this.seeds[i];
+      const keep = 1 - m.dropout;
+      const random = tf.randomUniform(
+        rowShape,
+        0,
+        1,
+        'float32',
+        Number.isNaN(seed) ? undefined : seed,
+      );
+      return tf.div(tf.floor(tf.add(random, keep)), keep);
+    });
+    return tf.mul(h, tf.stack(multipliers));
+  }
+
+  /** Member k's weights in a plain head model (buildHead's layers; the caller disposes it). */
+  toModel(k: number): tf.LayersModel {
+    const m = this.members[k]!;
+    const model = buildHead(this.featureSize, this.numClasses, {
+      hidden: this.hidden,
+      dropout: m.dropout,
+      seed: m.seed,
+    });
+    tf.tidy(() => {
+      // Fresh tensors from the values: a slice or reshape would share a buffer whose
+      // backend-side shape is the stacked one (wasm's fused MatMul checks that shape).
+      const slice = (v: tf.Variable, shape: number[]) => {
+        const size = shape.reduce((a, b) => a * b, 1);
+        return tf.tensor((v.dataSync() as Float32Array).slice(k * size, (k + 1) * size), shape);
+      };
+      if (this.hiddenLayer) {
+        model
+          .getLayer('head_hidden')
+          .setWeights([
+            slice(this.hiddenLayer.kernel, [this.featureSize, this.hidden]),
+            slice(this.hiddenLayer.bias, [this.hidden]),
+          ]);
+      }
+      const inner = this.hidden > 0 ? this.hidden : this.featureSize;
+      model
+        .getLayer(HEAD_LOGITS)
+        .setWeights([
+          slice(this.kernel, [inner, this.numClasses]),
+          slice(this.bias, [this.numClasses]),
+        ]);
+    });
+    return model;
+  }
+
+  dispose(): void {
+    tf.dispose(this.variables);
+  }
+}
