@@ -146,6 +146,19 @@ export {
   type SweepSettings,
   sweep,
 } from './experiments/sweep.js';
+// Results
+export {
+  brierScore,
+  CALIBRATION_BINS,
+  type CalibrationOptions,
+  type CalibrationReport,
+  calibrationErrors,
+  calibrationReport,
+  NLL_EPSILON,
+  negativeLogLikelihood,
+  type ReliabilityBin,
+  reliabilityBins,
+} from './export/calibration.js';
 export { type ExportResult, exportClassifier } from './export/classifier.js';
 export {
   CONTRACT,
@@ -154,7 +167,6 @@ export {
   type PreprocessingContract,
   readOnnxMetadata,
 } from './export/contract.js';
-// Results
 export {
   type ClassificationReport,
   type ClassMetrics,

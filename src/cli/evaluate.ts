@@ -1,12 +1,12 @@
 import type { Argv } from 'yargs';
-import { type EvaluateOptions, evaluate } from '../index.js';
+import { type CalibrationReport, type EvaluateOptions, evaluate } from '../index.js';
 import { createOutput, table } from './output.js';
 import { noUsableImages } from './predict.js';
 import { runOptionsFrom, withRunOptions } from './run-options.js';
 
 export const command = 'evaluate';
 export const describe =
-  'Accuracy, per-class precision/recall/F1 and confusion matrix on a labelled folder';
+  'Accuracy, per-class precision/recall/F1, confusion matrix and calibration on a labelled folder';
 
 export function builder(y: Argv) {
   return withRunOptions(y)
@@ -64,5 +64,26 @@ export async function handler(argv: Args): Promise<void> {
       ...r.confusion.map((row, i) => [`${i} ${r.labels[i]}`, ...row.map(String)]),
     ]),
   );
+  if (r.calibration) lines.push('', ...calibrationLines(r.calibration));
   out.result(lines.join('\n'));
+}
+
+/** The figures on one line, then the reliability table's non-empty bins. */
+function calibrationLines(c: CalibrationReport): string[] {
+  const f = (x: number) => x.toFixed(4);
+  const filled = c.bins.filter((b) => b.count > 0);
+  const empty = c.bins.length - filled.length;
+  return [
+    `calibration: nll ${f(c.nll)}  brier ${f(c.brier)}  ece ${f(c.ece)}  mce ${f(c.mce)} (${c.bins.length} bins of top-1 confidence)`,
+    table([
+      ['confidence', 'count', 'mean conf', 'accuracy'],
+      ...filled.map((b) => [
+        `${b.lo === 0 ? '[' : '('}${f(b.lo)}, ${f(b.hi)}]`,
+        String(b.count),
+        f(b.confidence!),
+        f(b.accuracy!),
+      ]),
+    ]),
+    ...(empty ? [`${empty} of ${c.bins.length} bins empty, not shown`] : []),
+  ];
 }

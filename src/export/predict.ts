@@ -10,6 +10,7 @@ import type { FrozenModel } from '../engine/types.js';
 import { dataError, FinetuneError, fileError } from '../errors.js';
 import { argmax } from '../train/fit.js';
 import * as is from '../util/is.js';
+import { type CalibrationReport, calibrationReport } from './calibration.js';
 import { ONNX_METADATA_KEYS, readOnnxMetadata } from './contract.js';
 import { type ClassificationReport, classificationReport } from './metrics.js';
 import { type ClassifierMetadata, loadClassifierModel, ONNX_FILE } from './model-dir.js';
@@ -263,13 +264,21 @@ export interface EvaluateOptions extends ClassifierRunOptions {
 }
 
 export interface EvaluateResult extends ClassificationReport {
+  /**
+   * NLL, Brier score, ECE/MCE and the reliability table of the model's probabilities (15
+   * bins; see `calibrationReport`); null when no image could be used.
+   */
+  readonly calibration: CalibrationReport | null;
   readonly skipped: readonly SkippedFile[];
   readonly engine: string;
   /** Why the exported model.onnx was not run, if it was wanted (see `OnnxFallback`). */
   readonly onnxFallback: OnnxFallback | null;
 }
 
-/** Accuracy, per-class precision/recall/F1 and the confusion matrix on a labelled folder. */
+/**
+ * Accuracy, per-class precision/recall/F1, the confusion matrix and calibration on a
+ * labelled folder.
+ */
 export async function evaluate(options: EvaluateOptions): Promise<EvaluateResult> {
   const classifier = await loadClassifier(options);
   try {
@@ -290,13 +299,11 @@ export async function evaluate(options: EvaluateOptions): Promise<EvaluateResult
       ...(options.maxBytes !== undefined ? { maxBytes: options.maxBytes } : {}),
     });
     const predicted = result.rows.map((_, i) => argmax(result.features, i * k, k));
-    const report = classificationReport(
-      result.rows.map((r) => truth[r]!),
-      predicted,
-      classifier.labels,
-    );
+    const labels = result.rows.map((r) => truth[r]!);
+    const report = classificationReport(labels, predicted, classifier.labels);
     return {
       ...report,
+      calibration: labels.length ? calibrationReport(result.features, labels, k) : null,
       skipped: result.skipped,
       engine: classifier.frozen.engine,
       onnxFallback: classifier.onnxFallback,

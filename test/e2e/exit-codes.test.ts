@@ -187,6 +187,60 @@ test('evaluate: a class without examples is named and counts in the macro averag
   assert.equal(text.code, 0, text.stderr);
   assert.match(text.stdout, /^no examples of magenta \(recall 0 in the macro average\)$/m);
 
+  // Calibration agrees with the model's own probabilities, read back through predict and
+  // recomputed here from the definitions (the bins' edges taken from the report).
+  const predicted = await runCliGuarded(
+    ['predict', '--model', run, partial, '--top-k', '3', '--format', 'json'],
+    dir,
+  );
+  assert.equal(predicted.code, 0, predicted.stderr);
+  const images = (
+    JSON.parse(predicted.stdout).predictions as {
+      path: string;
+      top: { label: string; probability: number }[];
+    }[]
+  ).map((p) => ({ truth: path.basename(path.dirname(p.path)), top: p.top }));
+  assert.equal(images.length, report.count);
+  const c = report.calibration;
+  const n = images.length;
+  let nll = 0;
+  let brier = 0;
+  for (const { truth, top } of images) {
+    assert.equal(top.length, 3);
+    nll -= Math.log(Math.max(top.find((t) => t.label === truth)!.probability, 1e-7)) / n;
+    for (const t of top) brier += (t.probability - (t.label === truth ? 1 : 0)) ** 2 / n;
+  }
+  const close = (a: number, b: number, what: string) =>
+    assert.ok(Math.abs(a - b) <= 1e-9, `${what}: report ${a}, recomputed ${b}`);
+  close(c.nll, nll, 'nll');
+  close(c.brier, brier, 'brier');
+  assert.equal(c.bins.length, 15);
+  let ece = 0;
+  let mce = 0;
+  for (const [i, bin] of (c.bins as Record<string, number | null>[]).entries()) {
+    const lo = bin.lo!;
+    const hi = bin.hi!;
+    const inBin = images.filter(({ top }) => {
+      const p = top[0]!.probability;
+      return (p > lo || (i === 0 && p === 0)) && p <= hi;
+    });
+    assert.equal(bin.count, inBin.length, `bin ${i}`);
+    if (!inBin.length) {
+      assert.deepEqual([bin.confidence, bin.accuracy], [null, null]);
+      continue;
+    }
+    const conf = inBin.reduce((a, x) => a + x.top[0]!.probability, 0) / inBin.length;
+    const acc = inBin.filter((x) => x.top[0]!.label === x.truth).length / inBin.length;
+    close(bin.confidence!, conf, `bin ${i} confidence`);
+    close(bin.accuracy!, acc, `bin ${i} accuracy`);
+    ece += (inBin.length / n) * Math.abs(acc - conf);
+    mce = Math.max(mce, Math.abs(acc - conf));
+  }
+  close(c.ece, ece, 'ece');
+  close(c.mce, mce, 'mce');
+  const figures = `nll ${c.nll.toFixed(4)}  brier ${c.brier.toFixed(4)}  ece ${c.ece.toFixed(4)}  mce ${c.mce.toFixed(4)}`;
+  assert.ok(text.stdout.includes(`calibration: ${figures}`), text.stdout);
+
   const junk = path.join(dir, 'junk');
   await writeImage(path.join(junk, 'cyan', 'a.png'), [20, 200, 200]);
   await writeFile(path.join(junk, 'cyan', 'a.png'), 'garbage');
