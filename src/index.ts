@@ -26,7 +26,10 @@ export {
   BACKEND_OPTIONS,
   type BackendInfo,
   type BackendOption,
+  type BackendProbe,
+  type BackendReport,
   initBackend,
+  probeBackends,
 } from './backend/index.js';
 export {
   AUGMENT_KINDS,

@@ -34,7 +34,7 @@ export function builder(y: Argv) {
 
 type Args = Awaited<ReturnType<ReturnType<typeof builder>['parseAsync']>>;
 
-function megabytes(bytes: number): string {
+export function megabytes(bytes: number): string {
   return (bytes / 1e6).toFixed(1);
 }
 

@@ -4,6 +4,7 @@ import { hideBin } from 'yargs/helpers';
 import { EXIT_CODES, FinetuneError, optionRow, renameOption, VERSION } from '../index.js';
 import { closest } from '../util/closest.js';
 import * as cacheCommand from './cache.js';
+import * as doctorCommand from './doctor.js';
 import * as evaluateCommand from './evaluate.js';
 import * as modelsCommand from './models.js';
 import * as predictCommand from './predict.js';
@@ -93,11 +94,13 @@ async function main(): Promise<void> {
     .command(cacheCommand as any)
     // biome-ignore lint/suspicious/noExplicitAny: as above
     .command(reportCommand as any)
+    // biome-ignore lint/suspicious/noExplicitAny: as above
+    .command(doctorCommand as any)
     .command(await import('./sweep.js'))
     .command(await import('./lr-find.js'))
     .demandCommand(
       1,
-      'Name a command: train, predict, evaluate, sweep, lr-find, report, models or cache',
+      'Name a command: train, predict, evaluate, sweep, lr-find, report, models, cache or doctor',
     )
     .recommendCommands()
     .strict()
