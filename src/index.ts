@@ -200,11 +200,24 @@ export { type HeadMember, HeadPopulation } from './head/population.js';
 export { openRunFolder, type RunFolder, removePendingSync } from './io/run-folder.js';
 export { type AveragerKind, type AveragerState, WeightAverager } from './swa/averager.js';
 export {
+  AVERAGE_OPTIONS,
+  type AverageKind,
+  type AverageOption,
+  type AveragingPlan,
+  averagesAfterEpoch,
+  averagesAfterStep,
   checkSwaStart,
-  isSnapshotEpoch,
+  emaDecay,
+  type Frequency,
+  formatFrequency,
+  LR_SCHEDULES,
+  type LrPlan,
+  type LrScheduleKind,
+  learningRateAt,
+  parseFrequency,
   resolveSwaStart,
-  type SwaSchedule,
-  swaLearningRate,
+  SWA_SCHEDULES,
+  type SwaScheduleKind,
 } from './swa/schedule.js';
 export type { BatchLogs, EpochLogs, TrainingCallback } from './train/callbacks.js';
 export {

@@ -6,6 +6,9 @@ export interface EpochLogs {
   acc: number;
   val_loss?: number;
   val_acc?: number;
+  /** Validation figures of the averaged weights, once averaging has a snapshot. */
+  val_avg_loss?: number;
+  val_avg_acc?: number;
   lr: number;
   /** Averager snapshots taken so far (absent when averaging is off). */
   snapshots?: number;
@@ -32,25 +35,24 @@ export interface TrainingCallback {
   onTrainEnd?(): void | Promise<void>;
 }
 
-/** Sets the optimizer's learning rate at the start of every epoch. */
+/**
+ * Sets the optimizer's learning rate before every step from `lrAt(epoch, step)`;
+ * `current` is the rate of the epoch's first step without warm-up, for the logs.
+ */
 export function learningRateSchedule(
   setLr: (lr: number) => void,
-  lrAt: (epoch: number) => number,
-  warmupSteps = 0,
+  lrAt: (epoch: number, step: number) => number,
+  epochLr: (epoch: number) => number,
 ): TrainingCallback & { current: number } {
-  let step = 0;
+  let epoch = 0;
   const cb = {
     current: Number.NaN,
-    onEpochBegin(epoch: number) {
-      cb.current = lrAt(epoch);
-      setLr(cb.current);
+    onEpochBegin(e: number) {
+      epoch = e;
+      cb.current = epochLr(e);
     },
-    onBatchBegin() {
-      // Linear warm-up over the first steps (fastai's one-cycle and most fine-tuning
-      // recipes start low): Adam's first updates are full-size whatever the gradient.
-      if (step < warmupSteps) setLr((cb.current * (step + 1)) / warmupSteps);
-      else if (step === warmupSteps && warmupSteps > 0) setLr(cb.current);
-      step++;
+    onBatchBegin(step: number) {
+      setLr(lrAt(epoch, step));
     },
   };
   return cb;

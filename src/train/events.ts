@@ -5,7 +5,7 @@ import type { EpochLogs } from './callbacks.js';
 
 /** Which weights a stage left, and so which weights an export holds. */
 export type StageName = 'head' | 'finetune';
-export type WeightsKind = 'raw' | 'swa';
+export type WeightsKind = 'raw' | 'swa' | 'ema';
 /** `head-swa`, `finetune-raw`, …: the name summary.json and the CLI use. */
 export type WeightsName = `${StageName}-${WeightsKind}`;
 
@@ -43,8 +43,15 @@ export interface ValFigures {
 
 export interface StageSummary {
   readonly raw: ValFigures | null;
+  /** The averaged weights' figures (SWA or EMA, as `average` says). */
   readonly swa: ValFigures | null;
+  /** The averaging strategy of the stage (null: none). */
+  readonly average?: 'swa' | 'ema' | null;
   readonly snapshots: number;
+  /** The first averaged epoch (1-based), when there was one. */
+  readonly averagingFrom?: number | null;
+  /** Early stopping ended the stage after this epoch (1-based). */
+  readonly stoppedAfter?: number | null;
   /**
    * Which weights the stage left in the model: the head stage says `raw` or `swa`; the
    * fine-tune stage names the stage too, or `head` when --keep best went back to the head's.

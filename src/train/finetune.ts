@@ -10,6 +10,7 @@ import type { FrozenModel } from '../engine/types.js';
 import { FinetuneError, invalidOption } from '../errors.js';
 import { dropoutSeeder, logitsView } from '../head/build.js';
 import type { TrainingCallback } from './callbacks.js';
+import type { WeightsKind } from './events.js';
 import {
   ArrayBatches,
   type Batches,
@@ -18,7 +19,7 @@ import {
   type Forward,
 } from './fit.js';
 import type { OptimizerName } from './optimizers.js';
-import { runStage, type StageResult, type SwaSettings } from './stage.js';
+import { type EarlyStopSettings, runStage, type StageResult, type SwaSettings } from './stage.js';
 
 /** What `--unfreeze` asks for. */
 export type Unfreeze =
@@ -269,6 +270,7 @@ export interface FineTuneSettings {
   readonly optimizer: OptimizerName;
   readonly freezeBn: boolean;
   readonly swa: SwaSettings | null;
+  readonly earlyStop: EarlyStopSettings | null;
   readonly augment: readonly AugmentKind[];
   /** Augmented views cached per image; views cycle over the epochs. */
   readonly augmentViews: number;
@@ -287,8 +289,8 @@ export interface FineTuneInputs {
   readonly train: { readonly files: readonly string[]; readonly labels: Int32Array };
   readonly val: { readonly files: readonly string[]; readonly labels: Int32Array };
   readonly numClasses: number;
-  /** Validation accuracy of what stage one left in the head (for --keep best). */
-  readonly headAcc: number | null;
+  /** Validation loss of what stage one left in the head (for --keep best). */
+  readonly headLoss: number | null;
   /** Where the frozen prefix runs (and its lowered copy is cached). */
   readonly engine: EngineContext;
   readonly callbacks: readonly TrainingCallback[];
@@ -305,7 +307,7 @@ export interface FineTuneResult {
   readonly trainableVariables: number;
   readonly prefixEngine: string;
   /** Which weights the model holds now: 'finetune-swa', 'finetune-raw' or 'head-…' (stage one's, with --keep best). */
-  readonly kept: 'head' | 'finetune-raw' | 'finetune-swa';
+  readonly kept: 'head' | `finetune-${WeightsKind}`;
   /** Inference on raw pixels through prefix, suffix and head, for test figures. */
   readonly evaluate: (files: readonly string[], labels: Int32Array) => Promise<Evaluation>;
   dispose(): Promise<void>;
@@ -449,21 +451,29 @@ export async function runFineTune(
       numClasses: inputs.numClasses,
       seed: s.seed + 1,
       swa: s.swa,
+      earlyStop: s.earlyStop,
       keepRaw: s.keep === 'best',
       warmupSteps: Math.ceil(trainBatches.size / batchSize),
       callbacks: [viewCallback, ...inputs.callbacks],
     });
     let kept: FineTuneResult['kept'] = `finetune-${stage.kept}`;
     if (s.keep === 'best') {
+      const none = Number.POSITIVE_INFINITY;
       const candidates: [FineTuneResult['kept'], number, tf.Tensor[] | null][] = [
-        ['head', inputs.headAcc ?? -1, before],
-        ['finetune-raw', stage.raw?.acc ?? -1, stage.rawWeights],
-        ...(stage.swa
-          ? [['finetune-swa', stage.swa.acc, null] as [FineTuneResult['kept'], number, null]]
+        ['head', inputs.headLoss ?? none, before],
+        ['finetune-raw', stage.raw?.loss ?? none, stage.rawWeights],
+        ...(stage.swa && stage.average
+          ? [
+              [`finetune-${stage.average}`, stage.swa.loss, null] as [
+                FineTuneResult['kept'],
+                number,
+                null,
+              ],
+            ]
           : []),
       ];
-      // Ties keep the later stage: it has seen the most training.
-      const best = candidates.reduce((a, b) => (b[1] >= a[1] ? b : a));
+      // By validation loss; ties keep the later stage: it has seen the most training.
+      const best = candidates.reduce((a, b) => (b[1] <= a[1] ? b : a));
       const chosen = best[2];
       if (chosen) {
         variables.forEach((v, i) => {

@@ -79,6 +79,23 @@ export interface FitOptions {
   readonly stacked?: boolean;
   /** Called before every training step with a fresh seed per member, so dropout masks differ per step yet repeat per run. */
   readonly reseed?: (seeds: readonly number[]) => void;
+  /** The stage's own work between steps and epochs (averaging, early stopping). */
+  readonly hooks?: FitHooks;
+}
+
+/** Stage-level hooks of the loop: they see every member still training at once. */
+export interface FitHooks {
+  /** After each optimizer step, before the members' batch-end callbacks. */
+  afterStep?(epoch: number, step: number, stepsPerEpoch: number, active: readonly number[]): void;
+  /**
+   * After each epoch's validation, before the members' epoch-end callbacks (which see what
+   * it adds to the logs). Returns the members that stop training after this epoch.
+   */
+  afterEpoch?(
+    epoch: number,
+    logs: readonly (EpochLogs | null)[],
+    active: readonly number[],
+  ): Promise<readonly number[]>;
 }
 
 /** Mean loss and accuracy over a data set, plus each row's probabilities. */
@@ -137,7 +154,8 @@ export async function evaluateMembers(
     );
     const [p, l] = tf.tidy(() => {
       const x = data.take(rows);
-      const input = stacked ? tf.tile(tf.expandDims(x, 0), [members, ...x.shape.map(() => 1)]) : x;
+      // Every member sees the same rows (repeated in JavaScript: wasm's Tile is slow).
+      const input = stacked ? repeat(x, members) : x;
       let logits = forward(input, false);
       if (!stacked) logits = tf.expandDims(logits, 0);
       const labels = tf.tensor1d(
@@ -166,6 +184,14 @@ export async function evaluateMembers(
     acc: data.size ? correct[m]! / data.size : Number.NaN,
     probs: p,
   }));
+}
+
+/** `t` repeated `k` times along a new first axis. */
+function repeat(t: tf.Tensor, k: number): tf.Tensor {
+  const values = t.dataSync() as Float32Array;
+  const out = new Float32Array(values.length * k);
+  for (let i = 0; i < k; i++) out.set(values, i * values.length);
+  return tf.tensor(out, [k, ...t.shape]);
 }
 
 /** `evaluateMembers` for one model. */
@@ -250,12 +276,16 @@ export async function fit(
   const randoms = members.map((m) => seededRandom(m.seed));
   const histories: EpochLogs[][] = members.map(() => []);
   const diverged: (FinetuneError | null)[] = members.map(() => null);
+  const stopped = members.map(() => false);
+  const isActive = (m: number) => !diverged[m] && !stopped[m];
+  const activeList = () => members.flatMap((_, m) => (isActive(m) ? [m] : []));
   const orders = members.map(() => Array.from({ length: train.size }, (_, i) => i));
+  const stepsPerEpoch = Math.ceil(train.size / batchSize);
   const each = async (f: (c: CallbackList, m: number) => Promise<void>) => {
-    for (let m = 0; m < k; m++) if (!diverged[m]) await f(callbacks[m]!, m);
+    for (let m = 0; m < k; m++) if (isActive(m)) await f(callbacks[m]!, m);
   };
   await each((c) => c.trainBegin());
-  for (let epoch = 0; epoch < epochs; epoch++) {
+  for (let epoch = 0; epoch < epochs && activeList().length; epoch++) {
     const started = performance.now();
     await each((c) => c.epochBegin(epoch));
     orders.forEach((order, m) => {
@@ -303,6 +333,7 @@ export async function fit(
         correct[m]! += hitCounts[m]!;
         lossSum[m]! += loss * size;
       }
+      options.hooks?.afterStep?.(epoch, batch, stepsPerEpoch, activeList());
       await each((c, m) => c.batchEnd(batch, { batch, size, loss: losses[m]! }));
       // On wasm every await above resolves as a microtask, so without this the loop never
       // lets the event loop run: signals (Ctrl-C), timers and I/O would wait for the end.
@@ -313,24 +344,30 @@ export async function fit(
         ? await evaluateMembers(forward, val, Math.max(batchSize, 64), numClasses, k, stacked)
         : null;
     const seconds = (performance.now() - started) / 1000;
-    await each(async (c, m) => {
-      const logs: EpochLogs = {
+    const logs = members.map((member, m): EpochLogs | null => {
+      if (!isActive(m)) return null;
+      const l: EpochLogs = {
         stage: options.stage,
         epoch: epoch + 1,
         loss: lossSum[m]! / train.size,
         acc: correct[m]! / train.size,
-        lr: members[m]!.lr(),
+        lr: member.lr(),
         seconds,
       };
       if (evals) {
-        logs.val_loss = evals[m]!.loss;
-        logs.val_acc = evals[m]!.acc;
+        l.val_loss = evals[m]!.loss;
+        l.val_acc = evals[m]!.acc;
       }
-      await c.epochEnd(epoch, logs);
-      histories[m]!.push(logs);
+      return l;
     });
+    const stopping = (await options.hooks?.afterEpoch?.(epoch, logs, activeList())) ?? [];
+    await each(async (c, m) => {
+      await c.epochEnd(epoch, logs[m]!);
+      histories[m]!.push(logs[m]!);
+    });
+    for (const m of stopping) stopped[m] = true;
   }
   options.reseed?.(members.map(() => Number.NaN));
-  await each((c) => c.trainEnd());
+  for (let m = 0; m < k; m++) if (!diverged[m]) await callbacks[m]!.trainEnd();
   return { histories, diverged };
 }

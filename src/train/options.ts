@@ -7,7 +7,17 @@ import { DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS } from '../data/decode.js';
 import { EMBED_CONCURRENCY } from '../data/embed.js';
 import { ENGINE_OPTIONS, type EngineOption } from '../engine/index.js';
 import { FinetuneError, invalidOption } from '../errors.js';
-import { checkSwaStart } from '../swa/schedule.js';
+import {
+  AVERAGE_OPTIONS,
+  type AverageOption,
+  checkSwaStart,
+  formatFrequency,
+  LR_SCHEDULES,
+  type LrScheduleKind,
+  parseFrequency,
+  SWA_SCHEDULES,
+  type SwaScheduleKind,
+} from '../swa/schedule.js';
 import { closest } from '../util/closest.js';
 import * as is from '../util/is.js';
 import type { TrainEvent } from './events.js';
@@ -40,10 +50,18 @@ export interface TrainOptions {
   hidden?: number;
   dropout?: number;
   swa?: boolean;
+  average?: AverageOption;
+  emaDecay?: number;
   swaStart?: number;
-  swaFreq?: number;
+  swaFreq?: number | string;
   swaLr?: number;
+  swaSchedule?: SwaScheduleKind;
   swaAnnealEpochs?: number;
+  swaCycle?: number;
+  lrSchedule?: LrScheduleKind;
+  warmupEpochs?: number;
+  earlyStop?: number;
+  minDelta?: number;
   embedBatchSize?: number;
   decodeConcurrency?: number;
   maxPixels?: number;
@@ -55,7 +73,7 @@ export interface TrainOptions {
   finetuneLr?: number;
   freezeBn?: boolean;
   finetuneSwaStart?: number;
-  finetuneSwaFreq?: number;
+  finetuneSwaFreq?: number | string;
   finetuneSwaLr?: number;
   augment?: readonly AugmentKind[] | string;
   augmentViews?: number;
@@ -77,7 +95,15 @@ export type OptionPhase = 'prepare' | 'embed' | 'head' | 'finetune' | 'records';
 export type OptionKey = Exclude<keyof TrainOptions, 'onEvent'>;
 
 /** A condition an option needs; giving the option without it is an error, never ignored. */
-type Need = 'finetune' | 'swa' | 'augment';
+type Need =
+  | 'finetune'
+  | 'swa'
+  | 'ema'
+  | 'swaOnly'
+  | 'cyclic'
+  | 'annealing'
+  | 'earlyStop'
+  | 'augment';
 
 /** One option: the single place its flag, type, default, range and doc are written. */
 export interface OptionRow {
@@ -338,7 +364,36 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => true,
     check: bool('swa'),
     phase: 'head',
-    doc: 'Stochastic Weight Averaging of the trainable variables; `--no-swa` exports the raw weights',
+    doc: '`--no-swa` is `--average none` (kept as an alias)',
+  },
+  {
+    key: 'average',
+    flag: 'average',
+    type: 'string',
+    choices: AVERAGE_OPTIONS,
+    defaultText: '`swa`',
+    fallback: (r) => (r.swa === false ? 'none' : 'swa'),
+    check: (v, r) => {
+      const value = is.oneOfValues('average', v, AVERAGE_OPTIONS);
+      if (r.swa === false && value !== 'none')
+        throw new FinetuneError(`swa turned off contradicts average ${value}`, {
+          renamed: (shown) => `${shown('swa')} turned off contradicts ${shown('average')} ${value}`,
+        });
+      return value;
+    },
+    phase: 'head',
+    doc: 'weight averaging of the trainable variables, both stages: `swa` (equal-weight mean of snapshots), `ema` (exponential moving average after every step), `none` (the raw weights)',
+  },
+  {
+    key: 'emaDecay',
+    flag: 'ema-decay',
+    type: 'number',
+    defaultText: '0.999',
+    fallback: () => 0.999,
+    check: (v) => is.numberInRange('emaDecay', v, 0, 1, true),
+    phase: 'head',
+    needs: ['ema'],
+    doc: 'EMA decay, warmed up as min(decay, (1 + t)/(10 + t)) at its t-th update',
   },
   {
     key: 'swaStart',
@@ -349,18 +404,30 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     check: (v, r) => checkSwaStart('swaStart', v, r.epochs!),
     phase: 'head',
     needs: ['swa'],
-    doc: 'epoch (≥ 1) or fraction of `--epochs` where averaging starts',
+    doc: 'epoch (≥ 1) or fraction of `--epochs` where averaging (SWA or EMA) starts',
+  },
+  {
+    key: 'swaSchedule',
+    flag: 'swa-schedule',
+    type: 'string',
+    choices: SWA_SCHEDULES,
+    defaultText: '`cos`',
+    fallback: () => 'cos',
+    check: choice('swaSchedule', SWA_SCHEDULES),
+    phase: 'head',
+    needs: ['swa'],
+    doc: 'LR once averaging starts: `constant` (swa-lr at once), `cos`/`linear` (to swa-lr over swa-anneal-epochs, PyTorch SWALR), `cyclic` (lr down to swa-lr in each cycle of swa-cycle epochs, a snapshot at its end)',
   },
   {
     key: 'swaFreq',
     flag: 'swa-freq',
-    type: 'number',
+    type: 'string',
     defaultText: '1',
     fallback: () => 1,
-    check: positiveInteger('swaFreq'),
+    check: (v) => formatFrequency(parseFrequency('swaFreq', v)),
     phase: 'head',
-    needs: ['swa'],
-    doc: 'epochs between snapshots',
+    needs: ['swaOnly'],
+    doc: 'SWA snapshots every N epochs (`2`) or every N optimizer steps (`50s`); not with `cyclic`',
   },
   {
     key: 'swaLr',
@@ -371,7 +438,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     check: learningRate('swaLr'),
     phase: 'head',
     needs: ['swa'],
-    doc: 'constant learning rate once SWA starts',
+    doc: 'learning rate once averaging starts',
   },
   {
     key: 'swaAnnealEpochs',
@@ -381,8 +448,61 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => 0,
     check: (v) => is.nonNegativeInteger('swaAnnealEpochs', v),
     phase: 'head',
-    needs: ['swa'],
-    doc: 'cosine annealing from lr to swa-lr over this many epochs (PyTorch SWALR)',
+    needs: ['annealing'],
+    doc: '`cos`/`linear`: epochs to go from the LR to swa-lr (0: at once)',
+  },
+  {
+    key: 'swaCycle',
+    flag: 'swa-cycle',
+    type: 'number',
+    defaultText: '1',
+    fallback: () => 1,
+    check: positiveInteger('swaCycle'),
+    phase: 'head',
+    needs: ['cyclic'],
+    doc: '`cyclic`: epochs per cycle',
+  },
+  {
+    key: 'lrSchedule',
+    flag: 'lr-schedule',
+    type: 'string',
+    choices: LR_SCHEDULES,
+    defaultText: '`constant`',
+    fallback: () => 'constant',
+    check: choice('lrSchedule', LR_SCHEDULES),
+    phase: 'head',
+    doc: 'head LR before averaging: `constant`, `cos` (cosine from lr to swa-lr at the averaging start, or to 0 without averaging), `step` (÷10 at 50% and 75% of those epochs)',
+  },
+  {
+    key: 'warmupEpochs',
+    flag: 'warmup-epochs',
+    type: 'number',
+    defaultText: '0',
+    fallback: () => 0,
+    check: (v, r) => is.integerInRange('warmupEpochs', v, 0, r.epochs!),
+    phase: 'head',
+    doc: 'head stage: linear LR warm-up over this many epochs, step by step (the fine-tune stage always warms up over its first epoch)',
+  },
+  {
+    key: 'earlyStop',
+    flag: 'early-stop',
+    type: 'number',
+    defaultText: '0 (off)',
+    fallback: () => 0,
+    check: (v) => is.integerInRange('earlyStop', v, 0, MAX_EPOCHS),
+    phase: 'head',
+    doc: 'patience in epochs on validation loss, both stages: restores the best weights when it stops a stage; with averaging, running out before averaging starts starts it (see Averaging)',
+  },
+  {
+    key: 'minDelta',
+    flag: 'min-delta',
+    type: 'number',
+    defaultText: '0',
+    fallback: () => 0,
+    check: (v) => is.numberInRange('minDelta', v, 0, 1e6, true),
+    phase: 'head',
+    needs: ['earlyStop'],
+    doc: 'early stopping: a loss lower by more than this is an improvement',
   },
   {
     key: 'embedBatchSize',
@@ -509,10 +629,10 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     type: 'number',
     defaultText: 'swa-freq',
     fallback: (r) => r.swaFreq,
-    check: positiveInteger('finetuneSwaFreq'),
+    check: (v) => formatFrequency(parseFrequency('finetuneSwaFreq', v)),
     phase: 'finetune',
-    needs: ['finetune', 'swa'],
-    doc: 'epochs between stage-two snapshots',
+    needs: ['finetune', 'swaOnly'],
+    doc: 'stage-two SWA snapshots every N epochs or N steps (`50s`)',
   },
   {
     key: 'finetuneSwaLr',
@@ -555,9 +675,8 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     defaultText: '`last`',
     fallback: () => 'last',
     check: choice('keep', ['last', 'best'] as const),
-    phase: 'finetune',
-    needs: ['finetune'],
-    doc: "`last`: the last stage's SWA (or raw) weights; `best`: whichever of head-SWA, stage-two raw and stage-two SWA scored best on validation",
+    phase: 'head',
+    doc: "`last`: each stage's averaged weights (raw without averaging); `best`: by validation loss, the head stage keeps its raw or averaged weights, the fine-tune stage the best of the head's, its raw and its averaged",
   },
 ] satisfies OptionRow[]);
 
@@ -570,9 +689,24 @@ export function optionRow(key: string): OptionRow | undefined {
 
 /** Whether a condition holds for resolved options. */
 function holds(need: Need, r: Partial<ResolvedTrainOptions>): boolean {
-  if (need === 'finetune') return r.finetuneEpochs! > 0;
-  if (need === 'swa') return r.swa === true;
-  return (r.augment?.length ?? 0) > 0;
+  switch (need) {
+    case 'finetune':
+      return r.finetuneEpochs! > 0;
+    case 'swa':
+      return r.average !== 'none';
+    case 'ema':
+      return r.average === 'ema';
+    case 'swaOnly':
+      return r.average === 'swa' && r.swaSchedule !== 'cyclic';
+    case 'cyclic':
+      return r.average !== 'none' && r.swaSchedule === 'cyclic';
+    case 'annealing':
+      return r.average !== 'none' && (r.swaSchedule === 'cos' || r.swaSchedule === 'linear');
+    case 'earlyStop':
+      return r.earlyStop! > 0;
+    case 'augment':
+      return (r.augment?.length ?? 0) > 0;
+  }
 }
 
 /** What an option given without its need says; `shown` names an option (a key, or the CLI's flag). */
@@ -582,7 +716,14 @@ const NEED_MESSAGES: Readonly<
   finetune: (keys, shown) =>
     `${keys.map(shown).join(', ')} need a fine-tune stage (${shown('finetuneEpochs')} > 0)`,
   swa: (keys, shown) =>
-    `${keys.map(shown).join(', ')} cannot be used with ${shown('swa')} turned off`,
+    `${keys.map(shown).join(', ')} cannot be used with ${shown('average')} none (or ${shown('swa')} turned off)`,
+  ema: (keys, shown) => `${keys.map(shown).join(', ')} needs ${shown('average')} ema`,
+  swaOnly: (keys, shown) =>
+    `${keys.map(shown).join(', ')} needs ${shown('average')} swa with a ${shown('swaSchedule')} other than cyclic (EMA updates after every step; cyclic snapshots at each cycle's end)`,
+  cyclic: (keys, shown) => `${keys.map(shown).join(', ')} needs ${shown('swaSchedule')} cyclic`,
+  annealing: (keys, shown) =>
+    `${keys.map(shown).join(', ')} needs ${shown('swaSchedule')} cos or linear`,
+  earlyStop: (keys, shown) => `${keys.map(shown).join(', ')} needs ${shown('earlyStop')} > 0`,
   augment: (keys, shown) =>
     `${keys.map(shown).join(', ')} needs ${shown('augment')} (e.g. flip,crop)`,
 };
@@ -610,11 +751,28 @@ export function resolveTrainOptions(o: TrainOptions): ResolvedTrainOptions {
   }
   // The conditions first (they need nothing but each other), then every unmet need.
   const base: Partial<ResolvedTrainOptions> = {};
-  for (const key of ['finetuneEpochs', 'swa', 'augment'] as const) {
+  for (const key of [
+    'epochs',
+    'finetuneEpochs',
+    'swa',
+    'average',
+    'swaSchedule',
+    'earlyStop',
+    'augment',
+  ] as const) {
     const row = ROWS.get(key)!;
     (base as Record<string, unknown>)[key] = row.check(given[key] ?? row.fallback?.(base), base);
   }
-  for (const need of ['finetune', 'augment', 'swa'] as const) {
+  for (const need of [
+    'finetune',
+    'augment',
+    'swa',
+    'ema',
+    'swaOnly',
+    'cyclic',
+    'annealing',
+    'earlyStop',
+  ] as const) {
     if (holds(need, base)) continue;
     const keys = TRAIN_OPTIONS.filter(
       (row) => row.needs?.includes(need) && given[row.key] !== undefined,

@@ -1,18 +1,37 @@
 import path from 'node:path';
 import type * as tf from '@tensorflow/tfjs';
-import type { FinetuneError } from '../errors.js';
+import { FinetuneError } from '../errors.js';
 import { classificationReport } from '../export/metrics.js';
 import { HeadPopulation } from '../head/population.js';
 import type { EpochLogs, TrainingCallback } from './callbacks.js';
-import type { StageSummary, TrainSummary, ValFigures, WeightsChoice } from './events.js';
+import type {
+  StageSummary,
+  TrainSummary,
+  ValFigures,
+  WeightsChoice,
+  WeightsKind,
+} from './events.js';
 import { type FineTuneResult, runFineTune } from './finetune.js';
 import { ArrayBatches, argmax, balancedWeights, type Evaluation, evaluateBatches } from './fit.js';
 import type { ResolvedTrainOptions } from './options.js';
 import type { Embedded, EmbeddedSplits, PreparedRun } from './run.js';
-import { runMembers, type StageResult } from './stage.js';
+import { type EarlyStopSettings, runMembers, type StageResult, type SwaSettings } from './stage.js';
 
 export function figures(e: Evaluation | null): ValFigures | null {
   return e ? { loss: e.loss, acc: e.acc } : null;
+}
+
+/** What summary.json says of a stage. */
+function stageSummary(stage: StageResult) {
+  return {
+    raw: figures(stage.raw),
+    swa: figures(stage.swa),
+    average: stage.average,
+    snapshots: stage.snapshots,
+    averagingFrom: stage.averagingFrom,
+    stoppedAfter: stage.stoppedAfter,
+    kept: stage.kept,
+  };
 }
 
 function featureBatches(e: Embedded, dim: number): ArrayBatches {
@@ -30,6 +49,37 @@ function epochLogger(run: PreparedRun, epochs: number): TrainingCallback {
       run.emit({ type: 'epoch', logs, epochs });
     },
   };
+}
+
+/** A stage's averaging settings from the options (null: `--average none`). */
+function averaging(o: ResolvedTrainOptions, stage: 'head' | 'finetune'): SwaSettings | null {
+  if (o.average === 'none') return null;
+  const head = stage === 'head';
+  return {
+    kind: o.average,
+    start: head ? o.swaStart : o.finetuneSwaStart,
+    freq: head ? o.swaFreq : o.finetuneSwaFreq,
+    lr: head ? o.swaLr : o.finetuneSwaLr,
+    // The fine-tune stage switches to its SWA LR at once (no anneal, no cycles).
+    annealEpochs: head ? o.swaAnnealEpochs : 0,
+    schedule: head ? o.swaSchedule : 'cos',
+    cycle: o.swaCycle,
+    emaDecay: o.emaDecay,
+  };
+}
+
+/** Early stopping from the options (null: off); it needs validation images to watch. */
+function earlyStopping(
+  o: ResolvedTrainOptions,
+  embedded: EmbeddedSplits,
+): EarlyStopSettings | null {
+  if (!(o.earlyStop > 0)) return null;
+  if (!embedded.val.files.length)
+    throw new FinetuneError(
+      'earlyStop needs validation images to watch, and this run has none (see the warning above)',
+      { option: 'earlyStop' },
+    );
+  return { patience: o.earlyStop, minDelta: o.minDelta };
 }
 
 /** A trained head: the model (owned by the caller until `dispose`) and its stage's figures. */
@@ -108,9 +158,11 @@ export async function trainHeads(
         lr: m.lr,
         labelSmoothing: m.labelSmoothing,
         classWeights: classWeights(m, embedded.train.labels, numClasses),
-        swa: m.swa
-          ? { start: m.swaStart, freq: m.swaFreq, lr: m.swaLr, annealEpochs: m.swaAnnealEpochs }
-          : null,
+        swa: averaging(m, 'head'),
+        lrSchedule: m.lrSchedule,
+        warmupSteps: m.warmupEpochs * Math.ceil(embedded.train.labels.length / m.batchSize),
+        earlyStop: earlyStopping(m, embedded),
+        keep: m.keep,
         callbacks: [epochLogger(run, m.epochs)],
       })),
     );
@@ -128,14 +180,9 @@ export async function trainHeads(
       return {
         head,
         stage,
-        summary: {
-          raw: figures(stage.raw),
-          swa: figures(stage.swa),
-          snapshots: stage.snapshots,
-          kept: stage.kept,
-        },
+        summary: stageSummary(stage),
         kept: { stage: 'head', weights: stage.kept },
-        val: figures(stage.kept === 'swa' ? stage.swa : stage.raw),
+        val: figures(stage.kept === 'raw' ? stage.raw : stage.swa),
         dispose: () => head.dispose(),
       };
     });
@@ -196,7 +243,7 @@ export async function trainFinetune(
       train: { files: paths(embedded.train), labels: embedded.train.labels },
       val: { files: paths(embedded.val), labels: embedded.val.labels },
       numClasses,
-      headAcc: head.val?.acc ?? null,
+      headLoss: head.val?.loss ?? null,
       engine: run.engine,
       callbacks: [epochLogger(run, o.finetuneEpochs)],
       cache: run.cache,
@@ -209,14 +256,8 @@ export async function trainFinetune(
       batchSize: o.batchSize,
       optimizer: o.optimizer,
       freezeBn: o.freezeBn,
-      swa: o.swa
-        ? {
-            start: o.finetuneSwaStart,
-            freq: o.finetuneSwaFreq,
-            lr: o.finetuneSwaLr,
-            annealEpochs: 0,
-          }
-        : null,
+      swa: averaging(o, 'finetune'),
+      earlyStop: earlyStopping(o, embedded),
       augment: o.augment,
       augmentViews: o.augmentViews,
       keep: o.keep,
@@ -237,14 +278,12 @@ export async function trainFinetune(
   const kept: WeightsChoice =
     result.kept === 'head'
       ? head.kept
-      : { stage: 'finetune', weights: result.kept === 'finetune-swa' ? 'swa' : 'raw' };
-  const val = kept.stage === 'head' ? head.val : figures(kept.weights === 'swa' ? st.swa : st.raw);
+      : { stage: 'finetune', weights: result.kept.slice('finetune-'.length) as WeightsKind };
+  const val = kept.stage === 'head' ? head.val : figures(kept.weights === 'raw' ? st.raw : st.swa);
   return {
     result,
     summary: {
-      raw: figures(st.raw),
-      swa: figures(st.swa),
-      snapshots: st.snapshots,
+      ...stageSummary(st),
       kept: result.kept,
       unfreezeFrom: result.firstUnfrozen,
       batchSize: result.batchSize,
@@ -310,7 +349,7 @@ export function valPredictions(
 ): ValPrediction[] | null {
   const kept = finetune?.kept ?? head.kept;
   const stage = kept.stage === 'head' || !finetune ? head.stage : finetune.result.stage;
-  const ev = kept.weights === 'swa' ? stage.swa : stage.raw;
+  const ev = kept.weights === 'raw' ? stage.raw : stage.swa;
   const { classes } = run.splits;
   const k = classes.length;
   const files = embedded.val.files;

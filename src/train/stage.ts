@@ -1,29 +1,56 @@
-import type * as tf from '@tensorflow/tfjs';
+import * as tf from '@tensorflow/tfjs';
 import type { FinetuneError } from '../errors.js';
 import { WeightAverager } from '../swa/averager.js';
-import { resolveSwaStart, type SwaSchedule, swaLearningRate } from '../swa/schedule.js';
+import {
+  type AverageKind,
+  type AveragingPlan,
+  averagesAfterEpoch,
+  averagesAfterStep,
+  type LrPlan,
+  type LrScheduleKind,
+  learningRateAt,
+  parseFrequency,
+  resolveSwaStart,
+  type SwaScheduleKind,
+} from '../swa/schedule.js';
 import { type EpochLogs, learningRateSchedule, type TrainingCallback } from './callbacks.js';
 import {
   type Batches,
   type Evaluation,
   evaluateMembers,
+  type FitHooks,
   type FitMember,
   type Forward,
   fit,
 } from './fit.js';
 import { type OptimizerName, StageOptimizer } from './optimizers.js';
-import { swaCallback } from './swa-callback.js';
 
-/** SWA settings of one stage. */
+/** Averaging settings of one stage (SWA unless `kind` says otherwise). */
 export interface SwaSettings {
+  /** Default 'swa'. */
+  readonly kind?: AverageKind;
   /** Epoch (≥ 1) or fraction of the epochs (< 1) where averaging starts. */
   readonly start: number;
-  /** Epochs between snapshots. */
-  readonly freq: number;
-  /** Learning rate once SWA has started. */
+  /** SWA snapshots: every N epochs (a number) or every N optimizer steps (`'50s'`). */
+  readonly freq: number | string;
+  /** Learning rate once averaging has started. */
   readonly lr: number;
   /** Epochs to anneal from the base LR to `lr` (0: switch at once). */
   readonly annealEpochs: number;
+  /** Default 'cos' (SWALR's): with annealEpochs 0 a switch at once. */
+  readonly schedule?: SwaScheduleKind;
+  /** cyclic: epochs per cycle (default 1). */
+  readonly cycle?: number;
+  /** EMA's decay (default 0.999). */
+  readonly emaDecay?: number;
+}
+
+/** Early stopping on validation loss (Keras EarlyStopping with restore_best_weights). */
+export interface EarlyStopSettings {
+  /** Epochs without an improvement before it acts. */
+  readonly patience: number;
+  /** What counts as an improvement: a loss lower by more than this. */
+  readonly minDelta: number;
 }
 
 /** What may differ between members of a stage trained side by side. */
@@ -34,6 +61,13 @@ export interface StageMember {
   readonly classWeights: readonly number[] | null;
   /** null: no averaging. */
   readonly swa: SwaSettings | null;
+  /** The learning rate before averaging (default constant). */
+  readonly lrSchedule?: LrScheduleKind;
+  /** Steps of linear LR warm-up at the start (default: the stage's). */
+  readonly warmupSteps?: number;
+  readonly earlyStop?: EarlyStopSettings | null;
+  /** `best`: the raw or the averaged weights, whichever has the lower validation loss (default `last`: averaged when there are any). */
+  readonly keep?: 'last' | 'best';
   readonly callbacks?: readonly TrainingCallback[];
 }
 
@@ -49,7 +83,7 @@ export interface StageShared {
   readonly numClasses: number;
   /** Variables, inputs and logits carry a member axis (required with more than one member). */
   readonly stacked?: boolean;
-  /** Steps of linear LR warm-up at the start (0: none). */
+  /** Steps of linear LR warm-up at the start (0: none), unless a member says otherwise. */
   readonly warmupSteps?: number;
   /** Also return copies of the final raw weights (before SWA is applied); the caller disposes them. */
   readonly keepRaw?: boolean;
@@ -60,15 +94,21 @@ export type StageOptions = StageShared & StageMember;
 
 export interface StageResult {
   readonly history: EpochLogs[];
-  /** Validation figures of the final raw weights. */
+  /** Validation figures of the final raw weights (the best epoch's, when early stopping restored them). */
   readonly raw: Evaluation | null;
-  /** Validation figures of the averaged weights (null without SWA). */
+  /** Validation figures of the averaged weights (null without a snapshot). */
   readonly swa: Evaluation | null;
+  /** The averaging strategy (null: none). */
+  readonly average: AverageKind | null;
   readonly snapshots: number;
   /** Which weights the variables hold after the stage. */
-  readonly kept: 'swa' | 'raw';
+  readonly kept: 'raw' | AverageKind;
   /** With `keepRaw`: the raw final values of the variables, in order (stacked: every member's). */
   readonly rawWeights: tf.Tensor[] | null;
+  /** Early stopping: the epoch (1-based) after which it ended the stage, or null. */
+  readonly stoppedAfter: number | null;
+  /** The first averaged epoch (1-based; early stopping can bring it forward), or null. */
+  readonly averagingFrom: number | null;
 }
 
 /** One model's training stage (see `runMembers`). */
@@ -77,7 +117,18 @@ export async function runStage(
   val: Batches | null,
   o: StageOptions,
 ): Promise<StageResult> {
-  const { seed, lr, labelSmoothing, classWeights, swa, callbacks, ...shared } = o;
+  const {
+    seed,
+    lr,
+    labelSmoothing,
+    classWeights,
+    swa,
+    callbacks,
+    lrSchedule,
+    earlyStop,
+    keep,
+    ...shared
+  } = o;
   const member: StageMember = {
     seed,
     lr,
@@ -85,19 +136,59 @@ export async function runStage(
     classWeights,
     swa,
     ...(callbacks ? { callbacks } : {}),
+    ...(lrSchedule ? { lrSchedule } : {}),
+    ...(earlyStop ? { earlyStop } : {}),
+    ...(keep ? { keep } : {}),
   };
   const [result] = await runMembers(train, val, shared, [member]);
   if (result instanceof Error) throw result;
   return result!;
 }
 
+/** The averaging plan of a member's settings. */
+function averagingPlan(swa: SwaSettings, epochs: number, stage: string): AveragingPlan {
+  const schedule = swa.schedule ?? 'cos';
+  return {
+    kind: swa.kind ?? 'swa',
+    startEpoch: resolveSwaStart(swa.start, epochs, `${stage} swaStart`),
+    frequency: parseFrequency(`${stage} swaFreq`, swa.freq),
+    swaLr: swa.lr,
+    schedule,
+    annealEpochs: swa.annealEpochs,
+    cycle: swa.cycle ?? 1,
+    emaDecay: swa.emaDecay ?? 0.999,
+  };
+}
+
+/** A member's progress through its stage: its plan (early stopping may move averaging forward) and its best epoch. */
+interface MemberState {
+  plan: LrPlan;
+  /** The last epoch (0-based) it trains. */
+  lastEpoch: number;
+  best: number;
+  wait: number;
+  /** Whether `bestWeights` holds this member's best (raw or averaged) weights. */
+  saved: 'raw' | 'averaged' | null;
+  stoppedAfter: number | null;
+}
+
 /**
  * One training stage: a fresh optimizer for this stage's trainable set, an LR schedule,
- * an averager over exactly these variables, then validation of raw and averaged weights.
- * The variables end up holding the averaged weights when averaging is on. With several
- * members (stacked variables) every member has its own LR schedule, snapshots and
- * figures, and one step trains them all. A member whose loss diverged (stacked members
- * only; one member throws) gets its error in place of a result.
+ * an averager over exactly these variables (SWA snapshots per epoch or per step, or an
+ * EMA after every step), the averaged weights evaluated on validation every epoch once
+ * they exist (swapped in, then out: the optimizer follows the raw weights), early stopping,
+ * then validation of raw and averaged weights. The variables end up holding the weights
+ * kept (averaged, unless `keep: 'best'` finds the raw ones better). With several members
+ * (stacked variables) every member has its own plan, snapshots, stopping and figures, and
+ * one step trains them all. A member whose loss diverged (stacked members only; one
+ * member throws) gets its error in place of a result.
+ *
+ * Early stopping watches the validation loss of the weights the stage would keep: the raw
+ * weights until averaging has a snapshot, the averaged ones after. When its patience runs
+ * out before averaging has started, averaging starts with the next epoch and lasts as many
+ * epochs as planned (the stage ends earlier); when it runs out during averaging, or without
+ * averaging, the stage stops and the best weights seen are restored (Keras's
+ * restore_best_weights; for averaging, the average as it was at its best epoch).
  */
 export async function runMembers(
   train: Batches,
@@ -107,45 +198,150 @@ export async function runMembers(
 ): Promise<(StageResult | FinetuneError)[]> {
   const k = members.length;
   const stacked = shared.stacked ?? false;
+  const stepsPerEpoch = Math.ceil(train.size / shared.batchSize);
   const optimizer = new StageOptimizer(
     shared.optimizer,
     shared.variables,
     members.map((m) => m.lr),
   );
-  const averager = members.some((m) => m.swa)
-    ? new WeightAverager(shared.variables, { members: stacked ? k : 1 })
+  const kinds = new Set(members.flatMap((m) => (m.swa ? [m.swa.kind ?? 'swa'] : [])));
+  if (kinds.size > 1)
+    throw new Error('runMembers: members trained together must use one averaging kind');
+  const kind = [...kinds][0] ?? null;
+  const averager = kind
+    ? new WeightAverager(shared.variables, {
+        kind,
+        decay: members.find((m) => m.swa)?.swa?.emaDecay ?? 0.999,
+        members: stacked ? k : 1,
+      })
     : null;
+  const states: MemberState[] = members.map((m) => {
+    const plan: LrPlan = {
+      lr: m.lr,
+      epochs: shared.epochs,
+      schedule: m.lrSchedule ?? 'constant',
+      warmupSteps: m.warmupSteps ?? shared.warmupSteps ?? 0,
+      averaging: m.swa ? averagingPlan(m.swa, shared.epochs, shared.name) : null,
+    };
+    return {
+      plan,
+      lastEpoch: shared.epochs - 1,
+      best: Number.POSITIVE_INFINITY,
+      wait: 0,
+      saved: null,
+      stoppedAfter: null,
+    };
+  });
+  if (averager && new Set(members.map((m) => m.swa?.emaDecay ?? 0.999)).size > 1)
+    throw new Error('runMembers: members trained together must use one EMA decay');
+  // Copies of each member's best weights for early stopping (stacked: every member's slot).
+  let bestWeights: tf.Tensor[] | null = null;
+  const saveBest = (member: number, values: readonly tf.Tensor[]) => {
+    const old = bestWeights;
+    bestWeights = tf.tidy(() =>
+      values.map((v, i) =>
+        k > 1 && old ? tf.where(memberMask(k, member, v.rank), v, old[i]!) : v.clone(),
+      ),
+    );
+    if (old) tf.dispose(old);
+  };
+  const evalBatch = Math.max(shared.batchSize, 64);
+  const evaluate = () =>
+    evaluateMembers(shared.forward, val!, evalBatch, shared.numClasses, k, stacked);
   const fitMembers: FitMember[] = members.map((m, i) => {
-    const setLr = (lr: number) => optimizer.setLearningRate(lr, i);
-    let lrCallback: ReturnType<typeof learningRateSchedule>;
-    const callbacks: TrainingCallback[] = [];
-    if (m.swa) {
-      const schedule: SwaSchedule = {
-        startEpoch: resolveSwaStart(m.swa.start, shared.epochs, `${shared.name} swaStart`),
-        freq: m.swa.freq,
-        swaLr: m.swa.lr,
-        annealEpochs: m.swa.annealEpochs,
-        annealStrategy: 'cos',
-      };
-      lrCallback = learningRateSchedule(
-        setLr,
-        (epoch) => swaLearningRate(schedule, m.lr, epoch),
-        shared.warmupSteps ?? 0,
-      );
-      callbacks.push(lrCallback, swaCallback(averager!, schedule, i));
-    } else {
-      lrCallback = learningRateSchedule(setLr, () => m.lr, shared.warmupSteps ?? 0);
-      callbacks.push(lrCallback);
-    }
-    callbacks.push(...(m.callbacks ?? []));
+    const state = states[i]!;
+    const lrCallback = learningRateSchedule(
+      (lr) => optimizer.setLearningRate(lr, i),
+      (epoch, step) => learningRateAt(state.plan, epoch, step, stepsPerEpoch),
+      (epoch) => learningRateAt({ ...state.plan, warmupSteps: 0 }, epoch, 0, stepsPerEpoch),
+    );
     return {
       seed: m.seed,
       labelSmoothing: m.labelSmoothing,
       classWeights: m.classWeights,
-      callbacks,
+      callbacks: [lrCallback, ...(m.callbacks ?? [])],
       lr: () => lrCallback.current,
     };
   });
+  const hooks: FitHooks = {
+    afterStep(epoch, step, perEpoch, active) {
+      if (!averager) return;
+      const due = active.filter((m) => {
+        const a = states[m]!.plan.averaging;
+        return a !== null && averagesAfterStep(a, epoch, step, perEpoch);
+      });
+      averager.update(due);
+    },
+    async afterEpoch(epoch, logs, active) {
+      if (averager) {
+        averager.update(
+          active.filter((m) => {
+            const a = states[m]!.plan.averaging;
+            return a !== null && averagesAfterEpoch(a, epoch);
+          }),
+        );
+        for (const m of active)
+          if (states[m]!.plan.averaging) logs[m]!.snapshots = averager.count(m);
+        if (val?.size && active.some((m) => averager.count(m) > 0)) {
+          averager.swapIn();
+          try {
+            const evals = await evaluate();
+            for (const m of active) {
+              if (averager.count(m) === 0) continue;
+              logs[m]!.val_avg_loss = evals[m]!.loss;
+              logs[m]!.val_avg_acc = evals[m]!.acc;
+            }
+            // Early stopping's best averaged weights, while they are swapped in.
+            for (const m of active) {
+              const s = states[m]!;
+              const stop = members[m]!.earlyStop;
+              if (stop && averager.count(m) > 0 && evals[m]!.loss < s.best - stop.minDelta)
+                saveBest(m, shared.variables);
+            }
+          } finally {
+            averager.swapOut();
+          }
+        }
+      }
+      const stopping: number[] = [];
+      for (const m of active) {
+        const s = states[m]!;
+        const stop = members[m]!.earlyStop;
+        const l = logs[m]!;
+        if (stop && val?.size) {
+          const averaged = averager !== null && averager.count(m) > 0;
+          const loss = averaged ? l.val_avg_loss! : l.val_loss!;
+          if (loss < s.best - stop.minDelta) {
+            s.best = loss;
+            s.wait = 0;
+            if (!averaged) saveBest(m, shared.variables);
+            s.saved = averaged ? 'averaged' : 'raw';
+          } else if (++s.wait >= stop.patience) {
+            const a = s.plan.averaging;
+            if (a && epoch + 1 < a.startEpoch) {
+              // Patience ends the first phase: averaging starts now, for as long as planned.
+              const planned = shared.epochs - a.startEpoch;
+              s.plan = { ...s.plan, averaging: { ...a, startEpoch: epoch + 1 } };
+              s.lastEpoch = Math.min(shared.epochs - 1, epoch + planned);
+              s.best = Number.POSITIVE_INFINITY;
+              s.wait = 0;
+              s.saved = null;
+            } else {
+              s.stoppedAfter = epoch + 1;
+              stopping.push(m);
+              // A stopped member stands still while the others train on.
+              optimizer.setLearningRate(0, m);
+            }
+          }
+        }
+        if (epoch >= s.lastEpoch && !stopping.includes(m)) {
+          stopping.push(m);
+          optimizer.setLearningRate(0, m);
+        }
+      }
+      return stopping;
+    },
+  };
   try {
     const { histories, diverged } = await fit(train, val, {
       stage: shared.name,
@@ -157,32 +353,81 @@ export async function runMembers(
       numClasses: shared.numClasses,
       members: fitMembers,
       stacked,
+      hooks,
       ...(shared.reseed ? { reseed: shared.reseed } : {}),
     });
-    const evalBatch = Math.max(shared.batchSize, 64);
-    const evaluate = () =>
-      evaluateMembers(shared.forward, val!, evalBatch, shared.numClasses, k, stacked);
+    // Early stopping without averaging (or before it): the best raw weights come back.
+    const restore = (which: 'raw' | 'averaged') => {
+      const ms = states.flatMap((s, m) =>
+        s.stoppedAfter !== null && s.saved === which ? [m] : [],
+      );
+      if (!ms.length || !bestWeights) return;
+      tf.tidy(() => {
+        shared.variables.forEach((v, i) => {
+          const best = bestWeights![i]!;
+          v.assign(k > 1 ? tf.where(membersMask(k, ms, v.rank), best, v) : best);
+        });
+      });
+    };
+    restore('raw');
     const raw = val?.size ? await evaluate() : null;
     const snapshots = members.map((_, i) => averager?.count(i) ?? 0);
-    const rawWeights = shared.keepRaw ? shared.variables.map((v) => v.clone()) : null;
-    let swa: Evaluation[] | null = null;
+    const keepBest = members.some((m) => m.keep === 'best');
+    const rawWeights = shared.keepRaw || keepBest ? shared.variables.map((v) => v.clone()) : null;
+    let averaged: Evaluation[] | null = null;
     if (averager && snapshots.some((n) => n > 0)) {
       averager.apply();
-      if (val?.size) swa = await evaluate();
+      restore('averaged');
+      if (val?.size) averaged = await evaluate();
     }
-    return members.map(
-      (_, i) =>
-        diverged[i] ?? {
-          history: histories[i]!,
-          raw: raw?.[i] ?? null,
-          swa: snapshots[i]! > 0 ? (swa?.[i] ?? null) : null,
-          snapshots: snapshots[i]!,
-          kept: snapshots[i]! > 0 ? 'swa' : 'raw',
-          rawWeights,
-        },
+    // keep best: back to the raw weights where they beat the averaged ones on validation.
+    const backToRaw = members.flatMap((m, i) =>
+      m.keep === 'best' && snapshots[i]! > 0 && raw && averaged && raw[i]!.loss < averaged[i]!.loss
+        ? [i]
+        : [],
     );
+    if (backToRaw.length && rawWeights) {
+      tf.tidy(() => {
+        shared.variables.forEach((v, i) => {
+          const r = rawWeights[i]!;
+          v.assign(k > 1 ? tf.where(membersMask(k, backToRaw, v.rank), r, v) : r);
+        });
+      });
+    }
+    const handBack = shared.keepRaw ? rawWeights : null;
+    if (!handBack && rawWeights) tf.dispose(rawWeights);
+    return members.map((m, i) => {
+      const error = diverged[i];
+      if (error) return error;
+      const s = states[i]!;
+      const a = s.plan.averaging;
+      const has = snapshots[i]! > 0;
+      return {
+        history: histories[i]!,
+        raw: raw?.[i] ?? null,
+        swa: has ? (averaged?.[i] ?? null) : null,
+        average: m.swa ? (m.swa.kind ?? 'swa') : null,
+        snapshots: snapshots[i]!,
+        kept: has && !backToRaw.includes(i) ? (m.swa!.kind ?? 'swa') : 'raw',
+        rawWeights: handBack,
+        stoppedAfter: s.stoppedAfter,
+        averagingFrom: a && has ? a.startEpoch + 1 : null,
+      };
+    });
   } finally {
+    if (bestWeights) tf.dispose(bestWeights);
     averager?.dispose();
     optimizer.dispose();
   }
+}
+
+/** A boolean [K, 1, …] mask with `members` on. */
+function membersMask(k: number, members: readonly number[], rank: number): tf.Tensor {
+  const on = new Array<boolean>(k).fill(false);
+  for (const m of members) on[m] = true;
+  return tf.tensor(on, [k, ...new Array<number>(Math.max(0, rank - 1)).fill(1)], 'bool');
+}
+
+function memberMask(k: number, member: number, rank: number): tf.Tensor {
+  return membersMask(k, [member], rank);
 }

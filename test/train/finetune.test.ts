@@ -231,7 +231,7 @@ test('the fine-tune stage warms its LR up linearly over its first epoch', async 
       },
       val: { files: [], labels: new Int32Array(0) },
       numClasses: splits.classes.length,
-      headAcc: null,
+      headLoss: null,
       engine: resolveEngineContext({ engine: 'tfjs', backend, workers: 1 }),
       callbacks: [
         {
@@ -262,6 +262,7 @@ test('the fine-tune stage warms its LR up linearly over its first epoch', async 
       optimizer: 'adam',
       freezeBn: false,
       swa: null,
+      earlyStop: null,
       augment: [],
       augmentViews: 1,
       keep: 'last',
