@@ -58,6 +58,9 @@ const VARIANTS: Readonly<Record<string, QuantizeOptions>> = Object.freeze({
   int8: { weights: 'int8' },
   // ORT's reduce_range for the matrix-product convs, full range for the depthwise ones.
   'int7+dw8': { weights: 'int7', depthwise: 'int8' },
+  // The same with the unclipped (linear-bottleneck) convs as uint8: U8U8 kernels, which
+  // cannot saturate but run no faster than float here.
+  'int7+dw8+linear-u8': { weights: 'int7', depthwise: 'int8', linear: 'uint8' },
 });
 
 function args(): {

@@ -254,6 +254,22 @@ test('ORT fuses the QDQ graph: QLinearConv with the ReLU6 folded, a float pooled
   for (let i = 0; i < want.length; i++) assert.ok(Math.abs(got[i]! - want[i]!) <= step / 2 + 1e-4);
 });
 
+test('weight formats: depthwise and unclipped (linear) ops can take their own', async () => {
+  const w = gridWeights(127, [0.01, 0.02, 0.005, 0.03], 9);
+  const b = new Float32Array(CHANNELS);
+  const weightType = async (floatModel: Uint8Array): Promise<number | null | undefined> => {
+    const model = decoded(
+      quantizeQdq(floatModel, await calibrate(floatModel), { weights: 'int7', linear: 'uint8' }),
+    );
+    const conv = model.nodes.find((n) => n.opType === 'Conv')!;
+    const dq = model.nodes.find((n) => n.output[0] === conv.input[1])!;
+    return model.initializer(dq.input[0]!).dataType;
+  };
+  // A Conv straight to the output is linear; one followed by ReLU6 is not.
+  assert.equal(await weightType(convModel(w, b)), DT.UINT8);
+  assert.equal(await weightType(convModel(w, b, true)), DT.INT8);
+});
+
 test('activationParams: the range is widened to hold 0, and 0 is exact', () => {
   assert.deepEqual(activationParams({ min: 0, max: 255 }), { scale: 1, zeroPoint: 0 });
   const p = activationParams({ min: -1, max: 3 });

@@ -76,6 +76,12 @@ export interface QuantizeOptions {
    * them with a direct kernel rather than the matrix product that can saturate.
    */
   readonly depthwise?: WeightFormat;
+  /**
+   * Format of the other weighted ops whose output is not clipped by a Relu/Clip (in
+   * MobileNetV2 the linear-bottleneck "project" convs, the layers int7 hurts most);
+   * default `weights`.
+   */
+  readonly linear?: WeightFormat;
 }
 
 /** Ops whose weights become int8, with the input that holds them and its output-channel axis. */
@@ -170,12 +176,15 @@ function indexGraph(model: ModelProto): GraphIndex {
 interface QuantPlan {
   /** Weighted ops, by node, with their weights' output-channel axis. */
   readonly weighted: ReadonlyMap<NodeProto, number>;
+  /** Weighted ops whose output goes on unclipped (no Relu/Clip folded after them). */
+  readonly linear: ReadonlySet<NodeProto>;
   /** Activation tensors that pass through uint8, in graph order. */
   readonly tensors: readonly string[];
 }
 
 function planQuantization(g: GraphIndex): QuantPlan {
   const weighted = new Map<NodeProto, number>();
+  const linear = new Set<NodeProto>();
   const quantized: NodeProto[] = [];
   const isInit = (name: string | undefined): boolean =>
     !!name && g.initializers.get(name)?.dataType === DT.FLOAT;
@@ -215,6 +224,7 @@ function planQuantization(g: GraphIndex): QuantPlan {
       CLIPS.has(clip.opType ?? '') &&
       (clip.input ?? []).slice(1).every((n) => !n || g.initializers.has(n));
     tensors.add(folds ? clip.output![0]! : out);
+    if (!folds && weighted.has(node)) linear.add(node);
   }
   // Graph order: each tensor's Q/DQ pair goes right after its producer.
   const order = new Map<string, number>();
@@ -224,6 +234,7 @@ function planQuantization(g: GraphIndex): QuantPlan {
   });
   return {
     weighted,
+    linear,
     tensors: [...tensors].sort((a, b) => (order.get(a) ?? 0) - (order.get(b) ?? 0)),
   };
 }
@@ -485,6 +496,7 @@ export function quantizeQdq(
 ): Uint8Array {
   const format = weightFormat('weights', options.weights ?? 'int8');
   const depthwise = weightFormat('depthwise', options.depthwise ?? options.weights ?? 'int8');
+  const linear = weightFormat('linear', options.linear ?? options.weights ?? 'int8');
   const model = decodeModel(floatModel);
   const g = indexGraph(model);
   const plan = planQuantization(g);
@@ -538,7 +550,12 @@ export function quantizeQdq(
     const input = (node.input ?? []).map(readName);
     const axis = plan.weighted.get(node);
     if (axis !== undefined) {
-      const f = node.opType === 'Conv' && isDepthwise(node, g) ? depthwise : format;
+      const f =
+        node.opType === 'Conv' && isDepthwise(node, g)
+          ? depthwise
+          : plan.linear.has(node)
+            ? linear
+            : format;
       nodes.push(...quantizeWeightInputs(node, input, axis, f, g, params, names, initializers));
       for (const n of (node.input ?? []).slice(1)) if (n) dropped.add(n);
     }
