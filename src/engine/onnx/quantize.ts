@@ -7,10 +7,13 @@ import { openOrtSession } from './session.js';
 
 /**
  * Static int8 quantisation of a lowered float graph, in the QDQ form ONNX Runtime's CPU
- * provider fuses into integer kernels (QLinearConv, QLinearAdd, QGemm, QLinearMatMul):
+ * provider fuses into integer kernels (checked for MobileNetV2: every Conv becomes a
+ * QLinearConv and every residual Add a QLinearAdd; Gemm/MatMul get the same treatment,
+ * which ORT's selectors map to QGemm/QLinearMatMul, but no lowered backbone here has one):
  *
- * - weights of Conv, Gemm and MatMul: int8, symmetric (zero point 0), one scale per output
- *   channel, stored as initializers that feed a DequantizeLinear;
+ * - weights of Conv, Gemm and MatMul: symmetric integers (int8 with zero point 0 by
+ *   default; see {@link WeightFormat}), one scale per output channel, stored as
+ *   initializers that feed a DequantizeLinear (axis = the output channels);
  * - biases: int32 with scale input-scale × weight-scale of their channel (ORT fuses a Conv
  *   only when every input, the bias included, comes out of a DequantizeLinear);
  * - activations read or written by those ops: uint8 asymmetric (the U8S8 pair ORT's x86
