@@ -39,6 +39,40 @@ export function executionProviders(value = process.env['FINETUNE_ORT_PROVIDERS']
 }
 
 /**
+ * Opens an ONNX Runtime session with the settings of every frozen pass (providers from
+ * `FINETUNE_ORT_PROVIDERS`, all graph optimisations, `threads` intra-op threads). Shared by
+ * {@link OnnxFrozenModel} and the int8 calibration pass, so both run the graph alike.
+ */
+export async function openOrtSession(
+  onnxBytes: Uint8Array,
+  threads: number,
+): Promise<ort.InferenceSession> {
+  try {
+    return await ort.InferenceSession.create(onnxBytes, {
+      executionProviders: executionProviders(),
+      graphOptimizationLevel: 'all',
+      executionMode: 'sequential',
+      // One graph branch at a time; all threads go to each op (measured fastest for
+      // MobileNetV2: ~190 images/s with 1 thread, 300–370 with 2 on a 2-core machine).
+      interOpNumThreads: 1,
+      intraOpNumThreads: threads,
+      // Idle intra-op threads would spin between batches, taking the cores that decode
+      // the next batch meanwhile: embedding 500 images, ~5% faster without spinning,
+      // with no loss in inference alone.
+      extra: { session: { intra_op: { allow_spinning: '0' } } },
+    });
+  } catch (err) {
+    throw new FinetuneError(
+      `ONNX Runtime could not load the lowered model: ${(err as Error).message}`,
+      {
+        cause: err,
+        exitCode: 1,
+      },
+    );
+  }
+}
+
+/**
  * A frozen forward pass on ONNX Runtime (CPU) over a graph from `lowerToOnnx`: NCHW raw
  * pixels in, one flat output row per image out (a 4-D output is flattened in NCHW order,
  * or NHWC with `rows: 'nhwc'`).
@@ -89,30 +123,7 @@ export class OnnxFrozenModel implements FrozenModel {
     }
     const rows = options.rows ?? 'nchw';
     if (rows !== 'nchw' && rows !== 'nhwc') throw invalidOption('rows', "'nchw' or 'nhwc'", rows);
-    let session: ort.InferenceSession;
-    try {
-      session = await ort.InferenceSession.create(onnxBytes, {
-        executionProviders: executionProviders(),
-        graphOptimizationLevel: 'all',
-        executionMode: 'sequential',
-        // One graph branch at a time; all threads go to each op (measured fastest for
-        // MobileNetV2: ~190 images/s with 1 thread, 300–370 with 2 on a 2-core machine).
-        interOpNumThreads: 1,
-        intraOpNumThreads: threads,
-        // Idle intra-op threads would spin between batches, taking the cores that decode
-        // the next batch meanwhile: embedding 500 images, ~5% faster without spinning,
-        // with no loss in inference alone.
-        extra: { session: { intra_op: { allow_spinning: '0' } } },
-      });
-    } catch (err) {
-      throw new FinetuneError(
-        `ONNX Runtime could not load the lowered model: ${(err as Error).message}`,
-        {
-          cause: err,
-          exitCode: 1,
-        },
-      );
-    }
+    const session = await openOrtSession(onnxBytes, threads);
     const meta = session.outputMetadata[0];
     let dims: number[];
     if (meta?.isTensor && meta.shape.slice(1).every((d) => typeof d === 'number')) {
