@@ -60,6 +60,8 @@ export interface StageSummary {
   readonly unfreezeFrom?: string;
   readonly batchSize?: number;
   readonly trainableVariables?: number;
+  /** With --lr-mult above 1: each layer group's base LR, named by its first layer (the head last). */
+  readonly lrGroups?: readonly { readonly from: string; readonly lr: number }[];
 }
 
 export interface TrainSummary {

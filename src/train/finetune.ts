@@ -77,6 +77,55 @@ export function firstUnfrozenLayer(backbone: Backbone, u: Unfreeze): string {
   return blocks[blocks.length - u.count]!;
 }
 
+/**
+ * fastai's `even_mults(lo, hi, n)`: n values from `lo` to `hi`, evenly spaced on a log
+ * scale, lo·(hi/lo)^(i/(n−1)). The last is `hi` itself (not a rounded power of it), and
+ * n = 1 gives [hi].
+ *
+ * @example evenMults(1e-5, 1e-3, 3) // → [1e-5, 1e-4, 1e-3]
+ */
+export function evenMults(lo: number, hi: number, n: number): number[] {
+  if (n === 1) return [hi];
+  return Array.from({ length: n }, (_, i) => (i === n - 1 ? hi : lo * (hi / lo) ** (i / (n - 1))));
+}
+
+/** Layers of the unfrozen body that share one learning rate, named by their first layer. */
+export interface LayerGroup {
+  readonly from: string;
+  readonly layers: readonly tf.layers.Layer[];
+}
+
+/**
+ * The unfrozen body's layer groups for discriminative LRs: one per named block of the
+ * backbone (a group starts at each block's first layer; a cut inside a block, or before
+ * the first, makes a group of what lies between the cut and the next block), or the whole
+ * unfrozen body as one group when the backbone names no blocks (fastai's default splitter
+ * for an architecture it does not know: body and head).
+ */
+export function layerGroups(
+  layers: readonly tf.layers.Layer[],
+  blocks: readonly string[] | undefined,
+): LayerGroup[] {
+  const starts = new Set(blocks ?? []);
+  const groups: { from: string; layers: tf.layers.Layer[] }[] = [];
+  for (const layer of layers) {
+    const last = groups[groups.length - 1];
+    if (!last || starts.has(layer.name)) groups.push({ from: layer.name, layers: [layer] });
+    else last.layers.push(layer);
+  }
+  return groups;
+}
+
+/**
+ * LR factors of the body's groups then the head, for `--lr-mult K`: the head at 1, the
+ * first group at 1/K, geometric in between (fastai's `slice(lr / K, lr)`).
+ *
+ * @example groupScales(2, 100) // → [0.01, 0.1, 1] (two body groups, then the head)
+ */
+export function groupScales(bodyGroups: number, k: number): number[] {
+  return evenMults(1 / k, 1, bodyGroups + 1);
+}
+
 /** The body cut in two where one tensor flows: a frozen prefix and a trainable suffix sharing the body's layers. */
 export interface SplitBody {
   /** Layer whose output feeds the first unfrozen layer (the prefix's output). */
@@ -269,6 +318,12 @@ export interface FineTuneSettings {
   readonly batchSize: number;
   readonly optimizer: OptimizerName;
   readonly freezeBn: boolean;
+  /**
+   * Discriminative LRs (default 1: one LR for all): the head trains at `lr`, the first
+   * unfrozen layer group at lr / lrMult, the groups between at geometrically spaced rates
+   * (see `layerGroups`, `groupScales`).
+   */
+  readonly lrMult?: number;
   readonly swa: SwaSettings | null;
   readonly earlyStop: EarlyStopSettings | null;
   readonly augment: readonly AugmentKind[];
@@ -305,6 +360,8 @@ export interface FineTuneResult {
   readonly cutLayer: string;
   readonly batchSize: number;
   readonly trainableVariables: number;
+  /** Each layer group's base LR (before warm-up and SWA), body groups first, then `head`. */
+  readonly lrGroups: readonly { readonly from: string; readonly lr: number }[];
   readonly prefixEngine: string;
   /** Which weights the model holds now: 'finetune-swa', 'finetune-raw' or 'head-…' (stage one's, with --keep best). */
   readonly kept: 'head' | `finetune-${WeightsKind}`;
@@ -432,10 +489,16 @@ export async function runFineTune(
         trainBatches.data = data;
       },
     };
-    const variables = [
-      ...split.layers.flatMap((l) => l.trainableWeights.map((w) => w.read() as tf.Variable)),
-      ...head.trainableWeights.map((w) => w.read() as tf.Variable),
+    const groups = layerGroups(split.layers, backbone.spec.blocks);
+    const scales = groupScales(groups.length, s.lrMult ?? 1);
+    const groupVariables = [
+      ...groups.map((g) =>
+        g.layers.flatMap((l) => l.trainableWeights.map((w) => w.read() as tf.Variable)),
+      ),
+      head.trainableWeights.map((w) => w.read() as tf.Variable),
     ];
+    const variables = groupVariables.flat();
+    const lrScales = groupVariables.flatMap((vs, i) => vs.map(() => scales[i]!));
     const before = s.keep === 'best' ? variables.map((v) => v.clone()) : null;
     const stage = await runStage(trainBatches, valBatches, {
       name: 'finetune',
@@ -453,6 +516,7 @@ export async function runFineTune(
       swa: s.swa,
       earlyStop: s.earlyStop,
       keepRaw: s.keep === 'best',
+      lrScales,
       warmupSteps: Math.ceil(trainBatches.size / batchSize),
       callbacks: [viewCallback, ...inputs.callbacks],
     });
@@ -490,6 +554,10 @@ export async function runFineTune(
       cutLayer: split.cutLayer,
       batchSize,
       trainableVariables: variables.length,
+      lrGroups: [...groups.map((g) => g.from), 'head'].map((from, i) => ({
+        from,
+        lr: s.lr * scales[i]!,
+      })),
       prefixEngine: choice.engine,
       kept,
       evaluate: async (files, labels) => {

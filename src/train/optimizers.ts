@@ -82,25 +82,52 @@ export const OPTIMIZERS: Readonly<Record<OptimizerName, () => Rule>> = Object.fr
   momentum: () => sgd(MOMENTUM),
 });
 
+/** Options of a StageOptimizer beyond its variables and rates. */
+export interface StageOptimizerOptions {
+  /**
+   * One factor per variable (default 1) multiplying every member's rate for that variable:
+   * discriminative learning rates (fastai's parameter groups). A factor of exactly 1 is
+   * not multiplied at all, so the update stays bit for bit tfjs's own.
+   */
+  readonly scales?: readonly number[];
+}
+
 /**
  * The optimizer of one training stage. It updates a fixed list of variables and keeps a
  * learning rate per member: with `members` > 1 the variables are stacked (member k's
  * weights at index k of the first axis) and each member steps with its own rate. The
  * arithmetic is tfjs's own optimizers', so one member trains exactly as tf.train.adam,
  * tf.train.sgd or tf.train.momentum would.
+ *
+ * @example new StageOptimizer('adam', [body, head], 1e-4, { scales: [0.01, 1] }) // body at 1e-6
  */
 export class StageOptimizer {
   private readonly rule: Rule;
   private readonly lrs: number[];
+  private readonly scales: readonly number[] | null;
   private readonly slots = new Map<string, tf.Variable>();
 
   constructor(
     name: string,
     private readonly variables: readonly tf.Variable[],
     lr: number | readonly number[],
+    options: StageOptimizerOptions = {},
   ) {
     this.rule = oneOf('optimizer', name, OPTIMIZERS)();
     this.lrs = typeof lr === 'number' ? [lr] : [...lr];
+    const { scales } = options;
+    if (scales) {
+      if (scales.length !== variables.length)
+        throw new Error(
+          `StageOptimizer: ${scales.length} LR scales for ${variables.length} variables`,
+        );
+      const bad = scales.findIndex((x) => !Number.isFinite(x) || x <= 0);
+      if (bad >= 0)
+        throw new Error(
+          `StageOptimizer: LR scale ${scales[bad]} of variable ${variables[bad]!.name} is not a positive number`,
+        );
+    }
+    this.scales = scales?.some((x) => x !== 1) ? [...scales] : null;
     if (this.lrs.length > 1) {
       for (const v of variables) {
         if (v.shape[0] !== this.lrs.length)
@@ -129,15 +156,18 @@ export class StageOptimizer {
       const stepValues = this.rule.step();
       const k = this.lrs.length;
       const negLrs = k > 1 ? tf.tensor1d(this.lrs.map((lr) => -lr)) : tf.scalar(-this.lrs[0]!);
-      for (const value of this.variables) {
+      this.variables.forEach((value, i) => {
         const gradient = grads[value.name];
-        if (!gradient) continue;
-        const negLr = k > 1 ? negLrs.reshape([k, ...value.shape.slice(1).map(() => 1)]) : negLrs;
+        if (!gradient) return;
+        const shaped = k > 1 ? negLrs.reshape([k, ...value.shape.slice(1).map(() => 1)]) : negLrs;
+        const scale = this.scales?.[i] ?? 1;
+        // Not multiplied by 1: a scale of 1 must leave the float path exactly as it was.
+        const negLr = scale === 1 ? shaped : tf.mul(shaped, scale);
         this.rule.update(
           { value, gradient, negLr, slot: (name) => this.slot(value, name) },
           stepValues,
         );
-      }
+      });
       this.rule.after();
     });
   }

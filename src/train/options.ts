@@ -71,6 +71,7 @@ export interface TrainOptions {
   finetuneEpochs?: number;
   unfreeze?: string;
   finetuneLr?: number;
+  lrMult?: number;
   freezeBn?: boolean;
   finetuneSwaStart?: number;
   finetuneSwaFreq?: number | string;
@@ -131,6 +132,8 @@ function timestamp(): string {
 /** Upper bounds: far above any useful value, low enough that a typo fails before any work. */
 export const MAX_EPOCHS = 100_000;
 export const MAX_LR = 10;
+/** `--lr-mult`: 1e4 already puts the first unfrozen block four decades below the head. */
+export const MAX_LR_MULT = 1e4;
 /** Square input sizes a backbone can take: below 32 the strided convs leave nothing. */
 export const INPUT_SIZE_RANGE = Object.freeze({ min: 32, max: 2048 });
 
@@ -599,6 +602,17 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     phase: 'finetune',
     needs: ['finetune'],
     doc: 'fine-tune learning rate, reached by a linear warm-up over the first epoch; a fresh optimizer for the new trainable set',
+  },
+  {
+    key: 'lrMult',
+    flag: 'lr-mult',
+    type: 'number',
+    defaultText: '1',
+    fallback: () => 1,
+    check: (v) => is.numberInRange('lrMult', v, 1, MAX_LR_MULT),
+    phase: 'finetune',
+    needs: ['finetune'],
+    doc: `discriminative LRs (fastai's \`slice(lr / K, lr)\`): the head at \`--finetune-lr\`, the first unfrozen block at finetune-lr / K, the blocks between geometrically spaced; 1 to ${MAX_LR_MULT} (see *Fine-tune stage*)`,
   },
   {
     key: 'freezeBn',

@@ -87,6 +87,8 @@ export interface StageShared {
   readonly warmupSteps?: number;
   /** Also return copies of the final raw weights (before SWA is applied); the caller disposes them. */
   readonly keepRaw?: boolean;
+  /** One LR factor per variable (discriminative LRs; default 1), see StageOptimizer. */
+  readonly lrScales?: readonly number[];
 }
 
 /** One model's stage: the shared settings and its own. */
@@ -203,6 +205,7 @@ export async function runMembers(
     shared.optimizer,
     shared.variables,
     members.map((m) => m.lr),
+    { scales: shared.lrScales },
   );
   const kinds = new Set(members.flatMap((m) => (m.swa ? [m.swa.kind ?? 'swa'] : [])));
   if (kinds.size > 1)
