@@ -7,6 +7,7 @@ import type { EpochLogs, TrainingCallback } from './callbacks.js';
 import type { StageSummary, TrainSummary, ValFigures, WeightsChoice } from './events.js';
 import { type FineTuneResult, runFineTune } from './finetune.js';
 import { ArrayBatches, argmax, balancedWeights, type Evaluation, evaluateBatches } from './fit.js';
+import { headInit } from './init.js';
 import type { ResolvedTrainOptions } from './options.js';
 import type { Embedded, EmbeddedSplits, PreparedRun } from './run.js';
 import { runMembers, type StageResult } from './stage.js';
@@ -85,7 +86,14 @@ export async function trainHeads(
     dim,
     numClasses,
     o.hidden,
-    jobs.map((j) => ({ seed: j.options.seed, dropout: j.options.dropout })),
+    jobs.map(({ run, options: m }) => ({
+      seed: m.seed,
+      dropout: m.dropout,
+      // --init: each job's own hidden size is checked (a sweep's jobs share one prepared run).
+      ...(run.init
+        ? { init: headInit(run.init.location, run.init.run, m.hidden, run.splits.classes) }
+        : {}),
+    })),
   );
   const models: tf.LayersModel[] = [];
   try {
@@ -133,6 +141,7 @@ export async function trainHeads(
           swa: figures(stage.swa),
           snapshots: stage.snapshots,
           kept: stage.kept,
+          ...(run.init ? { init: run.init.record } : {}),
         },
         kept: { stage: 'head', weights: stage.kept },
         val: figures(stage.kept === 'swa' ? stage.swa : stage.raw),
