@@ -3,6 +3,7 @@ import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import * as mobilenet from '@tensorflow-models/mobilenet';
 import { FinetuneError, invalidOption } from '../errors.js';
+import { loadClassifierModel } from '../export/model-dir.js';
 import { concatBuffers, fileLoadHandler } from '../io/files.js';
 import { sha256 } from '../io/hash.js';
 import * as is from '../util/is.js';
@@ -29,6 +30,11 @@ export interface Backbone {
    * pooled). Frozen (`trainable = false`) as loaded.
    */
   readonly model: tf.LayersModel | null;
+  /**
+   * The model.json of an exported classifier whose body weights replaced the source's
+   * (`LoadBackboneOptions.body`); absent when the weights are the source's own.
+   */
+  readonly bodyFrom?: string;
   /** Features for a batch of raw pixels; the caller disposes the result. */
   embed(pixels: tf.Tensor4D): tf.Tensor2D;
   dispose(): void;
@@ -41,6 +47,11 @@ export interface LoadBackboneOptions {
   alpha?: number;
   /** For model.json backbones: where to cut (default: the last layer with a 4-D output). */
   featureLayer?: string;
+  /**
+   * model.json of a classifier exported by the toolkit on this backbone: its body's weights
+   * replace the source's, layer by layer (the fine-tuned body of an earlier run, `--init`).
+   */
+  body?: string;
 }
 
 const require = createRequire(import.meta.url);
@@ -198,7 +209,99 @@ export async function loadBackbone(
   options: LoadBackboneOptions = {},
 ): Promise<Backbone> {
   const spec = typeof backbone === 'string' ? resolveBackboneSpec(backbone, options) : backbone;
-  return sourceRow(spec.source).load(spec, spec.source, options);
+  const loaded = await sourceRow(spec.source).load(spec, spec.source, options);
+  if (options.body === undefined) return loaded;
+  try {
+    const { model } = await loadClassifierModel(options.body);
+    try {
+      return withBody(loaded, layerWeights(model), options.body);
+    } finally {
+      model.dispose();
+    }
+  } catch (err) {
+    loaded.dispose();
+    throw err;
+  }
+}
+
+/** One layer's weights as plain values, in the layer's own order. */
+export interface LayerWeight {
+  readonly shape: readonly number[];
+  readonly values: Float32Array;
+}
+
+/** Weights of a model's layers by layer name, copied out of its tensors (the model can go). */
+export type LayerWeights = ReadonlyMap<string, readonly LayerWeight[]>;
+
+export function layerWeights(model: tf.LayersModel): LayerWeights {
+  const out = new Map<string, LayerWeight[]>();
+  for (const layer of model.layers) {
+    const weights = layer.getWeights();
+    if (!weights.length) continue;
+    out.set(
+      layer.name,
+      weights.map((w) => ({ shape: w.shape, values: (w.dataSync() as Float32Array).slice() })),
+    );
+  }
+  return out;
+}
+
+const sameValues = (a: Float32Array, b: Float32Array): boolean =>
+  a.length === b.length &&
+  Buffer.from(a.buffer, a.byteOffset, a.byteLength).equals(
+    Buffer.from(b.buffer, b.byteOffset, b.byteLength),
+  );
+
+/**
+ * The backbone with its body's weights taken from `weights` (the layers of a classifier
+ * exported on it; `source` names that classifier's model.json), or the backbone itself
+ * when every weight is already the same (a run without a fine-tune stage exports the body
+ * as loaded, so its cache entries stay valid). Otherwise the weights hash covers the new
+ * values, so embedding caches and lowered models never mix the two bodies, and the
+ * backbone remembers `source` so worker threads load the same body. The body model is
+ * changed in place: use only the returned backbone.
+ */
+export function withBody(backbone: Backbone, weights: LayerWeights, source: string): Backbone {
+  const model = backbone.model;
+  if (!model) {
+    throw new FinetuneError(
+      `${source}: backbone ${backbone.spec.id} is a graph model, whose weights cannot be replaced`,
+    );
+  }
+  const layers = model.layers.filter((l) => l.weights.length > 0);
+  let differs = false;
+  for (const layer of layers) {
+    const from = weights.get(layer.name);
+    const own = layer.getWeights();
+    if (!from || from.length !== own.length) {
+      throw new FinetuneError(
+        `${source}: has no weights for layer '${layer.name}' of backbone ${backbone.spec.id} (not a classifier trained on it)`,
+      );
+    }
+    own.forEach((w, i) => {
+      const f = from[i]!;
+      if (w.shape.join() !== f.shape.join()) {
+        throw new FinetuneError(
+          `${source}: layer '${layer.name}' has a weight of shape [${f.shape.join(', ')}] where backbone ${backbone.spec.id} has [${w.shape.join(', ')}]`,
+        );
+      }
+      differs ||= !sameValues(w.dataSync() as Float32Array, f.values);
+    });
+  }
+  if (!differs) return backbone;
+  const parts: (string | Uint8Array)[] = [backbone.weightsHash, 'body'];
+  for (const layer of layers) {
+    const from = weights.get(layer.name)!;
+    tf.tidy(() => layer.setWeights(from.map((w) => tf.tensor(w.values, [...w.shape]))));
+    parts.push(layer.name);
+    for (const w of from) {
+      parts.push(
+        w.shape.join('x'),
+        new Uint8Array(w.values.buffer, w.values.byteOffset, w.values.byteLength),
+      );
+    }
+  }
+  return { ...backbone, weightsHash: sha256(...parts), bodyFrom: source };
 }
 
 async function nsfwjsBackbone(
@@ -425,7 +528,8 @@ export function backboneRecipe(
     inputSize: backbone.inputSize,
     ...(spec.featureLayer ? { featureLayer: spec.featureLayer } : {}),
   });
-  return { kind: 'backbone', ...ref, ...(firstUnfrozen ? { firstUnfrozen } : {}) };
+  const options = backbone.bodyFrom ? { ...ref.options, body: backbone.bodyFrom } : ref.options;
+  return { kind: 'backbone', ...ref, options, ...(firstUnfrozen ? { firstUnfrozen } : {}) };
 }
 
 /**

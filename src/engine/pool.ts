@@ -12,7 +12,7 @@ export type WorkerRecipe =
       kind: 'backbone';
       /** Registry id or model.json path/URL, as for `loadBackbone`. */
       backbone: string;
-      options: { inputSize?: number; alpha?: number; featureLayer?: string };
+      options: { inputSize?: number; alpha?: number; featureLayer?: string; body?: string };
       /**
        * Run only the frozen prefix before this layer (see `cutPrefix`); each output row
        * is the prefix output flattened (NHWC order).

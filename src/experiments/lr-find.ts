@@ -6,6 +6,7 @@ import { writeJson } from '../export/model-dir.js';
 import { buildHead, dropoutSeeder, logitsView } from '../head/build.js';
 import type { TrainingCallback } from '../train/callbacks.js';
 import { ArrayBatches, balancedWeights, fit } from '../train/fit.js';
+import { initialHeadModel } from '../train/init.js';
 import { StageOptimizer } from '../train/optimizers.js';
 import type { ResolvedTrainOptions, TrainOptions } from '../train/options.js';
 import { embedSplits, prepareRun } from '../train/run.js';
@@ -114,10 +115,11 @@ export function steepest(points: readonly LrFindPoint[]): number {
 }
 
 /**
- * Finds a head learning rate (fastai's `lr_find`): a fresh head trained for one ramp of
- * exponentially growing learning rates over the cached embeddings, the loss smoothed,
- * stopped once it diverges; suggests the valley. Prepares and embeds as `train` does
- * (a warm cache decodes nothing), writes `<out>/lr-find.json`. Seconds on a warm cache.
+ * Finds a head learning rate (fastai's `lr_find`): a fresh head (with `init`, the head
+ * the run would start from) trained for one ramp of exponentially growing learning rates
+ * over the cached embeddings, the loss smoothed, stopped once it diverges; suggests the
+ * valley. Prepares and embeds as `train` does (a warm cache decodes nothing), writes
+ * `<out>/lr-find.json`. Seconds on a warm cache.
  *
  * @example
  *   const { suggested } = await lrFind({ data: 'photos', out: 'runs/lr' });
@@ -139,11 +141,10 @@ export async function lrFind(
     const embedSeconds = (performance.now() - t0) / 1000;
     const numClasses = run.splits.classes.length;
     const dim = embedded.featureSize;
-    const model = buildHead(dim, numClasses, {
-      hidden: o.hidden,
-      dropout: o.dropout,
-      seed: o.seed,
-    });
+    const shape = { hidden: o.hidden, dropout: o.dropout, seed: o.seed };
+    const model = run.init
+      ? initialHeadModel(run.init, dim, run.splits.classes, shape)
+      : buildHead(dim, numClasses, shape);
     head.model = model;
     const logits = logitsView(model);
     const variables = model.trainableWeights.map((w) => w.read() as tf.Variable);

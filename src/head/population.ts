@@ -53,12 +53,75 @@ function memberMatMul(x: tf.Tensor, w: tf.Tensor, inputGrad: boolean): tf.Tensor
   return op(x, w);
 }
 
+/** Weights of one Dense layer: kernel [in, out] and bias [out], row-major. */
+export interface DenseWeights {
+  readonly kernel: Float32Array;
+  readonly bias: Float32Array;
+}
+
+/**
+ * Initial weights of a head taken from an earlier one (`--init`), in place of the
+ * initialisers. The classifier may have other classes: `columns[c]` is the column of
+ * `logits` that class c of this head starts from, or -1 for a class the earlier head did
+ * not have, which starts as the member's initialiser makes it (so its seed decides it).
+ */
+export interface HeadInit {
+  /** The hidden layer ([featureSize, hidden]); given exactly when the head has one. */
+  readonly hidden?: DenseWeights;
+  /** The earlier classifier: kernel [inner, n], bias [n]. */
+  readonly logits: DenseWeights;
+  /** One entry per class of this head: a column of `logits`, or -1 (fresh). */
+  readonly columns: readonly number[];
+}
+
 /** What may differ between heads trained side by side. */
 export interface HeadMember {
   /** Seed of the initialisers (as buildHead's). */
   readonly seed: number;
   /** Dropout rate before the classifier (and after the hidden layer). */
   readonly dropout: number;
+  /** Start from these weights instead of the initialisers. */
+  readonly init?: HeadInit;
+}
+
+/** Checks a member's initial weights against the population's shape (a caller's mistake throws). */
+function checkInit(init: HeadInit, featureSize: number, numClasses: number, hidden: number): void {
+  const inner = hidden > 0 ? hidden : featureSize;
+  const fail = (what: string) => {
+    throw new Error(`HeadPopulation: member init ${what}`);
+  };
+  if (hidden > 0 !== (init.hidden !== undefined))
+    fail(`has ${init.hidden ? 'a' : 'no'} hidden layer but the heads have ${hidden} hidden units`);
+  if (init.hidden) {
+    if (init.hidden.kernel.length !== featureSize * hidden || init.hidden.bias.length !== hidden)
+      fail(`hidden layer is not [${featureSize}, ${hidden}]`);
+  }
+  const n = init.logits.bias.length;
+  if (init.logits.kernel.length !== inner * n) fail(`logits kernel is not [${inner}, ${n}]`);
+  if (init.columns.length !== numClasses)
+    fail(`maps ${init.columns.length} classes, not ${numClasses}`);
+  for (const c of init.columns) {
+    if (!Number.isInteger(c) || c < -1 || c >= n) fail(`maps a class to column ${c} of ${n}`);
+  }
+}
+
+/** `fresh` [rows, numClasses] with column c replaced by column columns[c] of `from` [rows, n] where ≥ 0. */
+function withColumns(
+  fresh: Float32Array,
+  from: Float32Array,
+  columns: readonly number[],
+  rows: number,
+): Float32Array {
+  const out = fresh.slice();
+  const k = columns.length;
+  const n = from.length / rows;
+  for (let r = 0; r < rows; r++) {
+    for (let c = 0; c < k; c++) {
+      const j = columns[c]!;
+      if (j >= 0) out[r * k + c] = from[r * n + j]!;
+    }
+  }
+  return out;
 }
 
 /**
@@ -66,8 +129,8 @@ export interface HeadMember {
  * index k of the first axis of every variable, so a step costs about what one head's
  * does whatever the number of members (a sweep's head-only runs share every kernel
  * launch). Each member computes exactly what buildHead's model computes: [Dense(hidden,
- * relu)] → Dropout → Dense; its initial weights are buildHead's for its seed, its
- * dropout masks drawn from the seed its step gets.
+ * relu)] → Dropout → Dense; its initial weights are buildHead's for its seed (or its
+ * `init`'s, see HeadInit), its dropout masks drawn from the seed its step gets.
  *
  * @example
  *   const heads = new HeadPopulation(1280, 5, 0, [{ seed: 1, dropout: 0.2 }, { seed: 2, dropout: 0 }]);
@@ -88,6 +151,7 @@ export class HeadPopulation {
     readonly members: readonly HeadMember[],
   ) {
     this.seeds = members.map(() => Number.NaN);
+    for (const m of members) if (m.init) checkInit(m.init, featureSize, numClasses, hidden);
     const stack = (make: (m: HeadMember) => tf.Tensor, name: string) =>
       tf.tidy(() => tf.variable(tf.stack(members.map(make)), true, name));
     const id = `${Date.now().toString(36)}_${Math.floor(Math.random() * 1e9).toString(36)}`;
@@ -96,17 +160,38 @@ export class HeadPopulation {
       hidden > 0
         ? {
             kernel: stack(
-              (m) => tf.initializers.heNormal({ seed: m.seed }).apply([featureSize, hidden]),
+              (m) =>
+                m.init?.hidden
+                  ? tf.tensor(m.init.hidden.kernel, [featureSize, hidden])
+                  : tf.initializers.heNormal({ seed: m.seed }).apply([featureSize, hidden]),
               `heads_${id}/hidden_kernel`,
             ),
-            bias: stack(() => tf.zeros([1, hidden]), `heads_${id}/hidden_bias`),
+            bias: stack(
+              (m) =>
+                m.init?.hidden ? tf.tensor(m.init.hidden.bias, [1, hidden]) : tf.zeros([1, hidden]),
+              `heads_${id}/hidden_bias`,
+            ),
           }
         : null;
-    this.kernel = stack(
-      (m) => tf.initializers.glorotUniform({ seed: m.seed + 1 }).apply([inner, numClasses]),
-      `heads_${id}/logits_kernel`,
+    // Classes of an earlier head keep its columns; the others get what the initialiser
+    // gives a fresh head of this shape (glorot's scale counts every class, old and new).
+    this.kernel = stack((m) => {
+      const fresh = tf.initializers.glorotUniform({ seed: m.seed + 1 }).apply([inner, numClasses]);
+      if (!m.init) return fresh;
+      const { kernel } = m.init.logits;
+      const values = withColumns(fresh.dataSync() as Float32Array, kernel, m.init.columns, inner);
+      return tf.tensor(values, [inner, numClasses]);
+    }, `heads_${id}/logits_kernel`);
+    this.bias = stack(
+      (m) =>
+        m.init
+          ? tf.tensor(
+              withColumns(new Float32Array(numClasses), m.init.logits.bias, m.init.columns, 1),
+              [1, numClasses],
+            )
+          : tf.zeros([1, numClasses]),
+      `heads_${id}/logits_bias`,
     );
-    this.bias = stack(() => tf.zeros([1, numClasses]), `heads_${id}/logits_bias`);
     this.variables = [
       ...(this.hiddenLayer ? [this.hiddenLayer.kernel, this.hiddenLayer.bias] : []),
       this.kernel,

@@ -2,6 +2,7 @@ import type { BackendInfo } from '../backend/index.js';
 import type { EmbedProgress, SkippedFile } from '../data/embed.js';
 import type { EngineName } from '../engine/types.js';
 import type { EpochLogs } from './callbacks.js';
+import type { InitRecord } from './init.js';
 
 /** Which weights a stage left, and so which weights an export holds. */
 export type StageName = 'head' | 'finetune';
@@ -57,6 +58,8 @@ export interface StageSummary {
    * fine-tune stage names the stage too, or `head` when --keep best went back to the head's.
    */
   readonly kept: WeightsKind | 'head' | `finetune-${WeightsKind}`;
+  /** Head stage only: the exported run it started from (`--init`). */
+  readonly init?: InitRecord;
   readonly unfreezeFrom?: string;
   readonly batchSize?: number;
   readonly trainableVariables?: number;

@@ -35,6 +35,7 @@ export interface TrainOptions {
   alpha?: number;
   featureLayer?: string;
   inputSize?: number;
+  init?: string;
   backend?: BackendOption;
   engine?: EngineOption;
   threads?: number;
@@ -84,7 +85,14 @@ export interface TrainOptions {
 }
 
 /** Options with no default: they stay undefined unless given. */
-type Optional = 'alpha' | 'featureLayer' | 'inputSize' | 'threads' | 'workers' | 'unfreeze';
+type Optional =
+  | 'alpha'
+  | 'featureLayer'
+  | 'inputSize'
+  | 'init'
+  | 'threads'
+  | 'workers'
+  | 'unfreeze';
 
 /** The options with every default filled in, as written to config.json. */
 export type ResolvedTrainOptions = Required<Omit<TrainOptions, 'onEvent' | Optional | 'augment'>> &
@@ -214,6 +222,16 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     check: (v) => is.integerInRange('inputSize', v, INPUT_SIZE_RANGE.min, INPUT_SIZE_RANGE.max),
     phase: 'prepare',
     doc: `square input size (${INPUT_SIZE_RANGE.min}–${INPUT_SIZE_RANGE.max})`,
+  },
+  {
+    key: 'init',
+    flag: 'init',
+    type: 'string',
+    defaultText: 'none',
+    // A path only: whether it is a finished run that fits this one is checked by prepareRun.
+    check: text('init'),
+    phase: 'prepare',
+    doc: 'start from an exported run (its folder or `model/`): its head, old classes mapped by name, and its fine-tuned body (see *Continuing from a run*)',
   },
   {
     key: 'backend',

@@ -13,6 +13,7 @@ import type {
 } from './events.js';
 import { type FineTuneResult, runFineTune } from './finetune.js';
 import { ArrayBatches, argmax, balancedWeights, type Evaluation, evaluateBatches } from './fit.js';
+import { headInit } from './init.js';
 import type { ResolvedTrainOptions } from './options.js';
 import type { Embedded, EmbeddedSplits, PreparedRun } from './run.js';
 import { type EarlyStopSettings, runMembers, type StageResult, type SwaSettings } from './stage.js';
@@ -135,7 +136,14 @@ export async function trainHeads(
     dim,
     numClasses,
     o.hidden,
-    jobs.map((j) => ({ seed: j.options.seed, dropout: j.options.dropout })),
+    jobs.map(({ run, options: m }) => ({
+      seed: m.seed,
+      dropout: m.dropout,
+      // --init: each job's own hidden size is checked (a sweep's jobs share one prepared run).
+      ...(run.init
+        ? { init: headInit(run.init.location, run.init.run, m.hidden, run.splits.classes) }
+        : {}),
+    })),
   );
   const models: tf.LayersModel[] = [];
   try {
@@ -180,7 +188,10 @@ export async function trainHeads(
       return {
         head,
         stage,
-        summary: stageSummary(stage),
+        summary: {
+          ...stageSummary(stage),
+          ...(run.init ? { init: run.init.record } : {}),
+        },
         kept: { stage: 'head', weights: stage.kept },
         val: figures(stage.kept === 'raw' ? stage.raw : stage.swa),
         dispose: () => head.dispose(),

@@ -13,6 +13,7 @@ import {
 import * as is from '../util/is.js';
 import type { EmbeddingSource, TrainEvent } from './events.js';
 import { cacheNamespace, firstUnfrozenLayer, graphModelError, parseUnfreeze } from './finetune.js';
+import { type PreparedInit, prepareInit } from './init.js';
 import { type ResolvedTrainOptions, resolveTrainOptions, type TrainOptions } from './options.js';
 
 /** What the fine-tune stage will unfreeze, resolved against the backbone before any image is decoded. */
@@ -32,6 +33,8 @@ export interface PreparedRun {
   readonly cache: EmbeddingCache | null;
   /** null without a fine-tune stage. */
   readonly finetune: FinetunePlan | null;
+  /** The exported run the head starts from (`--init`); null for a fresh head. */
+  readonly init: PreparedInit | null;
   /** Warnings so far (the run's phases add theirs through `warn`). */
   readonly warnings: string[];
   readonly emit: (event: TrainEvent) => void;
@@ -90,13 +93,19 @@ export async function prepareRun(options: TrainOptions): Promise<PreparedRun> {
   });
   // Known graph models fail before anything is downloaded or decoded.
   if (o.finetuneEpochs > 0 && spec.format === 'graph') throw graphModelError(spec.id);
-  const backbone = await loadBackbone(
+  let backbone = await loadBackbone(
     spec,
     o.inputSize !== undefined ? { inputSize: o.inputSize } : {},
   );
   let finetune: FinetunePlan | null = null;
+  let init: PreparedInit | null = null;
   try {
     checkSizes(o, backbone);
+    if (o.init !== undefined) {
+      // The export's fine-tuned body (if any) replaces the backbone's before anything is
+      // embedded or cut, so the head meets the features it was trained on.
+      ({ backbone, init } = await prepareInit(o.init, backbone, o.hidden, splits.classes));
+    }
     if (o.finetuneEpochs > 0) {
       if (!backbone.model) throw graphModelError(backbone.spec.id);
       const unfreeze = o.unfreeze ?? (backbone.spec.blocks?.length ? 'blocks:3' : 'all');
@@ -120,6 +129,7 @@ export async function prepareRun(options: TrainOptions): Promise<PreparedRun> {
     engine,
     cache: o.cache ? new EmbeddingCache(o.cacheDir, { onFailure: onCacheFailure }) : null,
     finetune,
+    init,
     warnings,
     emit,
     warn,
