@@ -413,7 +413,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => 0.999,
     check: (v) => is.numberInRange('emaDecay', v, 0, 1, true),
     phase: 'head',
-    needs: ['ema'],
+    needs: ['swa', 'ema'],
     doc: 'EMA decay, warmed up as min(decay, (1 + t)/(10 + t)) at its t-th update',
   },
   {
@@ -447,7 +447,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => 1,
     check: (v) => formatFrequency(parseFrequency('swaFreq', v)),
     phase: 'head',
-    needs: ['swaOnly'],
+    needs: ['swa', 'swaOnly'],
     doc: 'SWA snapshots every N epochs (`2`) or every N optimizer steps (`50s`); not with `cyclic`',
   },
   {
@@ -469,7 +469,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => 0,
     check: (v) => is.nonNegativeInteger('swaAnnealEpochs', v),
     phase: 'head',
-    needs: ['annealing'],
+    needs: ['swa', 'annealing'],
     doc: '`cos`/`linear`: epochs to go from the LR to swa-lr (0: at once)',
   },
   {
@@ -480,7 +480,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => 1,
     check: positiveInteger('swaCycle'),
     phase: 'head',
-    needs: ['cyclic'],
+    needs: ['swa', 'cyclic'],
     doc: '`cyclic`: epochs per cycle',
   },
   {
@@ -663,7 +663,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: (r) => r.swaFreq,
     check: (v) => formatFrequency(parseFrequency('finetuneSwaFreq', v)),
     phase: 'finetune',
-    needs: ['finetune', 'swaOnly'],
+    needs: ['finetune', 'swa', 'swaOnly'],
     doc: 'stage-two SWA snapshots every N epochs or N steps (`50s`)',
   },
   {

@@ -60,7 +60,7 @@ test('train: bad values fail at once, named by their flag (exit 2)', async () =>
       ['--unfreeze', 'blocks:1', '--keep', 'best'],
       '--unfreeze, --keep need a fine-tune stage (--finetune-epochs > 0)',
     ],
-    [['--no-swa', '--swa-freq', '2'], '--swa-freq cannot be used with --swa turned off'],
+    [['--no-swa', '--swa-freq', '2'], '--swa-freq cannot be used with --average none (or --swa turned off)'],
   ];
   for (const [flags, message] of cases) {
     const out = path.join(dir, 'never');

@@ -121,7 +121,7 @@ test("bad values: the option's own message, prefixed with the run it came from",
   );
   rejects(
     { out: 'sw', base: { ...base, swa: false }, grid: { swaLr: [0.1] } },
-    'run 1 of 1 [swaLr=0.1]: swaLr cannot be used with swa turned off',
+    'run 1 of 1 [swaLr=0.1]: swaLr cannot be used with average none (or swa turned off)',
   );
   rejects(
     { out: 'sw', base: { epochs: 5 } },

@@ -103,13 +103,13 @@ test('every option is checked once, before any work, in one wording', () => {
     [{ epoch: 3 } as never, 'Unknown option epoch; did you mean epochs?'],
     [
       { keep: 'best', augmentViews: 2 },
-      'augmentViews, keep need a fine-tune stage (finetuneEpochs > 0)',
+      'augmentViews need a fine-tune stage (finetuneEpochs > 0)',
     ],
     [{ finetuneEpochs: 2, augmentViews: 2 }, 'augmentViews needs augment (e.g. flip,crop)'],
-    [{ swa: false, swaFreq: 2 }, 'swaFreq cannot be used with swa turned off'],
+    [{ swa: false, swaFreq: 2 }, 'swaFreq cannot be used with average none (or swa turned off)'],
     [
       { swa: false, finetuneEpochs: 2, finetuneSwaLr: 1e-4 },
-      'finetuneSwaLr cannot be used with swa turned off',
+      'finetuneSwaLr cannot be used with average none (or swa turned off)',
     ],
   ];
   assert.throws(() => resolveTrainOptions({} as TrainOptions), {

@@ -131,6 +131,8 @@ for (const engine of ['onnx', 'tfjs'] as const) {
       'snapshots',
       'stage',
       'val_acc',
+      'val_avg_acc',
+      'val_avg_loss',
       'val_loss',
     ]);
 
@@ -300,7 +302,7 @@ test('options are checked before any work, in one wording', () => {
       'Expected an epoch from 1 to 9 or a fraction of the epochs below 1 for swaStart but received 10',
   });
   assert.throws(() => resolveTrainOptions({ data: 'x', swa: false, swaLr: 0.1 }), {
-    message: 'swaLr cannot be used with swa turned off',
+    message: 'swaLr cannot be used with average none (or swa turned off)',
   });
   assert.equal(resolveTrainOptions({ data: 'x', lr: 0.01 }).swaLr, 0.005);
 });
