@@ -57,10 +57,13 @@ test('train: bad values fail at once, named by their flag (exit 2)', async () =>
     ],
     // Options given without what they need name flags too.
     [
-      ['--unfreeze', 'blocks:1', '--keep', 'best'],
-      '--unfreeze, --keep need a fine-tune stage (--finetune-epochs > 0)',
+      ['--unfreeze', 'blocks:1', '--lr-mult', '4'],
+      '--unfreeze, --lr-mult need a fine-tune stage (--finetune-epochs > 0)',
     ],
-    [['--no-swa', '--swa-freq', '2'], '--swa-freq cannot be used with --average none (or --swa turned off)'],
+    [
+      ['--no-swa', '--swa-freq', '2'],
+      '--swa-freq cannot be used with --average none (or --swa turned off)',
+    ],
   ];
   for (const [flags, message] of cases) {
     const out = path.join(dir, 'never');

@@ -101,10 +101,7 @@ test('every option is checked once, before any work, in one wording', () => {
       'Expected an epoch from 1 to 39 or a fraction of the epochs below 1 for swaStart but received 2.5',
     ],
     [{ epoch: 3 } as never, 'Unknown option epoch; did you mean epochs?'],
-    [
-      { keep: 'best', augmentViews: 2 },
-      'augmentViews need a fine-tune stage (finetuneEpochs > 0)',
-    ],
+    [{ keep: 'best', augmentViews: 2 }, 'augmentViews need a fine-tune stage (finetuneEpochs > 0)'],
     [{ finetuneEpochs: 2, augmentViews: 2 }, 'augmentViews needs augment (e.g. flip,crop)'],
     [{ swa: false, swaFreq: 2 }, 'swaFreq cannot be used with average none (or swa turned off)'],
     [
