@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { mkdir, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
@@ -97,7 +98,21 @@ test('the tarball holds the built library, its CLI, models/ and the README, noth
   );
   assert.deepEqual(stray, []);
   const topLevel = packed.filter((f) => !f.includes('/')).sort();
-  assert.deepEqual(topLevel, ['README.md', 'package.json']);
+  assert.deepEqual(topLevel, ['LICENSE', 'README.md', 'package.json']);
+  // Source maps carry their sources: the package ships no .ts files for them to point at.
+  const maps = packed.filter((f) => f.endsWith('.js.map'));
+  assert.ok(maps.length > 10);
+  for (const map of maps) {
+    const m = JSON.parse(readFileSync(path.join(ROOT, map), 'utf8')) as {
+      sources: string[];
+      sourcesContent?: (string | null)[];
+    };
+    assert.equal(
+      m.sourcesContent?.filter((c) => typeof c === 'string').length,
+      m.sources.length,
+      map,
+    );
+  }
   assert.deepEqual(
     packed.filter((f) => /(^|\/)(test|fixtures)\/|\.test\./.test(f)),
     [],
