@@ -43,7 +43,8 @@ function memberMatMul(x: tf.Tensor, w: tf.Tensor, inputGrad: boolean): tf.Tensor
         );
         const dx = inputGrad
           ? tf.stack(
-              dys.map((d, i) => tf.matMul(d as tf.Tensor2D, sw[i] as tf.Tensor2D, false, true)),
+              // An explicit transpose: a MatMul with a transpose flag misses XNNPACK.
+              dys.map((d, i) => tf.matMul(d as tf.Tensor2D, tf.transpose(sw[i]!) as tf.Tensor2D)),
             )
           : tf.zerosLike(a);
         return [dx, dw];
