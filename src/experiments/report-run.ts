@@ -31,10 +31,11 @@ export const MISCLASSIFIED_SHOWN = 24;
 export const THUMBNAIL_SIZE = 64;
 
 /**
- * An epoch line as the report reads it. Lines may also carry the averaged weights'
- * validation figures per epoch (`swa_val_loss`, `swa_val_acc`); those are drawn when present.
+ * An epoch line as the report reads it. Once averaging has a snapshot, lines carry the
+ * averaged weights' validation figures too (`val_avg_loss`, `val_avg_acc`), drawn as their
+ * own curves.
  */
-type MetricLine = EpochLogs & { swa_val_loss?: number; swa_val_acc?: number };
+type MetricLine = EpochLogs;
 
 interface ValPredictionsRecord {
   readonly weights: string;
@@ -121,13 +122,13 @@ async function curveCharts(r: RunRecords): Promise<string[]> {
   const loss: EpochSeries[] = [
     ...curve('train', metrics, xs, (m) => m.loss),
     ...curve('val (raw weights)', metrics, xs, (m) => m.val_loss),
-    ...curve('val (averaged weights)', metrics, xs, (m) => m.swa_val_loss),
+    ...curve('val (averaged weights)', metrics, xs, (m) => m.val_avg_loss),
     ...stageEndPoints(summary, stageEnd, (f) => f.loss),
   ];
   const acc: EpochSeries[] = [
     ...curve('train', metrics, xs, (m) => m.acc),
     ...curve('val (raw weights)', metrics, xs, (m) => m.val_acc),
-    ...curve('val (averaged weights)', metrics, xs, (m) => m.swa_val_acc),
+    ...curve('val (averaged weights)', metrics, xs, (m) => m.val_avg_acc),
     ...stageEndPoints(summary, stageEnd, (f) => f.acc),
   ];
   const lrs = metrics.map((m) => m.lr).filter((v) => v > 0);

@@ -74,7 +74,13 @@ export async function writeRunFixture(
       val_loss: 1.3 / e + 0.35,
       val_acc: Math.min(0.95, 0.35 + 0.045 * e + q),
       lr: e >= swaStart ? 5e-4 : 1e-3,
-      ...(e >= swaStart ? { snapshots: e - swaStart + 1 } : { snapshots: 0 }),
+      ...(e >= swaStart
+        ? {
+            snapshots: e - swaStart + 1,
+            val_avg_loss: 1.3 / swaStart + 0.3 - 0.01 * (e - swaStart),
+            val_avg_acc: Math.min(0.96, 0.36 + 0.045 * e + q),
+          }
+        : { snapshots: 0 }),
       seconds: 0.05,
     });
   }
