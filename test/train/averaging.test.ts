@@ -90,6 +90,34 @@ test('averaged weights are evaluated every epoch once they exist; the last equal
   assert.equal(tf.memory().numTensors, before);
 });
 
+test('the tensor count stays the same from epoch to epoch (SWA, EMA, early stopping)', async () => {
+  for (const over of [
+    { swa: { start: 1, freq: '3s', lr: 0.02, annealEpochs: 0 } },
+    { swa: { kind: 'ema' as const, start: 0, freq: 1, lr: 0.02, annealEpochs: 0 } },
+    {
+      earlyStop: { patience: 3, minDelta: 0 },
+      swa: { start: 1, freq: 1, lr: 0.02, annealEpochs: 0 },
+    },
+  ]) {
+    const counts: number[] = [];
+    await stage(
+      member({
+        ...over,
+        callbacks: [{ onEpochEnd: () => void counts.push(tf.memory().numTensors) }],
+      }),
+      6,
+    );
+    // after the first snapshot the averages exist: from then on nothing may grow
+    const settled = counts.slice(2);
+    assert.ok(settled.length >= 3, JSON.stringify(counts));
+    assert.deepEqual(
+      settled,
+      settled.map(() => settled[0]),
+      JSON.stringify({ over, counts }),
+    );
+  }
+});
+
 test('EMA updates after every step from its start', async () => {
   const before = tf.memory().numTensors;
   const { r } = await stage(
