@@ -40,6 +40,60 @@ export function registerWasmGradientKernels(): void {
     tf.registerKernel({ kernelName, backendName: BACKEND, kernelFunc: kernels[kernelName]! });
   }
   overridePointwiseBackpropInput();
+  overrideClipGradient();
+}
+
+/** The one-pass gradient kernel of ClipByValue (ReLU6 in MobileNetV2) on wasm. */
+export const CLIP_GRAD_KERNEL = 'FinetuneClipByValueGrad';
+
+let clipOverride = false;
+
+/**
+ * tfjs's ClipByValue gradient (MobileNetV2's ReLU6 on every layer) is five kernels,
+ * GreaterEqual, LessEqual, LogicalAnd, ZerosLike and Select, each a full pass over the
+ * activation: about 7% of a three-block fine-tune step. On wasm it becomes one pass in
+ * JavaScript over the backend's own memory, with the same result: dy where
+ * min ≤ x ≤ max, else 0 (NaN included). Other backends keep tfjs's gradient.
+ */
+function overrideClipGradient(): void {
+  if (clipOverride) return;
+  const original = tf.getGradient(tf.ClipByValue);
+  if (!original) return;
+  tf.registerKernel({ kernelName: CLIP_GRAD_KERNEL, backendName: BACKEND, kernelFunc: clipGrad });
+  tf.registerGradient({
+    ...original,
+    gradFunc: (dy, saved, attrs) => {
+      const [x] = saved;
+      if (tf.getBackend() !== BACKEND || x?.dtype !== 'float32' || !(dy instanceof tf.Tensor))
+        return original.gradFunc(dy, saved, attrs);
+      return {
+        x: () =>
+          tf.engine().runKernel(CLIP_GRAD_KERNEL, { dy, x }, attrs) as tf.Tensor,
+      };
+    },
+  });
+  clipOverride = true;
+}
+
+interface WasmMemory {
+  makeOutput(shape: number[], dtype: tf.DataType): tf.TensorInfo;
+  typedArrayFromHeap(info: tf.TensorInfo): Float32Array;
+}
+
+function clipGrad({ inputs, attrs, backend }: KernelArgs): tf.TensorInfo {
+  const [dy, x] = requireInputs(CLIP_GRAD_KERNEL, inputs['dy'], inputs['x']);
+  const { clipValueMin: lo, clipValueMax: hi } = attrs as unknown as tf.ClipByValueAttrs;
+  const wasm = backend as unknown as WasmMemory;
+  const out = wasm.makeOutput(x.shape, 'float32');
+  // Views after makeOutput: growing the heap detaches the earlier ones.
+  const o = wasm.typedArrayFromHeap(out);
+  const d = wasm.typedArrayFromHeap(dy);
+  const v = wasm.typedArrayFromHeap(x);
+  for (let i = 0; i < o.length; i++) {
+    const xi = v[i]!;
+    o[i] = xi >= lo && xi <= hi ? d[i]! : 0;
+  }
+  return out;
 }
 
 let pointwiseOverride = false;

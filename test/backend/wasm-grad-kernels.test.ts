@@ -400,3 +400,39 @@ describe('training on wasm', () => {
     tf.dispose([x, conv, depthwise]);
   });
 });
+
+describe('ClipByValue gradient (ReLU6) on wasm', () => {
+  test('one pass, the same values as tfjs gradient on cpu: edges, outside and NaN', async () => {
+    const xs = new Float32Array([-1, 0, 0.5, 6, 6.5, Number.NaN, 3, -0]);
+    const dys = new Float32Array([1, 2, 3, 4, 5, 6, 7, 8]);
+    const grad = async (backend: Backend) => {
+      await tf.setBackend(backend);
+      const x = tf.tensor1d(xs);
+      const dy = tf.tensor1d(dys);
+      const tensors = tf.memory().numTensors;
+      const g = tf.grad((t: tf.Tensor) => tf.clipByValue(t, 0, 6))(x, dy);
+      const out = Array.from(await g.data());
+      g.dispose();
+      assert.equal(tf.memory().numTensors, tensors);
+      tf.dispose([x, dy]);
+      return out;
+    };
+    const cpu = await grad('cpu');
+    assert.deepEqual(cpu, [0, 2, 3, 4, 0, 0, 7, 8]);
+    assert.deepEqual(await grad('wasm'), cpu);
+    // it is the toolkit's kernel that ran on wasm (tfjs's would run five)
+    await tf.setBackend('wasm');
+    const x = tf.tensor4d(
+      values(2 * 3 * 3 * 4, 40).map((v) => v * 8),
+      [2, 3, 3, 4],
+    );
+    const profile = await tf.profile(() => {
+      const g = tf.grad((t: tf.Tensor) => tf.clipByValue(t, 0, 6))(x);
+      g.dispose();
+    });
+    const names = profile.kernels.map((k) => k.name);
+    assert.ok(names.includes('FinetuneClipByValueGrad'), names.join(','));
+    assert.ok(!names.includes('LogicalAnd'), names.join(','));
+    x.dispose();
+  });
+});
