@@ -67,8 +67,7 @@ function overrideClipGradient(): void {
       if (tf.getBackend() !== BACKEND || x?.dtype !== 'float32' || !(dy instanceof tf.Tensor))
         return original.gradFunc(dy, saved, attrs);
       return {
-        x: () =>
-          tf.engine().runKernel(CLIP_GRAD_KERNEL, { dy, x }, attrs) as tf.Tensor,
+        x: () => tf.engine().runKernel(CLIP_GRAD_KERNEL, { dy, x }, attrs) as tf.Tensor,
       };
     },
   });
