@@ -6,8 +6,17 @@ import { type BackendOption, initBackend } from '../backend/index.js';
 import { embedFiles, type SkippedFile } from '../data/embed.js';
 import { listFiles, scanClassFolders } from '../data/scan.js';
 import { createFrozenModel, type EngineOption, resolveEngineContext } from '../engine/index.js';
+import { TfjsFrozenModel } from '../engine/tfjs.js';
 import type { FrozenModel } from '../engine/types.js';
 import { dataError, FinetuneError, fileError } from '../errors.js';
+import { sha256 } from '../io/hash.js';
+import {
+  decodeSwag,
+  SWAG_DATA_FILE,
+  SWAG_SCALE,
+  SwagPosterior,
+  seededNormal,
+} from '../swa/swag.js';
 import { argmax } from '../train/fit.js';
 import * as is from '../util/is.js';
 import { type CalibrationReport, calibrationReport } from './calibration.js';
@@ -30,7 +39,18 @@ export interface ClassifierRunOptions {
   workers?: number;
   /** Largest image file read, in bytes; larger files are skipped unread. Default 256 MiB. */
   maxBytes?: number;
+  /**
+   * SWAG weight sets whose probabilities are averaged (Bayesian model averaging; the model
+   * must be exported with `--swag`). Default 1: the exported weights, the SWA mean, as
+   * they are. Above 1 the model runs on tfjs in this thread, S forward passes per batch.
+   */
+  samples?: number;
+  /** Seed of the SWAG samples (with samples above 1). Default 0: the same samples every run. */
+  seed?: number;
 }
+
+/** `--samples`: each sample is one more forward pass per batch. */
+export const MAX_SAMPLES = 10_000;
 
 /**
  * Why the model.onnx exported beside a full classifier was not run: `error` false for the
@@ -51,13 +71,130 @@ export interface Classifier {
   readonly engineReason: string | null;
   /** Set when the exported model.onnx was wanted but not used; null otherwise. */
   readonly onnxFallback: OnnxFallback | null;
+  /** SWAG weight sets averaged per image (1: the exported weights). */
+  readonly samples: number;
   dispose(): Promise<void>;
+}
+
+/** Checks samples and seed, returning the samples (default 1) and the seed (default 0). */
+function sampling(options: ClassifierRunOptions): { samples: number; seed: number } {
+  const samples =
+    options.samples === undefined
+      ? 1
+      : is.integerInRange('samples', options.samples, 1, MAX_SAMPLES);
+  if (samples > 1 && options.engine === 'onnx') {
+    const say = (shown: (k: string) => string) =>
+      `${shown('samples')} above 1 runs on tfjs (it sets sampled weights into the model); it cannot use ${shown('engine')} onnx`;
+    throw new FinetuneError(
+      say((k) => k),
+      { renamed: say },
+    );
+  }
+  if (options.seed === undefined) return { samples, seed: 0 };
+  const seed = is.integerInRange('seed', options.seed, 0, 2 ** 31 - 1);
+  if (samples === 1) {
+    const say = (shown: (k: string) => string) =>
+      `${shown('seed')} seeds SWAG samples and needs ${shown('samples')} above 1`;
+    throw new FinetuneError(
+      say((k) => k),
+      { renamed: say },
+    );
+  }
+  return { samples, seed };
+}
+
+/**
+ * The SWAG state exported beside model.json (swag.json, swag.bin), checked against the
+ * sha256 model.json records; a model without one is an error naming its folder.
+ */
+async function loadSwagState(file: string, metadata: ClassifierMetadata, samples: number) {
+  const dir = path.dirname(file);
+  const record = metadata.swag;
+  if (!record) {
+    const say = (shown: (k: string) => string) =>
+      `${shown('samples')} ${samples} needs SWAG state beside the model (train with --swag K), and ${dir} has none`;
+    throw new FinetuneError(
+      say((k) => k),
+      { renamed: say },
+    );
+  }
+  const manifestFile = path.join(dir, record.manifest);
+  const dataFile = path.join(dir, SWAG_DATA_FILE);
+  const read = async (f: string) => {
+    try {
+      return new Uint8Array(await readFile(f));
+    } catch (err) {
+      throw dataError(`cannot read the SWAG state model.json names (${(err as Error).message})`, {
+        path: f,
+      });
+    }
+  };
+  const text = await read(manifestFile);
+  if (sha256(text) !== record.manifestSha256)
+    throw dataError(
+      'does not match the SWAG sha256 in model.json; the model folder was changed after export',
+      { path: manifestFile },
+    );
+  let manifest: unknown;
+  try {
+    manifest = JSON.parse(new TextDecoder().decode(text));
+  } catch {
+    throw dataError('is not JSON', { path: manifestFile });
+  }
+  return decodeSwag(manifest, await read(dataFile), { manifest: manifestFile, data: dataFile });
+}
+
+/**
+ * A forward pass that averages the probabilities of `samples` SWAG weight sets: sample s is
+ * drawn from seed `seed` and s, the same for every batch, and written into the model's
+ * weights of those names before its pass.
+ */
+function swagForward(
+  model: tf.LayersModel,
+  posterior: SwagPosterior,
+  samples: number,
+  seed: number,
+  forward: (x: tf.Tensor4D) => tf.Tensor,
+  file: string,
+): (x: tf.Tensor4D) => tf.Tensor {
+  const weights = new Map(model.weights.map((w) => [w.originalName, w]));
+  const targets = posterior.names.map((name, i) => {
+    const w = weights.get(name);
+    const n = posterior.shapes[i]!.reduce((a, b) => a * b, 1);
+    if (!w || w.shape.reduce<number>((a, b) => a * (b ?? 1), 1) !== n)
+      throw dataError(`has no weight ${name} of ${n} values, which the SWAG state samples`, {
+        path: file,
+      });
+    return w;
+  });
+  return (x) =>
+    tf.tidy(() => {
+      let sum: tf.Tensor | null = null;
+      for (let s = 0; s < samples; s++) {
+        const theta = posterior.sample(seededNormal(sampleSeed(seed, s)), SWAG_SCALE);
+        targets.forEach((w, i) => {
+          w.write(theta[i]!.reshape(w.shape as number[]));
+        });
+        tf.dispose(theta);
+        const y = forward(x);
+        const next: tf.Tensor = sum ? tf.add(sum, y) : y;
+        if (sum) tf.dispose([sum, y]);
+        sum = next;
+      }
+      return tf.div(sum!, samples);
+    });
+}
+
+/** Sample s's own seed (a golden-ratio step, so that nearby seeds do not share samples). */
+function sampleSeed(seed: number, s: number): number {
+  return (seed + Math.imul(s + 1, 0x9e3779b9)) >>> 0;
 }
 
 /** Loads a classifier exported by `train` onto the chosen engine. */
 export async function loadClassifier(options: ClassifierRunOptions): Promise<Classifier> {
   if (options.maxBytes !== undefined) is.positiveInteger('maxBytes', options.maxBytes);
   if (options.batchSize !== undefined) is.positiveInteger('batchSize', options.batchSize);
+  const { samples, seed } = sampling(options);
   const backend = await initBackend(options.backend ?? 'auto');
   const context = resolveEngineContext({
     engine: options.engine,
@@ -77,6 +214,7 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
     }
   }
   let bb: Backbone | null = null;
+  let posterior: SwagPosterior | null = null;
   try {
     // Read whatever the engine: a model.onnx from another export is refused either way.
     const found =
@@ -93,6 +231,28 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
     const forward = backbone
       ? (x: tf.Tensor4D) => tf.tidy(() => model.predict(backbone.embed(x)) as tf.Tensor)
       : (x: tf.Tensor4D) => model.predict(x) as tf.Tensor;
+    if (samples > 1) {
+      posterior = new SwagPosterior(await loadSwagState(file, metadata, samples));
+      const sampled = new TfjsFrozenModel(
+        metadata.input.size,
+        metadata.labels.length,
+        swagForward(model, posterior, samples, seed, forward, file),
+      );
+      const owned = posterior;
+      return {
+        labels: metadata.labels,
+        metadata,
+        frozen: sampled,
+        engineReason: `${samples} SWAG samples run on tfjs`,
+        onnxFallback: null,
+        samples,
+        async dispose() {
+          owned.dispose();
+          model.dispose();
+          backbone?.dispose();
+        },
+      };
+    }
     const choice = await createFrozenModel(
       {
         layersModel: bb ? null : model,
@@ -110,6 +270,7 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
       frozen: choice.model,
       engineReason: choice.reason,
       onnxFallback: exported.fallback,
+      samples,
       async dispose() {
         await choice.model.dispose();
         model.dispose();
@@ -117,6 +278,7 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
       },
     };
   } catch (err) {
+    posterior?.dispose();
     model.dispose();
     bb?.dispose();
     throw err;
@@ -199,6 +361,8 @@ export interface PredictResult {
   readonly labels: readonly string[];
   /** Why the exported model.onnx was not run, if it was wanted (see `OnnxFallback`). */
   readonly onnxFallback: OnnxFallback | null;
+  /** SWAG weight sets averaged per image (1: the exported weights). */
+  readonly samples: number;
 }
 
 /** Expands files and folders into a sorted file list; a missing path is an error naming it. */
@@ -252,6 +416,7 @@ export async function predict(options: PredictOptions): Promise<PredictResult> {
       engine: classifier.frozen.engine,
       labels: classifier.labels,
       onnxFallback: classifier.onnxFallback,
+      samples: classifier.samples,
     };
   } finally {
     await classifier.dispose();
@@ -273,6 +438,8 @@ export interface EvaluateResult extends ClassificationReport {
   readonly engine: string;
   /** Why the exported model.onnx was not run, if it was wanted (see `OnnxFallback`). */
   readonly onnxFallback: OnnxFallback | null;
+  /** SWAG weight sets averaged per image (1: the exported weights); calibration is of the average. */
+  readonly samples: number;
 }
 
 /**
@@ -307,6 +474,7 @@ export async function evaluate(options: EvaluateOptions): Promise<EvaluateResult
       skipped: result.skipped,
       engine: classifier.frozen.engine,
       onnxFallback: classifier.onnxFallback,
+      samples: classifier.samples,
     };
   } finally {
     await classifier.dispose();
