@@ -5,7 +5,12 @@ import { type Backbone, backboneFromRecord, loadBackbone } from '../backbones/lo
 import { type BackendOption, initBackend } from '../backend/index.js';
 import { embedFiles, type SkippedFile } from '../data/embed.js';
 import { listFiles, scanClassFolders } from '../data/scan.js';
-import { createFrozenModel, type EngineOption, resolveEngineContext } from '../engine/index.js';
+import {
+  createFrozenModel,
+  type EngineContext,
+  type EngineOption,
+  resolveEngineContext,
+} from '../engine/index.js';
 import { TfjsFrozenModel } from '../engine/tfjs.js';
 import type { FrozenModel } from '../engine/types.js';
 import { dataError, FinetuneError, fileError } from '../errors.js';
@@ -17,6 +22,7 @@ import {
   SwagPosterior,
   seededNormal,
 } from '../swa/swag.js';
+import { splitBody } from '../train/finetune.js';
 import { argmax } from '../train/fit.js';
 import * as is from '../util/is.js';
 import { type CalibrationReport, calibrationReport } from './calibration.js';
@@ -42,7 +48,8 @@ export interface ClassifierRunOptions {
   /**
    * SWAG weight sets whose probabilities are averaged (Bayesian model averaging; the model
    * must be exported with `--swag`). Default 1: the exported weights, the SWA mean, as
-   * they are. Above 1 the model runs on tfjs in this thread, S forward passes per batch.
+   * they are. Above 1 the layers before the first sampled one run once per batch on the
+   * engine, the sampled ones S times on tfjs in this thread.
    */
   samples?: number;
   /** Seed of the SWAG samples (with samples above 1). Default 0: the same samples every run. */
@@ -82,14 +89,6 @@ function sampling(options: ClassifierRunOptions): { samples: number; seed: numbe
     options.samples === undefined
       ? 1
       : is.integerInRange('samples', options.samples, 1, MAX_SAMPLES);
-  if (samples > 1 && options.engine === 'onnx') {
-    const say = (shown: (k: string) => string) =>
-      `${shown('samples')} above 1 runs on tfjs (it sets sampled weights into the model); it cannot use ${shown('engine')} onnx`;
-    throw new FinetuneError(
-      say((k) => k),
-      { renamed: say },
-    );
-  }
   if (options.seed === undefined) return { samples, seed: 0 };
   const seed = is.integerInRange('seed', options.seed, 0, 2 ** 31 - 1);
   if (samples === 1) {
@@ -144,21 +143,10 @@ async function loadSwagState(file: string, metadata: ClassifierMetadata, samples
   return decodeSwag(manifest, await read(dataFile), { manifest: manifestFile, data: dataFile });
 }
 
-/**
- * A forward pass that averages the probabilities of `samples` SWAG weight sets: sample s is
- * drawn from seed `seed` and s, the same for every batch, and written into the model's
- * weights of those names before its pass.
- */
-function swagForward(
-  model: tf.LayersModel,
-  posterior: SwagPosterior,
-  samples: number,
-  seed: number,
-  forward: (x: tf.Tensor4D) => tf.Tensor,
-  file: string,
-): (x: tf.Tensor4D) => tf.Tensor {
+/** The model's weights the SWAG state names, in its order; a missing one names the model file. */
+function swagTargets(model: tf.LayersModel, posterior: SwagPosterior, file: string) {
   const weights = new Map(model.weights.map((w) => [w.originalName, w]));
-  const targets = posterior.names.map((name, i) => {
+  return posterior.names.map((name, i) => {
     const w = weights.get(name);
     const n = posterior.shapes[i]!.reduce((a, b) => a * b, 1);
     if (!w || w.shape.reduce<number>((a, b) => a * (b ?? 1), 1) !== n)
@@ -167,6 +155,21 @@ function swagForward(
       });
     return w;
   });
+}
+
+type Targets = ReturnType<typeof swagTargets>;
+
+/**
+ * `suffix` run once per SWAG weight set, its probabilities averaged: sample s is drawn from
+ * `seed` and s, the same for every batch, and written into the weights before its pass.
+ */
+function swagForward(
+  suffix: tf.LayersModel,
+  targets: Targets,
+  posterior: SwagPosterior,
+  samples: number,
+  seed: number,
+): (x: tf.Tensor) => tf.Tensor {
   return (x) =>
     tf.tidy(() => {
       let sum: tf.Tensor | null = null;
@@ -176,13 +179,110 @@ function swagForward(
           w.write(theta[i]!.reshape(w.shape as number[]));
         });
         tf.dispose(theta);
-        const y = forward(x);
+        const y = suffix.predict(x) as tf.Tensor;
         const next: tf.Tensor = sum ? tf.add(sum, y) : y;
         if (sum) tf.dispose([sum, y]);
         sum = next;
       }
       return tf.div(sum!, samples);
     });
+}
+
+/** The part before the sampled layers on an engine, then the sampled part S times on tfjs. */
+class SampledFrozenModel implements FrozenModel {
+  readonly engine: FrozenModel['engine'];
+  readonly layout: FrozenModel['layout'];
+  readonly inputSize: number;
+  constructor(
+    private readonly prefix: FrozenModel,
+    private readonly cutShape: readonly number[],
+    readonly outputSize: number,
+    private readonly forward: (x: tf.Tensor) => tf.Tensor,
+  ) {
+    this.engine = prefix.engine;
+    this.layout = prefix.layout;
+    this.inputSize = prefix.inputSize;
+  }
+
+  async run(batch: Float32Array, n: number): Promise<Float32Array> {
+    const acts = await this.prefix.run(batch, n);
+    const y = tf.tidy(() =>
+      this.forward(tf.tensor(acts.subarray(0, n * this.prefix.outputSize), [n, ...this.cutShape])),
+    );
+    try {
+      return (await y.data()) as Float32Array;
+    } finally {
+      y.dispose();
+    }
+  }
+
+  async dispose(): Promise<void> {
+    await this.prefix.dispose();
+  }
+}
+
+/**
+ * The classifier for `samples` SWAG weight sets: cut before the first layer the state
+ * samples, the part before runs once per batch on the chosen engine (lowered here: the
+ * exported model.onnx holds the mean throughout), the part after once per weight set on
+ * tfjs, and the probabilities are averaged. For a head-only export the backbone is the
+ * part before. `release` undoes the cut's hold on the model's weights.
+ */
+async function sampledClassifier(
+  model: tf.LayersModel,
+  backbone: Backbone | null,
+  posterior: SwagPosterior,
+  sampling: { samples: number; seed: number },
+  file: string,
+  metadata: ClassifierMetadata,
+  context: EngineContext,
+): Promise<{ model: FrozenModel; reason: string | null; release: () => void }> {
+  const targets = swagTargets(model, posterior, file);
+  const size = metadata.input.size;
+  const forward = (suffix: tf.LayersModel) =>
+    swagForward(suffix, targets, posterior, sampling.samples, sampling.seed);
+  const k = metadata.labels.length;
+  if (backbone) {
+    const featureSize = model.inputs[0]!.shape[1] as number;
+    const prefix = new TfjsFrozenModel(size, featureSize, (x) => backbone.embed(x));
+    return {
+      model: new SampledFrozenModel(prefix, [featureSize], k, forward(model)),
+      reason: null,
+      release: () => undefined,
+    };
+  }
+  const sampled = new Set<unknown>(targets);
+  const first = model.layers.find((l) => l.weights.some((w) => sampled.has(w)))!;
+  const inbound = first.inboundNodes[0]?.inputTensors ?? [];
+  if (inbound.length === 1 && inbound[0] === model.inputs[0]) {
+    // The first layer is sampled: the whole model runs per weight set.
+    const prefix = new TfjsFrozenModel(size, size * size * 3, (x) => x.clone());
+    return {
+      model: new SampledFrozenModel(prefix, [size, size, 3], k, forward(model)),
+      reason: null,
+      release: () => undefined,
+    };
+  }
+  const split = splitBody(model, first.name);
+  try {
+    const choice = await createFrozenModel(
+      {
+        layersModel: split.prefix,
+        inputSize: size,
+        outputSize: split.cutShape.reduce((a, b) => a * b, 1),
+        forward: (x) => split.prefix.predict(x) as tf.Tensor,
+      },
+      context,
+    );
+    return {
+      model: new SampledFrozenModel(choice.model, split.cutShape, k, forward(split.suffix)),
+      reason: choice.reason,
+      release: () => split.release(),
+    };
+  } catch (err) {
+    split.release();
+    throw err;
+  }
 }
 
 /** Sample s's own seed (a golden-ratio step, so that nearby seeds do not share samples). */
@@ -233,20 +333,26 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
       : (x: tf.Tensor4D) => model.predict(x) as tf.Tensor;
     if (samples > 1) {
       posterior = new SwagPosterior(await loadSwagState(file, metadata, samples));
-      const sampled = new TfjsFrozenModel(
-        metadata.input.size,
-        metadata.labels.length,
-        swagForward(model, posterior, samples, seed, forward, file),
-      );
       const owned = posterior;
+      const sampled = await sampledClassifier(
+        model,
+        backbone,
+        owned,
+        { samples, seed },
+        file,
+        metadata,
+        context,
+      );
       return {
         labels: metadata.labels,
         metadata,
-        frozen: sampled,
-        engineReason: `${samples} SWAG samples run on tfjs`,
+        frozen: sampled.model,
+        engineReason: sampled.reason,
         onnxFallback: null,
         samples,
         async dispose() {
+          await sampled.model.dispose();
+          sampled.release();
           owned.dispose();
           model.dispose();
           backbone?.dispose();
