@@ -188,6 +188,7 @@ export {
   evaluate,
   expandInputs,
   loadClassifier,
+  MAX_SAMPLES,
   type OnnxFallback,
   type Prediction,
   type PredictOptions,
@@ -219,6 +220,19 @@ export {
   SWA_SCHEDULES,
   type SwaScheduleKind,
 } from './swa/schedule.js';
+export {
+  decodeSwag,
+  encodeSwag,
+  SWAG_DATA_FILE,
+  SWAG_MANIFEST_FILE,
+  SWAG_SCALE,
+  SwagCollector,
+  type SwagCollectorOptions,
+  type SwagManifest,
+  SwagPosterior,
+  type SwagState,
+  seededNormal,
+} from './swa/swag.js';
 export type { BatchLogs, EpochLogs, TrainingCallback } from './train/callbacks.js';
 export {
   type EmbeddingSource,
@@ -267,6 +281,7 @@ export {
 } from './train/options.js';
 export {
   evaluateTest,
+  exportedSwag,
   type FinetuneStageResult,
   type HeadJob,
   type HeadResult,

@@ -15,7 +15,13 @@ export function builder(y: Argv) {
       demandOption: true,
       describe: 'Folder of class folders named like the labels',
     })
-    .option('json', { type: 'boolean', describe: 'Print the report as JSON' });
+    .option('json', { type: 'boolean', describe: 'Print the report as JSON' })
+    .option('samples', {
+      type: 'number',
+      describe:
+        'Average the probabilities of S SWAG weight samples (a model trained with --swag; runs on tfjs) [default: 1, the exported SWA mean]',
+    })
+    .option('seed', { type: 'number', describe: 'Seed of the SWAG samples [default: 0]' });
 }
 
 type Args = Awaited<ReturnType<ReturnType<typeof builder>['parseAsync']>>;
@@ -23,6 +29,8 @@ type Args = Awaited<ReturnType<ReturnType<typeof builder>['parseAsync']>>;
 export async function handler(argv: Args): Promise<void> {
   const out = createOutput({ quiet: argv.quiet, json: argv.json });
   const options: EvaluateOptions = { ...runOptionsFrom(argv), data: argv.data };
+  if (argv.samples !== undefined) options.samples = argv.samples;
+  if (argv.seed !== undefined) options.seed = argv.seed;
   const r = await evaluate(options);
   if (r.onnxFallback?.error) out.warn(`model.onnx not used: ${r.onnxFallback.reason}`);
   if (r.count === 0) throw noUsableImages([argv.data], r.skipped);
@@ -31,7 +39,11 @@ export async function handler(argv: Args): Promise<void> {
     out.result(JSON.stringify(r, null, 2));
     return;
   }
-  const lines = [`accuracy ${r.accuracy.toFixed(4)} on ${r.count} images (engine ${r.engine})`, ''];
+  const averaged = r.samples > 1 ? `, the average of ${r.samples} SWAG samples` : '';
+  const lines = [
+    `accuracy ${r.accuracy.toFixed(4)} on ${r.count} images (engine ${r.engine}${averaged})`,
+    '',
+  ];
   lines.push(
     table([
       ['class', 'precision', 'recall', 'f1', 'support'],

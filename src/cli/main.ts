@@ -17,6 +17,7 @@ const debug = process.env['FINETUNE_DEBUG'] === '1';
 /** Library option names that are not train options, as the commands spell their flags. */
 const OTHER_FLAGS: Readonly<Record<string, string>> = Object.freeze({
   topK: 'top-k',
+  samples: 'samples',
   'older-than': 'older-than',
   'cache-dir': 'cache-dir',
 });

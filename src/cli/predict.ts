@@ -15,6 +15,12 @@ export function builder(y: Argv) {
       describe: 'Image files and folders',
     })
     .option('top-k', { type: 'number', describe: 'Labels per image [default: 3]' })
+    .option('samples', {
+      type: 'number',
+      describe:
+        'Average the probabilities of S SWAG weight samples (a model trained with --swag; runs on tfjs) [default: 1, the exported SWA mean]',
+    })
+    .option('seed', { type: 'number', describe: 'Seed of the SWAG samples [default: 0]' })
     .option('format', {
       type: 'string',
       choices: ['table', 'json', 'csv'] as const,
@@ -29,6 +35,8 @@ export async function handler(argv: Args): Promise<void> {
   const out = createOutput({ quiet: argv.quiet, json: argv.format !== 'table' });
   const options: PredictOptions = { ...runOptionsFrom(argv), inputs: argv.inputs as string[] };
   if (argv.topK !== undefined) options.topK = argv.topK;
+  if (argv.samples !== undefined) options.samples = argv.samples;
+  if (argv.seed !== undefined) options.seed = argv.seed;
   const result = await predict(options);
   if (result.onnxFallback?.error) out.warn(`model.onnx not used: ${result.onnxFallback.reason}`);
   if (!result.predictions.length) throw noUsableImages(options.inputs, result.skipped);
@@ -36,7 +44,12 @@ export async function handler(argv: Args): Promise<void> {
   if (argv.format === 'json') {
     out.result(
       JSON.stringify(
-        { predictions: result.predictions, skipped: result.skipped, engine: result.engine },
+        {
+          predictions: result.predictions,
+          skipped: result.skipped,
+          engine: result.engine,
+          samples: result.samples,
+        },
         null,
         2,
       ),

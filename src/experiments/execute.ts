@@ -214,6 +214,8 @@ export async function executeRun(
         { hidden: o.hidden, dropout: o.dropout, seed: o.seed },
         shared.splits.classes,
         exported,
+        undefined,
+        stagesResult.swag,
       ));
       lap('export');
     }

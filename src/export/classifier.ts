@@ -10,9 +10,17 @@ import {
   UnsupportedLayerError,
 } from '../engine/onnx/lower.js';
 import { applyHead, HEAD_PROBS, type HeadOptions } from '../head/build.js';
+import { sha256 } from '../io/hash.js';
+import {
+  encodeSwag,
+  SWAG_DATA_FILE,
+  SWAG_MANIFEST_FILE,
+  type SwagManifest,
+  type SwagState,
+} from '../swa/swag.js';
 import { VERSION } from '../version.js';
 import { CONTRACT, ONNX_METADATA_KEYS, writePreprocessModule } from './contract.js';
-import { type ClassifierMetadata, ONNX_FILE, saveClassifier } from './model-dir.js';
+import { type ClassifierMetadata, MODEL_DIR, ONNX_FILE, saveClassifier } from './model-dir.js';
 
 /** What an export wrote. */
 export interface ExportResult {
@@ -30,9 +38,13 @@ export interface ExportResult {
  * preprocessing contract, a run id and the weights' sha256 in its metadata; the same
  * classifier as model.onnx when it can be lowered, carrying the same in its metadata_props;
  * and preprocess.js, the contract's reference code. The full model's input is `pixels` and
- * its output `output` in both files.
+ * its output `output` in both files. With `swag`, its state goes beside the model as
+ * swag.json (names, shapes, rank, the sha256 of swag.bin) and swag.bin (float32 mean,
+ * second moment, deviations), and model.json's metadata records swag.json's sha256; the
+ * model's own weights stay what `weights` says (the SWA mean, for SWAG).
  *
  * @param runId identifies this export in both files; default a fresh UUID
+ * @param swag a SWAG state named by the exported model's weights (see `exportedSwag`)
  */
 export async function exportClassifier(
   out: string,
@@ -42,7 +54,9 @@ export async function exportClassifier(
   classes: readonly string[],
   weights: string,
   runId: string = randomUUID(),
+  swag: SwagState | null = null,
 ): Promise<ExportResult> {
+  const swagFiles = swag ? swagExport(swag) : null;
   const size = backbone.inputSize;
   const metadataBase = {
     toolkit: 'tfjs-finetune' as const,
@@ -69,13 +83,23 @@ export async function exportClassifier(
     },
     weights,
     runId,
+    ...(swagFiles ? { swag: swagFiles.record } : {}),
+  };
+  const writeSwag = async (model: tf.LayersModel) => {
+    if (!swag || !swagFiles) return;
+    checkSwagNames(swag, model);
+    const dir = path.join(out, MODEL_DIR);
+    await writeFile(path.join(dir, SWAG_MANIFEST_FILE), swagFiles.text);
+    await writeFile(path.join(dir, SWAG_DATA_FILE), swagFiles.data);
   };
   if (!backbone.model) {
+    if (swag) checkSwagNames(swag, head);
     const saved = await saveClassifier(head, out, {
       ...metadataBase,
       contents: 'head',
     } satisfies ClassifierMetadata);
     await writePreprocessModule(saved.dir);
+    await writeSwag(head);
     return { dir: saved.dir, onnx: null, metadata: saved.metadata };
   }
   const body = backbone.model;
@@ -86,6 +110,7 @@ export async function exportClassifier(
       if (layer.getClassName() === 'InputLayer' || layer.weights.length === 0) continue;
       full.getLayer(layer.name).setWeights(layer.getWeights());
     }
+    if (swag) checkSwagNames(swag, full);
     const inputLayer = full.inputLayers[0]!.name;
     const { dir, metadata } = await saveClassifier(
       full,
@@ -94,6 +119,7 @@ export async function exportClassifier(
       { [inputLayer]: ONNX_INPUT, [HEAD_PROBS]: ONNX_OUTPUT },
     );
     await writePreprocessModule(dir);
+    await writeSwag(full);
     // The same classifier for onnxruntime in any language: NCHW raw pixels in, probabilities out.
     let onnx: string | null = null;
     try {
@@ -126,4 +152,37 @@ function onnxMetadata(metadata: ClassifierMetadata): Record<string, string> {
     [k.weightsSha256]: metadata.weightsSha256 ?? '',
     [k.metadata]: JSON.stringify({ ...metadata, input }),
   };
+}
+
+/** swag.json's text and swag.bin's bytes, and what model.json's metadata says of them. */
+function swagExport(state: SwagState): {
+  text: string;
+  data: Uint8Array;
+  record: NonNullable<ClassifierMetadata['swag']>;
+} {
+  const { manifest, data } = encodeSwag(state);
+  const text = `${JSON.stringify(manifest satisfies SwagManifest, null, 2)}\n`;
+  return {
+    text,
+    data,
+    record: {
+      manifest: SWAG_MANIFEST_FILE,
+      manifestSha256: sha256(text),
+      rank: manifest.rank,
+      snapshots: manifest.count,
+    },
+  };
+}
+
+/** Every SWAG variable must be a weight of the exported model with as many values. */
+function checkSwagNames(state: SwagState, model: tf.LayersModel): void {
+  const weights = new Map(model.weights.map((w) => [w.originalName, w.shape]));
+  state.names.forEach((name, i) => {
+    const shape = weights.get(name);
+    const n = state.shapes[i]!.reduce((a, b) => a * b, 1);
+    if (!shape || shape.reduce<number>((a, b) => a * (b ?? 1), 1) !== n)
+      throw new Error(
+        `exportClassifier: SWAG variable ${name} [${state.shapes[i]}] is not a weight of the exported model`,
+      );
+  });
 }

@@ -52,6 +52,13 @@ export interface ClassifierMetadata {
   };
   /** Which weights were exported (the last stage's SWA average, its raw weights, …). */
   readonly weights: string;
+  /** SWAG state beside the model (`--swag`): its manifest file and that file's sha256. */
+  readonly swag?: {
+    readonly manifest: string;
+    readonly manifestSha256: string;
+    readonly rank: number;
+    readonly snapshots: number;
+  };
 }
 
 export const MODEL_DIR = 'model';

@@ -5,9 +5,24 @@ import { type Backbone, backboneFromRecord, loadBackbone } from '../backbones/lo
 import { type BackendOption, initBackend } from '../backend/index.js';
 import { embedFiles, type SkippedFile } from '../data/embed.js';
 import { listFiles, scanClassFolders } from '../data/scan.js';
-import { createFrozenModel, type EngineOption, resolveEngineContext } from '../engine/index.js';
+import {
+  createFrozenModel,
+  type EngineContext,
+  type EngineOption,
+  resolveEngineContext,
+} from '../engine/index.js';
+import { TfjsFrozenModel } from '../engine/tfjs.js';
 import type { FrozenModel } from '../engine/types.js';
 import { dataError, FinetuneError, fileError } from '../errors.js';
+import { sha256 } from '../io/hash.js';
+import {
+  decodeSwag,
+  SWAG_DATA_FILE,
+  SWAG_SCALE,
+  SwagPosterior,
+  seededNormal,
+} from '../swa/swag.js';
+import { splitBody } from '../train/finetune.js';
 import { argmax } from '../train/fit.js';
 import * as is from '../util/is.js';
 import { type CalibrationReport, calibrationReport } from './calibration.js';
@@ -30,7 +45,19 @@ export interface ClassifierRunOptions {
   workers?: number;
   /** Largest image file read, in bytes; larger files are skipped unread. Default 256 MiB. */
   maxBytes?: number;
+  /**
+   * SWAG weight sets whose probabilities are averaged (Bayesian model averaging; the model
+   * must be exported with `--swag`). Default 1: the exported weights, the SWA mean, as
+   * they are. Above 1 the layers before the first sampled one run once per batch on the
+   * engine, the sampled ones S times on tfjs in this thread.
+   */
+  samples?: number;
+  /** Seed of the SWAG samples (with samples above 1). Default 0: the same samples every run. */
+  seed?: number;
 }
+
+/** `--samples`: each sample is one more forward pass per batch. */
+export const MAX_SAMPLES = 10_000;
 
 /**
  * Why the model.onnx exported beside a full classifier was not run: `error` false for the
@@ -51,13 +78,223 @@ export interface Classifier {
   readonly engineReason: string | null;
   /** Set when the exported model.onnx was wanted but not used; null otherwise. */
   readonly onnxFallback: OnnxFallback | null;
+  /** SWAG weight sets averaged per image (1: the exported weights). */
+  readonly samples: number;
   dispose(): Promise<void>;
+}
+
+/** Checks samples and seed, returning the samples (default 1) and the seed (default 0). */
+function sampling(options: ClassifierRunOptions): { samples: number; seed: number } {
+  const samples =
+    options.samples === undefined
+      ? 1
+      : is.integerInRange('samples', options.samples, 1, MAX_SAMPLES);
+  if (options.seed === undefined) return { samples, seed: 0 };
+  const seed = is.integerInRange('seed', options.seed, 0, 2 ** 31 - 1);
+  if (samples === 1) {
+    const say = (shown: (k: string) => string) =>
+      `${shown('seed')} seeds SWAG samples and needs ${shown('samples')} above 1`;
+    throw new FinetuneError(
+      say((k) => k),
+      { renamed: say },
+    );
+  }
+  return { samples, seed };
+}
+
+/**
+ * The SWAG state exported beside model.json (swag.json, swag.bin), checked against the
+ * sha256 model.json records; a model without one is an error naming its folder.
+ */
+async function loadSwagState(file: string, metadata: ClassifierMetadata, samples: number) {
+  const dir = path.dirname(file);
+  const record = metadata.swag;
+  if (!record) {
+    const say = (shown: (k: string) => string) =>
+      `${shown('samples')} ${samples} needs SWAG state beside the model (train with --swag K), and ${dir} has none`;
+    throw new FinetuneError(
+      say((k) => k),
+      { renamed: say },
+    );
+  }
+  const manifestFile = path.join(dir, record.manifest);
+  const dataFile = path.join(dir, SWAG_DATA_FILE);
+  const read = async (f: string) => {
+    try {
+      return new Uint8Array(await readFile(f));
+    } catch (err) {
+      throw dataError(`cannot read the SWAG state model.json names (${(err as Error).message})`, {
+        path: f,
+      });
+    }
+  };
+  const text = await read(manifestFile);
+  if (sha256(text) !== record.manifestSha256)
+    throw dataError(
+      'does not match the SWAG sha256 in model.json; the model folder was changed after export',
+      { path: manifestFile },
+    );
+  let manifest: unknown;
+  try {
+    manifest = JSON.parse(new TextDecoder().decode(text));
+  } catch {
+    throw dataError('is not JSON', { path: manifestFile });
+  }
+  return decodeSwag(manifest, await read(dataFile), { manifest: manifestFile, data: dataFile });
+}
+
+/** The model's weights the SWAG state names, in its order; a missing one names the model file. */
+function swagTargets(model: tf.LayersModel, posterior: SwagPosterior, file: string) {
+  const weights = new Map(model.weights.map((w) => [w.originalName, w]));
+  return posterior.names.map((name, i) => {
+    const w = weights.get(name);
+    const n = posterior.shapes[i]!.reduce((a, b) => a * b, 1);
+    if (!w || w.shape.reduce<number>((a, b) => a * (b ?? 1), 1) !== n)
+      throw dataError(`has no weight ${name} of ${n} values, which the SWAG state samples`, {
+        path: file,
+      });
+    return w;
+  });
+}
+
+type Targets = ReturnType<typeof swagTargets>;
+
+/**
+ * `suffix` run once per SWAG weight set, its probabilities averaged: sample s is drawn from
+ * `seed` and s, the same for every batch, and written into the weights before its pass.
+ */
+function swagForward(
+  suffix: tf.LayersModel,
+  targets: Targets,
+  posterior: SwagPosterior,
+  samples: number,
+  seed: number,
+): (x: tf.Tensor) => tf.Tensor {
+  return (x) =>
+    tf.tidy(() => {
+      let sum: tf.Tensor | null = null;
+      for (let s = 0; s < samples; s++) {
+        const theta = posterior.sample(seededNormal(sampleSeed(seed, s)), SWAG_SCALE);
+        targets.forEach((w, i) => {
+          w.write(theta[i]!.reshape(w.shape as number[]));
+        });
+        tf.dispose(theta);
+        const y = suffix.predict(x) as tf.Tensor;
+        const next: tf.Tensor = sum ? tf.add(sum, y) : y;
+        if (sum) tf.dispose([sum, y]);
+        sum = next;
+      }
+      return tf.div(sum!, samples);
+    });
+}
+
+/** The part before the sampled layers on an engine, then the sampled part S times on tfjs. */
+class SampledFrozenModel implements FrozenModel {
+  readonly engine: FrozenModel['engine'];
+  readonly layout: FrozenModel['layout'];
+  readonly inputSize: number;
+  constructor(
+    private readonly prefix: FrozenModel,
+    private readonly cutShape: readonly number[],
+    readonly outputSize: number,
+    private readonly forward: (x: tf.Tensor) => tf.Tensor,
+  ) {
+    this.engine = prefix.engine;
+    this.layout = prefix.layout;
+    this.inputSize = prefix.inputSize;
+  }
+
+  async run(batch: Float32Array, n: number): Promise<Float32Array> {
+    const acts = await this.prefix.run(batch, n);
+    const y = tf.tidy(() =>
+      this.forward(tf.tensor(acts.subarray(0, n * this.prefix.outputSize), [n, ...this.cutShape])),
+    );
+    try {
+      return (await y.data()) as Float32Array;
+    } finally {
+      y.dispose();
+    }
+  }
+
+  async dispose(): Promise<void> {
+    await this.prefix.dispose();
+  }
+}
+
+/**
+ * The classifier for `samples` SWAG weight sets: cut before the first layer the state
+ * samples, the part before runs once per batch on the chosen engine (lowered here: the
+ * exported model.onnx holds the mean throughout), the part after once per weight set on
+ * tfjs, and the probabilities are averaged. For a head-only export the backbone is the
+ * part before. `release` undoes the cut's hold on the model's weights.
+ */
+async function sampledClassifier(
+  model: tf.LayersModel,
+  backbone: Backbone | null,
+  posterior: SwagPosterior,
+  sampling: { samples: number; seed: number },
+  file: string,
+  metadata: ClassifierMetadata,
+  context: EngineContext,
+): Promise<{ model: FrozenModel; reason: string | null; release: () => void }> {
+  const targets = swagTargets(model, posterior, file);
+  const size = metadata.input.size;
+  const forward = (suffix: tf.LayersModel) =>
+    swagForward(suffix, targets, posterior, sampling.samples, sampling.seed);
+  const k = metadata.labels.length;
+  if (backbone) {
+    const featureSize = model.inputs[0]!.shape[1] as number;
+    const prefix = new TfjsFrozenModel(size, featureSize, (x) => backbone.embed(x));
+    return {
+      model: new SampledFrozenModel(prefix, [featureSize], k, forward(model)),
+      reason: null,
+      release: () => undefined,
+    };
+  }
+  const sampled = new Set<unknown>(targets);
+  const first = model.layers.find((l) => l.weights.some((w) => sampled.has(w)))!;
+  const inbound = first.inboundNodes[0]?.inputTensors ?? [];
+  if (inbound.length === 1 && inbound[0] === model.inputs[0]) {
+    // The first layer is sampled: the whole model runs per weight set.
+    const prefix = new TfjsFrozenModel(size, size * size * 3, (x) => x.clone());
+    return {
+      model: new SampledFrozenModel(prefix, [size, size, 3], k, forward(model)),
+      reason: null,
+      release: () => undefined,
+    };
+  }
+  const split = splitBody(model, first.name);
+  try {
+    const choice = await createFrozenModel(
+      {
+        layersModel: split.prefix,
+        inputSize: size,
+        outputSize: split.cutShape.reduce((a, b) => a * b, 1),
+        forward: (x) => split.prefix.predict(x) as tf.Tensor,
+      },
+      context,
+    );
+    return {
+      model: new SampledFrozenModel(choice.model, split.cutShape, k, forward(split.suffix)),
+      reason: choice.reason,
+      release: () => split.release(),
+    };
+  } catch (err) {
+    split.release();
+    throw err;
+  }
+}
+
+/** Sample s's own seed (a golden-ratio step, so that nearby seeds do not share samples). */
+function sampleSeed(seed: number, s: number): number {
+  return (seed + Math.imul(s + 1, 0x9e3779b9)) >>> 0;
 }
 
 /** Loads a classifier exported by `train` onto the chosen engine. */
 export async function loadClassifier(options: ClassifierRunOptions): Promise<Classifier> {
   if (options.maxBytes !== undefined) is.positiveInteger('maxBytes', options.maxBytes);
   if (options.batchSize !== undefined) is.positiveInteger('batchSize', options.batchSize);
+  const { samples, seed } = sampling(options);
   const backend = await initBackend(options.backend ?? 'auto');
   const context = resolveEngineContext({
     engine: options.engine,
@@ -77,6 +314,7 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
     }
   }
   let bb: Backbone | null = null;
+  let posterior: SwagPosterior | null = null;
   try {
     // Read whatever the engine: a model.onnx from another export is refused either way.
     const found =
@@ -93,6 +331,34 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
     const forward = backbone
       ? (x: tf.Tensor4D) => tf.tidy(() => model.predict(backbone.embed(x)) as tf.Tensor)
       : (x: tf.Tensor4D) => model.predict(x) as tf.Tensor;
+    if (samples > 1) {
+      posterior = new SwagPosterior(await loadSwagState(file, metadata, samples));
+      const owned = posterior;
+      const sampled = await sampledClassifier(
+        model,
+        backbone,
+        owned,
+        { samples, seed },
+        file,
+        metadata,
+        context,
+      );
+      return {
+        labels: metadata.labels,
+        metadata,
+        frozen: sampled.model,
+        engineReason: sampled.reason,
+        onnxFallback: null,
+        samples,
+        async dispose() {
+          await sampled.model.dispose();
+          sampled.release();
+          owned.dispose();
+          model.dispose();
+          backbone?.dispose();
+        },
+      };
+    }
     const choice = await createFrozenModel(
       {
         layersModel: bb ? null : model,
@@ -110,6 +376,7 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
       frozen: choice.model,
       engineReason: choice.reason,
       onnxFallback: exported.fallback,
+      samples,
       async dispose() {
         await choice.model.dispose();
         model.dispose();
@@ -117,6 +384,7 @@ export async function loadClassifier(options: ClassifierRunOptions): Promise<Cla
       },
     };
   } catch (err) {
+    posterior?.dispose();
     model.dispose();
     bb?.dispose();
     throw err;
@@ -199,6 +467,8 @@ export interface PredictResult {
   readonly labels: readonly string[];
   /** Why the exported model.onnx was not run, if it was wanted (see `OnnxFallback`). */
   readonly onnxFallback: OnnxFallback | null;
+  /** SWAG weight sets averaged per image (1: the exported weights). */
+  readonly samples: number;
 }
 
 /** Expands files and folders into a sorted file list; a missing path is an error naming it. */
@@ -252,6 +522,7 @@ export async function predict(options: PredictOptions): Promise<PredictResult> {
       engine: classifier.frozen.engine,
       labels: classifier.labels,
       onnxFallback: classifier.onnxFallback,
+      samples: classifier.samples,
     };
   } finally {
     await classifier.dispose();
@@ -273,6 +544,8 @@ export interface EvaluateResult extends ClassificationReport {
   readonly engine: string;
   /** Why the exported model.onnx was not run, if it was wanted (see `OnnxFallback`). */
   readonly onnxFallback: OnnxFallback | null;
+  /** SWAG weight sets averaged per image (1: the exported weights); calibration is of the average. */
+  readonly samples: number;
 }
 
 /**
@@ -307,6 +580,7 @@ export async function evaluate(options: EvaluateOptions): Promise<EvaluateResult
       skipped: result.skipped,
       engine: classifier.frozen.engine,
       onnxFallback: classifier.onnxFallback,
+      samples: classifier.samples,
     };
   } finally {
     await classifier.dispose();

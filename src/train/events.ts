@@ -58,6 +58,8 @@ export interface StageSummary {
    * fine-tune stage names the stage too, or `head` when --keep best went back to the head's.
    */
   readonly kept: WeightsKind | 'head' | `finetune-${WeightsKind}`;
+  /** With `--swag`: SWAG's rank and the deviations it kept. */
+  readonly swag?: { readonly rank: number; readonly deviations: number };
   /** Head stage only: the exported run it started from (`--init`). */
   readonly init?: InitRecord;
   readonly unfreezeFrom?: string;

@@ -59,6 +59,7 @@ export interface TrainOptions {
   swaSchedule?: SwaScheduleKind;
   swaAnnealEpochs?: number;
   swaCycle?: number;
+  swag?: number;
   lrSchedule?: LrScheduleKind;
   warmupEpochs?: number;
   earlyStop?: number;
@@ -109,6 +110,7 @@ type Need =
   | 'swa'
   | 'ema'
   | 'swaOnly'
+  | 'swaKind'
   | 'cyclic'
   | 'annealing'
   | 'earlyStop'
@@ -143,6 +145,8 @@ export const MAX_LR = 10;
 /** `--lr-mult`: 1e4 already puts the first unfrozen block four decades below the head. */
 export const MAX_LR_MULT = 1e4;
 /** Square input sizes a backbone can take: below 32 the strided convs leave nothing. */
+/** `--swag`: each kept deviation is one more copy of the trainable variables. */
+export const MAX_SWAG_RANK = 1000;
 export const INPUT_SIZE_RANGE = Object.freeze({ min: 32, max: 2048 });
 
 const positiveInteger = (key: string) => (v: unknown) => is.positiveInteger(key, v);
@@ -484,6 +488,22 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     doc: '`cyclic`: epochs per cycle',
   },
   {
+    key: 'swag',
+    flag: 'swag',
+    type: 'number',
+    defaultText: '0 (off)',
+    fallback: () => 0,
+    check: (v) => {
+      if (v === 0) return 0;
+      if (!Number.isInteger(v) || (v as number) < 2 || (v as number) > MAX_SWAG_RANK)
+        throw invalidOption('swag', `0 (off) or an integer from 2 to ${MAX_SWAG_RANK}`, v);
+      return v;
+    },
+    phase: 'head',
+    needs: ['swaKind'],
+    doc: "SWAG (Maddox et al. 2019): at every SWA snapshot of each stage, also the second moment and the last K deviations from the mean; the export carries the last stage's beside the model for `predict`/`evaluate --samples` (see Averaging)",
+  },
+  {
     key: 'lrSchedule',
     flag: 'lr-schedule',
     type: 'string',
@@ -730,6 +750,8 @@ function holds(need: Need, r: Partial<ResolvedTrainOptions>): boolean {
       return r.average === 'ema';
     case 'swaOnly':
       return r.average === 'swa' && r.swaSchedule !== 'cyclic';
+    case 'swaKind':
+      return r.average === 'swa';
     case 'cyclic':
       return r.average !== 'none' && r.swaSchedule === 'cyclic';
     case 'annealing':
@@ -752,6 +774,8 @@ const NEED_MESSAGES: Readonly<
   ema: (keys, shown) => `${keys.map(shown).join(', ')} needs ${shown('average')} ema`,
   swaOnly: (keys, shown) =>
     `${keys.map(shown).join(', ')} needs ${shown('average')} swa with a ${shown('swaSchedule')} other than cyclic (EMA updates after every step; cyclic snapshots at each cycle's end)`,
+  swaKind: (keys, shown) =>
+    `${keys.map(shown).join(', ')} needs ${shown('average')} swa (it is collected at the SWA snapshots)`,
   cyclic: (keys, shown) => `${keys.map(shown).join(', ')} needs ${shown('swaSchedule')} cyclic`,
   annealing: (keys, shown) =>
     `${keys.map(shown).join(', ')} needs ${shown('swaSchedule')} cos or linear`,
@@ -801,6 +825,7 @@ export function resolveTrainOptions(o: TrainOptions): ResolvedTrainOptions {
     'swa',
     'ema',
     'swaOnly',
+    'swaKind',
     'cyclic',
     'annealing',
     'earlyStop',

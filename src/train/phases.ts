@@ -3,13 +3,15 @@ import type * as tf from '@tensorflow/tfjs';
 import { FinetuneError } from '../errors.js';
 import { classificationReport } from '../export/metrics.js';
 import { HeadPopulation } from '../head/population.js';
+import type { SwagState } from '../swa/swag.js';
 import type { EpochLogs, TrainingCallback } from './callbacks.js';
-import type {
-  StageSummary,
-  TrainSummary,
-  ValFigures,
-  WeightsChoice,
-  WeightsKind,
+import {
+  type StageSummary,
+  type TrainSummary,
+  type ValFigures,
+  type WeightsChoice,
+  type WeightsKind,
+  weightsName,
 } from './events.js';
 import { type FineTuneResult, runFineTune } from './finetune.js';
 import { ArrayBatches, argmax, balancedWeights, type Evaluation, evaluateBatches } from './fit.js';
@@ -32,6 +34,9 @@ function stageSummary(stage: StageResult) {
     averagingFrom: stage.averagingFrom,
     stoppedAfter: stage.stoppedAfter,
     kept: stage.kept,
+    ...(stage.swag
+      ? { swag: { rank: stage.swag.rank, deviations: stage.swag.deviations.length } }
+      : {}),
   };
 }
 
@@ -66,6 +71,7 @@ function averaging(o: ResolvedTrainOptions, stage: 'head' | 'finetune'): SwaSett
     schedule: head ? o.swaSchedule : 'cos',
     cycle: o.swaCycle,
     emaDecay: o.emaDecay,
+    ...(o.average === 'swa' && o.swag > 0 ? { swag: o.swag } : {}),
   };
 }
 
@@ -390,6 +396,61 @@ export interface StagesResult {
   readonly test: (ValFigures & { macroF1: number }) | null;
   /** With `predictions`: each validation image's prediction by the kept weights. */
   readonly predictions: ValPrediction[] | null;
+  /** With `swag`: the SWAG state the export carries, named by the exported model's weights (see `exportedSwag`). */
+  readonly swag: SwagState | null;
+}
+
+/** HeadPopulation's variables (`heads_<id>/logits_kernel`, …) as the exported model names them. */
+function headWeightName(name: string): string {
+  const m = /\/(hidden|logits)_(kernel|bias)$/.exec(name);
+  if (!m) throw new Error(`exportedSwag: unexpected head variable ${name}`);
+  return `head_${m[1]}/${m[2]}`;
+}
+
+/**
+ * The SWAG state the export carries: the last stage's, renamed to the exported model's
+ * weight names (the layer's name and the weight's, as model.json's manifest has them).
+ * Only when the export holds that stage's final SWA average, the mean the samples centre
+ * on; otherwise a warning says why there is none.
+ */
+export function exportedSwag(
+  run: PreparedRun,
+  options: ResolvedTrainOptions,
+  head: HeadResult,
+  finetune: FinetuneStageResult | null,
+): SwagState | null {
+  if (!(options.average === 'swa' && options.swag > 0)) return null;
+  const name = finetune ? 'finetune' : 'head';
+  const stage = finetune ? finetune.result.stage : head.stage;
+  const kept = finetune?.kept ?? head.kept;
+  const none = (why: string) => {
+    run.warn(`swag: the export carries no SWAG state: ${why}`);
+    return null;
+  };
+  if (!stage.swag) return none(`the ${name} stage took no SWA snapshot`);
+  if (kept.stage !== name || kept.weights !== 'swa')
+    return none(
+      `the exported weights are ${weightsName(kept)}, not the ${name} stage's SWA average the samples centre on`,
+    );
+  if (stage.stoppedAfter !== null)
+    return none(
+      `early stopping ended the ${name} stage and kept an earlier average than the SWAG moments describe`,
+    );
+  let rename: (n: string) => string = headWeightName;
+  if (finetune) {
+    // The stage trains the layers' own variables: a layer weight's variable name → its
+    // name in the saved manifest (originalName: the layer's name, then the weight's).
+    const names = new Map<string, string>();
+    for (const model of [run.backbone.model, head.head]) {
+      for (const w of model?.weights ?? []) names.set(w.name, w.originalName);
+    }
+    rename = (n) => {
+      const to = names.get(n);
+      if (!to) throw new Error(`exportedSwag: no layer weight for variable ${n}`);
+      return to;
+    };
+  }
+  return { ...stage.swag, names: stage.swag.names.map(rename) };
 }
 
 /**
@@ -429,7 +490,8 @@ export async function trainStages(
     }
     const test = await evaluateTest(run, embedded, head, finetune);
     const predictions = settings.predictions ? valPredictions(run, embedded, head, finetune) : null;
-    return { head, history, stages, kept, val, test, predictions };
+    const swag = exportedSwag(run, options, head, finetune);
+    return { head, history, stages, kept, val, test, predictions, swag };
   } catch (err) {
     head.dispose();
     throw err;

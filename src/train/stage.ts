@@ -13,6 +13,7 @@ import {
   resolveSwaStart,
   type SwaScheduleKind,
 } from '../swa/schedule.js';
+import { SwagCollector, type SwagState } from '../swa/swag.js';
 import { type EpochLogs, learningRateSchedule, type TrainingCallback } from './callbacks.js';
 import {
   type Batches,
@@ -43,6 +44,8 @@ export interface SwaSettings {
   readonly cycle?: number;
   /** EMA's decay (default 0.999). */
   readonly emaDecay?: number;
+  /** SWA only: SWAG's rank K (≥ 2), collected at the SWA snapshots (default 0: off). */
+  readonly swag?: number;
 }
 
 /** Early stopping on validation loss (Keras EarlyStopping with restore_best_weights). */
@@ -111,6 +114,8 @@ export interface StageResult {
   readonly stoppedAfter: number | null;
   /** The first averaged epoch (1-based; early stopping can bring it forward), or null. */
   readonly averagingFrom: number | null;
+  /** With `swa.swag`: the SWAG posterior over the variables (by their names), null without a snapshot. */
+  readonly swag: SwagState | null;
 }
 
 /** One model's training stage (see `runMembers`). */
@@ -237,6 +242,17 @@ export async function runMembers(
   });
   if (averager && new Set(members.map((m) => m.swa?.emaDecay ?? 0.999)).size > 1)
     throw new Error('runMembers: members trained together must use one EMA decay');
+  // SWAG folds in exactly the SWA snapshots of the members that ask for it.
+  const swagRanks = new Set(members.flatMap((m) => (m.swa?.swag ? [m.swa.swag] : [])));
+  if (swagRanks.size > 1 || (swagRanks.size && kind !== 'swa'))
+    throw new Error('runMembers: members trained together must use one SWAG rank, with SWA');
+  const swag = swagRanks.size
+    ? new SwagCollector(shared.variables, { rank: [...swagRanks][0]!, members: stacked ? k : 1 })
+    : null;
+  const snapshot = (due: readonly number[]) => {
+    averager!.update(due);
+    swag?.update(due.filter((m) => members[m]!.swa?.swag));
+  };
   // Copies of each member's best weights for early stopping (stacked: every member's slot).
   let bestWeights: tf.Tensor[] | null = null;
   const saveBest = (member: number, values: readonly tf.Tensor[]) => {
@@ -273,11 +289,11 @@ export async function runMembers(
         const a = states[m]!.plan.averaging;
         return a !== null && averagesAfterStep(a, epoch, step, perEpoch);
       });
-      averager.update(due);
+      snapshot(due);
     },
     async afterEpoch(epoch, logs, active) {
       if (averager) {
-        averager.update(
+        snapshot(
           active.filter((m) => {
             const a = states[m]!.plan.averaging;
             return a !== null && averagesAfterEpoch(a, epoch);
@@ -415,11 +431,13 @@ export async function runMembers(
         rawWeights: handBack,
         stoppedAfter: s.stoppedAfter,
         averagingFrom: a && has ? a.startEpoch + 1 : null,
+        swag: swag && swag.count(i) > 0 ? swag.state(i) : null,
       };
     });
   } finally {
     if (bestWeights) tf.dispose(bestWeights);
     averager?.dispose();
+    swag?.dispose();
     optimizer.dispose();
   }
 }

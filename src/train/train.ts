@@ -101,6 +101,8 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
       { hidden: o.hidden, dropout: o.dropout, seed: o.seed },
       run.splits.classes,
       exported,
+      undefined,
+      stagesResult.swag,
     );
     lap('export');
     seconds['total'] = (performance.now() - t0) / 1000;
