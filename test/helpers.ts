@@ -6,6 +6,7 @@ import { fileURLToPath } from 'node:url';
 import * as tf from '@tensorflow/tfjs';
 import sharp from 'sharp';
 import { fileSaveHandler } from '../src/io/files.js';
+import { seededRandom } from '../src/util/random.js';
 
 /** The repository root (tests run from dist/test). */
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -175,4 +176,26 @@ export async function writeTinyGraphModel(dir: string): Promise<string> {
     Buffer.from(Float32Array.from([1, 2, 3]).buffer),
   );
   return path.join(folder, 'model.json');
+}
+
+/**
+ * Linearly separable Gaussian-ish blobs: row i has class i mod `classes`, and feature d is
+ * `centre` when d mod `classes` is that class, else 0, plus seeded uniform noise of width
+ * `noise`. Small data a head must learn, the same on every machine.
+ */
+export function blobs(
+  n: number,
+  seed: number,
+  { dim, classes, centre, noise }: { dim: number; classes: number; centre: number; noise: number },
+): { x: Float32Array; y: Int32Array } {
+  const random = seededRandom(seed);
+  const x = new Float32Array(n * dim);
+  const y = new Int32Array(n);
+  for (let i = 0; i < n; i++) {
+    const c = i % classes;
+    y[i] = c;
+    for (let d = 0; d < dim; d++)
+      x[i * dim + d] = (d % classes === c ? centre : 0) + (random() - 0.5) * noise;
+  }
+  return { x, y };
 }

@@ -368,16 +368,7 @@ async function runHeadJobs(group: readonly SweepRun[], s: HeadJobSettings): Prom
     s.embeddings.push(record);
     s.onEvent({ type: 'embedding', ...record });
     for (const chunk of headChunks(group)) {
-      for (const run of chunk) {
-        s.onEvent({
-          type: 'run-start',
-          id: run.id,
-          index: run.index,
-          total: s.total,
-          params: run.params,
-          inChild: false,
-        });
-      }
+      for (const run of chunk) s.onEvent(runStart(run, s.total, false));
       const t1 = performance.now();
       let heads: (HeadResult | Error)[];
       try {
@@ -441,6 +432,11 @@ async function runHeadJobs(group: readonly SweepRun[], s: HeadJobSettings): Prom
     prepared?.dispose();
   }
   return results;
+}
+
+/** The event of a run that starts (here, or in a child process). */
+function runStart(run: SweepRun, total: number, inChild: boolean): SweepEvent {
+  return { type: 'run-start', id: run.id, index: run.index, total, params: run.params, inChild };
 }
 
 /** Heads trained side by side at most: memory grows with each (a batch of features per head). */
@@ -528,15 +524,7 @@ async function runInChildren(
       };
       const task: Promise<void> = runChild(
         job,
-        () =>
-          s.onEvent({
-            type: 'run-start',
-            id: run.id,
-            index: run.index,
-            total: s.total,
-            params: run.params,
-            inChild: true,
-          }),
+        () => s.onEvent(runStart(run, s.total, true)),
         s.onEvent,
       )
         .then((row) => s.finish(row))

@@ -6,7 +6,7 @@ import { HeadPopulation } from '../../src/head/population.js';
 import { ArrayBatches } from '../../src/train/fit.js';
 import { resolveTrainOptions } from '../../src/train/options.js';
 import { runMembers, type StageMember, type StageResult } from '../../src/train/stage.js';
-import { seededRandom } from '../../src/util/random.js';
+import { blobs as gaussianBlobs } from '../helpers.js';
 
 before(async () => {
   await initBackend('wasm');
@@ -16,14 +16,7 @@ const DIM = 10;
 const K = 3;
 
 function blobs(n: number, seed: number): ArrayBatches {
-  const random = seededRandom(seed);
-  const x = new Float32Array(n * DIM);
-  const y = new Int32Array(n);
-  for (let i = 0; i < n; i++) {
-    const c = i % K;
-    y[i] = c;
-    for (let d = 0; d < DIM; d++) x[i * DIM + d] = (d % K === c ? 1 : 0) + (random() - 0.5) * 2;
-  }
+  const { x, y } = gaussianBlobs(n, seed, { dim: DIM, classes: K, centre: 1, noise: 2 });
   return new ArrayBatches(x, [DIM], y);
 }
 

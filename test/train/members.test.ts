@@ -8,7 +8,7 @@ import { WeightAverager } from '../../src/swa/averager.js';
 import { ArrayBatches } from '../../src/train/fit.js';
 import { StageOptimizer } from '../../src/train/optimizers.js';
 import { runMembers, type StageMember, type StageResult } from '../../src/train/stage.js';
-import { seededRandom } from '../../src/util/random.js';
+import { blobs as gaussianBlobs } from '../helpers.js';
 
 before(async () => {
   await initBackend('wasm');
@@ -18,14 +18,7 @@ const DIM = 12;
 const K = 3;
 
 function blobs(n: number, seed: number): ArrayBatches {
-  const random = seededRandom(seed);
-  const x = new Float32Array(n * DIM);
-  const y = new Int32Array(n);
-  for (let i = 0; i < n; i++) {
-    const c = i % K;
-    y[i] = c;
-    for (let d = 0; d < DIM; d++) x[i * DIM + d] = (d % K === c ? 1.5 : 0) + (random() - 0.5);
-  }
+  const { x, y } = gaussianBlobs(n, seed, { dim: DIM, classes: K, centre: 1.5, noise: 1 });
   return new ArrayBatches(x, [DIM], y);
 }
 

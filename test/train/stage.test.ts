@@ -5,7 +5,7 @@ import { initBackend } from '../../src/backend/index.js';
 import { buildHead, dropoutSeeder, logitsView } from '../../src/head/build.js';
 import { ArrayBatches, type Batches, balancedWeights } from '../../src/train/fit.js';
 import { runStage, type StageOptions } from '../../src/train/stage.js';
-import { seededRandom } from '../../src/util/random.js';
+import { blobs as gaussianBlobs } from '../helpers.js';
 
 before(async () => {
   await initBackend('wasm');
@@ -16,14 +16,7 @@ const K = 3;
 
 /** Three Gaussian blobs in 16-d: linearly separable, so a head must learn them. */
 function blobs(n: number, seed: number): { x: Float32Array; y: Int32Array; batches: ArrayBatches } {
-  const random = seededRandom(seed);
-  const x = new Float32Array(n * DIM);
-  const y = new Int32Array(n);
-  for (let i = 0; i < n; i++) {
-    const c = i % K;
-    y[i] = c;
-    for (let d = 0; d < DIM; d++) x[i * DIM + d] = (d % K === c ? 2 : 0) + (random() - 0.5);
-  }
+  const { x, y } = gaussianBlobs(n, seed, { dim: DIM, classes: K, centre: 2, noise: 1 });
   return { x, y, batches: new ArrayBatches(x, [DIM], y) };
 }
 

@@ -3,7 +3,7 @@ import onnxProto from 'onnx-proto';
 import * as ort from 'onnxruntime-node';
 import { FinetuneError, invalidOption } from '../../errors.js';
 import type { FrozenModel } from '../types.js';
-import { openOrtSession } from './session.js';
+import { checkBatch, openOrtSession } from './session.js';
 
 /**
  * Static int8 quantisation of a lowered float graph, in the QDQ form ONNX Runtime's CPU
@@ -331,16 +331,8 @@ export class Calibrator implements FrozenModel {
   }
 
   async run(batch: Float32Array, n: number): Promise<Float32Array> {
-    if (this.disposed)
-      throw new FinetuneError('The calibrator was used after dispose()', { exitCode: 1 });
+    const per = checkBatch(batch, n, this.inputSize, this.disposed, 'The calibrator');
     const s = this.inputSize;
-    const per = 3 * s * s;
-    if (!Number.isInteger(n) || n <= 0 || batch.length < n * per) {
-      throw new FinetuneError(
-        `Expected ${n} images of 3×${s}×${s} floats (${n * per}) but the batch holds ${batch.length}`,
-        { exitCode: 1 },
-      );
-    }
     const pixels = batch.subarray(0, n * per);
     const out = await this.session.run({
       [this.input]: new ort.Tensor('float32', pixels, [n, 3, s, s]),

@@ -146,16 +146,8 @@ export class OnnxFrozenModel implements FrozenModel {
    * Blocks the event loop while the graph runs (onnxruntime-node computes on the main thread).
    */
   async run(batch: Float32Array, n: number): Promise<Float32Array> {
-    if (this.disposed)
-      throw new FinetuneError('The ONNX frozen model was used after dispose()', { exitCode: 1 });
+    const per = checkBatch(batch, n, this.inputSize, this.disposed, 'The ONNX frozen model');
     const s = this.inputSize;
-    const per = 3 * s * s;
-    if (!Number.isInteger(n) || n <= 0 || batch.length < n * per) {
-      throw new FinetuneError(
-        `Expected ${n} images of 3×${s}×${s} floats (${n * per}) but the batch holds ${batch.length}`,
-        { exitCode: 1 },
-      );
-    }
     // subarray: a view, no copy. onnxruntime-node runs the graph on the main thread in a
     // setImmediate callback, so the caller must leave `batch` alone until this resolves.
     const input = new ort.Tensor('float32', batch.subarray(0, n * per), [n, 3, s, s]);
@@ -188,4 +180,27 @@ function chwToHwc(
     }
   }
   return out;
+}
+
+/**
+ * Checks a batch of `n` NCHW images of `inputSize`² pixels before a session runs it;
+ * returns the floats per image. `what` names the model in the message after dispose().
+ */
+export function checkBatch(
+  batch: Float32Array,
+  n: number,
+  inputSize: number,
+  disposed: boolean,
+  what: string,
+): number {
+  if (disposed) throw new FinetuneError(`${what} was used after dispose()`, { exitCode: 1 });
+  const s = inputSize;
+  const per = 3 * s * s;
+  if (!Number.isInteger(n) || n <= 0 || batch.length < n * per) {
+    throw new FinetuneError(
+      `Expected ${n} images of 3×${s}×${s} floats (${n * per}) but the batch holds ${batch.length}`,
+      { exitCode: 1 },
+    );
+  }
+  return per;
 }
