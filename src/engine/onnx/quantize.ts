@@ -1,9 +1,8 @@
-import os from 'node:os';
 import onnxProto from 'onnx-proto';
 import * as ort from 'onnxruntime-node';
 import { FinetuneError, invalidOption } from '../../errors.js';
 import type { FrozenModel } from '../types.js';
-import { checkBatch, openOrtSession } from './session.js';
+import { checkBatch, openOrtSession, sessionSize } from './session.js';
 
 /**
  * Static int8 quantisation of a lowered float graph, in the QDQ form ONNX Runtime's CPU
@@ -293,14 +292,7 @@ export class Calibrator implements FrozenModel {
   }
 
   static async create(floatModel: Uint8Array, options: CalibratorOptions): Promise<Calibrator> {
-    const { inputSize } = options;
-    if (!Number.isInteger(inputSize) || inputSize <= 0) {
-      throw invalidOption('inputSize', 'a positive integer', inputSize);
-    }
-    const threads = options.threads ?? os.availableParallelism();
-    if (!Number.isInteger(threads) || threads <= 0) {
-      throw invalidOption('threads', 'a positive integer', threads);
-    }
+    const { inputSize, threads } = sessionSize(options);
     const model = decodeModel(floatModel);
     const g = indexGraph(model);
     const tensors = planQuantization(g).tensors;

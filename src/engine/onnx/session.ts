@@ -113,14 +113,7 @@ export class OnnxFrozenModel implements FrozenModel {
     onnxBytes: Uint8Array,
     options: OnnxFrozenModelOptions,
   ): Promise<OnnxFrozenModel> {
-    const { inputSize } = options;
-    if (!Number.isInteger(inputSize) || inputSize <= 0) {
-      throw invalidOption('inputSize', 'a positive integer', inputSize);
-    }
-    const threads = options.threads ?? os.availableParallelism();
-    if (!Number.isInteger(threads) || threads <= 0) {
-      throw invalidOption('threads', 'a positive integer', threads);
-    }
+    const { inputSize, threads } = sessionSize(options);
     const rows = options.rows ?? 'nchw';
     if (rows !== 'nchw' && rows !== 'nhwc') throw invalidOption('rows', "'nchw' or 'nhwc'", rows);
     const session = await openOrtSession(onnxBytes, threads);
@@ -180,6 +173,22 @@ function chwToHwc(
     }
   }
   return out;
+}
+
+/** A session's input size and threads (all cores unless given), checked. */
+export function sessionSize(options: { inputSize: number; threads?: number }): {
+  inputSize: number;
+  threads: number;
+} {
+  const { inputSize } = options;
+  if (!Number.isInteger(inputSize) || inputSize <= 0) {
+    throw invalidOption('inputSize', 'a positive integer', inputSize);
+  }
+  const threads = options.threads ?? os.availableParallelism();
+  if (!Number.isInteger(threads) || threads <= 0) {
+    throw invalidOption('threads', 'a positive integer', threads);
+  }
+  return { inputSize, threads };
 }
 
 /**
