@@ -24,17 +24,20 @@ function memberSlices(t: tf.Tensor): tf.Tensor[] {
  * (dW[k] = (dy[k]ᵀ · x[k])ᵀ). `inputGrad`: also the gradient of x (not for the features).
  */
 function memberMatMul(x: tf.Tensor, w: tf.Tensor, inputGrad: boolean): tf.Tensor {
+  // x without the member axis: the same rows for every member (validation), used as it is.
+  const shared = x.rank < w.rank;
+  if (shared && inputGrad) throw new Error('memberMatMul: shared rows take no input gradient');
   const op = tf.customGrad(((a: tf.Tensor, b: tf.Tensor, save: tf.GradSaveFunc) => {
-    const xs = memberSlices(a);
     const ws = memberSlices(b);
+    const k = ws.length;
+    const xs = shared ? new Array<tf.Tensor>(k).fill(a) : memberSlices(a);
     // Saved: the gradient runs after the forward pass has freed its own tensors.
-    save([...xs, ...ws]);
+    save([...(shared ? [a] : xs), ...ws]);
     return {
       value: tf.stack(xs.map((xi, i) => tf.matMul(xi as tf.Tensor2D, ws[i] as tf.Tensor2D))),
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
-        const k = xs.length;
-        const sx = saved.slice(0, k);
-        const sw = saved.slice(k);
+        const sx = shared ? new Array<tf.Tensor>(k).fill(saved[0]!) : saved.slice(0, k);
+        const sw = saved.slice(shared ? 1 : k);
         const dys = memberSlices(dy);
         const dw = tf.stack(
           dys.map((d, i) =>
@@ -205,7 +208,10 @@ export class HeadPopulation {
     this.seeds = seeds;
   }
 
-  /** Logits [K, B, C] of inputs [K, B, featureSize]; `training` applies dropout. */
+  /**
+   * Logits [K, B, C] of inputs [K, B, featureSize], or of [B, featureSize]: the same rows
+   * for every member (how validation runs, with no copies); `training` applies dropout.
+   */
   forward(x: tf.Tensor, training: boolean): tf.Tensor {
     let h = x;
     if (this.hiddenLayer)

@@ -75,7 +75,11 @@ export interface FitOptions {
    * see the same data and batch size, each in its own order with its own settings).
    */
   readonly members: readonly FitMember[];
-  /** Inputs and logits carry the member axis (required with more than one member). */
+  /**
+   * Inputs and logits carry the member axis (required with more than one member). For
+   * validation, a stacked forward gets the rows once, without that axis: every member
+   * sees all of them.
+   */
   readonly stacked?: boolean;
   /** Called before every training step with a fresh seed per member, so dropout masks differ per step yet repeat per run. */
   readonly reseed?: (seeds: readonly number[]) => void;
@@ -153,10 +157,9 @@ export async function evaluateMembers(
       (_, i) => start + i,
     );
     const [p, l] = tf.tidy(() => {
+      // Every member sees the same rows: a stacked forward takes them without the member axis.
       const x = data.take(rows);
-      // Every member sees the same rows (repeated in JavaScript: wasm's Tile is slow).
-      const input = stacked ? repeat(x, members) : x;
-      let logits = forward(input, false);
+      let logits = forward(x, false);
       if (!stacked) logits = tf.expandDims(logits, 0);
       const labels = tf.tensor1d(
         rows.map((r) => data.labels[r]!),
@@ -184,14 +187,6 @@ export async function evaluateMembers(
     acc: data.size ? correct[m]! / data.size : Number.NaN,
     probs: p,
   }));
-}
-
-/** `t` repeated `k` times along a new first axis. */
-function repeat(t: tf.Tensor, k: number): tf.Tensor {
-  const values = t.dataSync() as Float32Array;
-  const out = new Float32Array(values.length * k);
-  for (let i = 0; i < k; i++) out.set(values, i * values.length);
-  return tf.tensor(out, [k, ...t.shape]);
 }
 
 /** `evaluateMembers` for one model. */
