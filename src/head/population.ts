@@ -7,21 +7,35 @@ type GradFunc = Parameters<typeof tf.customGrad>[0];
 /**
  * Each member's slice of a stacked tensor, copied through JavaScript: on wasm, Slice,
  * Unpack and Gather of a large tensor run element by element and cost about 40× the copy.
+ * With `transposed`, also each 2-D slice transposed (for a gradient's xᵀ · dy).
  */
-function memberSlices(t: tf.Tensor): tf.Tensor[] {
+function memberSlices(t: tf.Tensor): tf.Tensor[];
+function memberSlices(t: tf.Tensor, transposed: true): [tf.Tensor[], tf.Tensor[]];
+function memberSlices(t: tf.Tensor, transposed = false): tf.Tensor[] | [tf.Tensor[], tf.Tensor[]] {
   const [k, ...rest] = t.shape;
   const size = rest.reduce((a, b) => a * b, 1);
   const data = t.dataSync() as Float32Array;
-  return Array.from({ length: k! }, (_, i) =>
+  const slices = Array.from({ length: k! }, (_, i) =>
     tf.tensor(data.subarray(i * size, (i + 1) * size), rest),
   );
+  if (!transposed) return slices;
+  const [rows, cols] = rest as [number, number];
+  const flipped = Array.from({ length: k! }, (_, i) => {
+    const out = new Float32Array(size);
+    const at = i * size;
+    for (let r = 0; r < rows; r++)
+      for (let c = 0; c < cols; c++) out[c * rows + r] = data[at + r * cols + c]!;
+    return tf.tensor(out, [cols, rows]);
+  });
+  return [slices, flipped];
 }
 
 /**
  * y[k] = x[k] · w[k] for every member k, as K plain 2-D MatMuls: for these shapes wasm's
- * batched MatMul runs several times slower than its 2-D one, and its gradient's
- * transposed-A MatMul slower still, so the gradient is written with 2-D MatMuls too
- * (dW[k] = (dy[k]ᵀ · x[k])ᵀ). `inputGrad`: also the gradient of x (not for the features).
+ * batched MatMul runs several times slower than its 2-D one, and any MatMul with a
+ * transpose flag slower still, so the gradient is written with 2-D MatMuls too: dW[k] =
+ * x[k]ᵀ · dy[k], x[k]ᵀ transposed in JavaScript while the slices are copied. `inputGrad`:
+ * also the gradient of x (not for the features).
  */
 function memberMatMul(x: tf.Tensor, w: tf.Tensor, inputGrad: boolean): tf.Tensor {
   // x without the member axis: the same rows for every member (validation), used as it is.
@@ -30,20 +44,31 @@ function memberMatMul(x: tf.Tensor, w: tf.Tensor, inputGrad: boolean): tf.Tensor
   const op = tf.customGrad(((a: tf.Tensor, b: tf.Tensor, save: tf.GradSaveFunc) => {
     const ws = memberSlices(b);
     const k = ws.length;
-    const xs = shared ? new Array<tf.Tensor>(k).fill(a) : memberSlices(a);
+    if (shared) {
+      save([a, ...ws]);
+      return {
+        value: tf.stack(ws.map((wi) => tf.matMul(a as tf.Tensor2D, wi as tf.Tensor2D))),
+        gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
+          const xT = tf.transpose(saved[0]!);
+          const dys = memberSlices(dy);
+          return [
+            tf.zerosLike(a),
+            tf.stack(dys.map((d) => tf.matMul(xT as tf.Tensor2D, d as tf.Tensor2D))),
+          ];
+        },
+      };
+    }
+    // Each member's rows, and transposed for its weight gradient (xᵀ · dy, one MatMul).
+    const [xs, xTs] = memberSlices(a, true);
     // Saved: the gradient runs after the forward pass has freed its own tensors.
-    save([...(shared ? [a] : xs), ...ws]);
+    save([...xTs, ...ws]);
     return {
       value: tf.stack(xs.map((xi, i) => tf.matMul(xi as tf.Tensor2D, ws[i] as tf.Tensor2D))),
       gradFunc: (dy: tf.Tensor, saved: tf.Tensor[]) => {
-        const sx = shared ? new Array<tf.Tensor>(k).fill(saved[0]!) : saved.slice(0, k);
-        const sw = saved.slice(shared ? 1 : k);
+        const sxT = saved.slice(0, k);
+        const sw = saved.slice(k);
         const dys = memberSlices(dy);
-        const dw = tf.stack(
-          dys.map((d, i) =>
-            tf.transpose(tf.matMul(tf.transpose(d) as tf.Tensor2D, sx[i] as tf.Tensor2D)),
-          ),
-        );
+        const dw = tf.stack(dys.map((d, i) => tf.matMul(sxT[i] as tf.Tensor2D, d as tf.Tensor2D)));
         const dx = inputGrad
           ? tf.stack(
               // An explicit transpose: a MatMul with a transpose flag misses XNNPACK.
@@ -222,9 +247,10 @@ export class HeadPopulation {
 
   /**
    * Inverted dropout with each member's own mask: a kept unit is scaled by 1/keep, and
-   * the mask comes from the member's seed for this step (mulberry32, drawn in JavaScript:
-   * tf.randomUniform costs about 15× as much). The same seed gives the same mask whatever
-   * the other members, so a head trains alike alone or beside others.
+   * the mask comes from the member's seed for this step (xorshift32 seeded through
+   * mulberry32, drawn in JavaScript: tf.randomUniform costs about 50× as much). The same
+   * seed gives the same mask whatever the other members, so a head trains alike alone or
+   * beside others.
    */
   private dropout(h: tf.Tensor): tf.Tensor {
     if (!this.members.some((m) => m.dropout > 0)) return h;
@@ -240,8 +266,18 @@ export class HeadPopulation {
       const keep = 1 - m.dropout;
       const scale = 1 / keep;
       const seed = this.seeds[i]!;
-      const random = seededRandom(Number.isNaN(seed) ? Math.floor(Math.random() * 2 ** 31) : seed);
-      for (let j = 0; j < size; j++) out[j] = random() < keep ? scale : 0;
+      // xorshift32 from a mulberry32-mixed seed: a kept unit when the state is below keep·2³².
+      let x =
+        Math.floor(
+          seededRandom(Number.isNaN(seed) ? Math.floor(Math.random() * 2 ** 31) : seed)() * 2 ** 32,
+        ) || 1;
+      const threshold = keep * 2 ** 32;
+      for (let j = 0; j < size; j++) {
+        x ^= x << 13;
+        x ^= x >>> 17;
+        x ^= x << 5;
+        out[j] = x >>> 0 < threshold ? scale : 0;
+      }
     });
     return tf.mul(h, tf.tensor(multipliers, h.shape));
   }
