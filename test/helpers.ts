@@ -199,3 +199,25 @@ export function blobs(
   }
   return { x, y };
 }
+
+/** Red, green and blue: three classes any backbone tells apart. */
+export const RGB_CLASSES: Record<string, [number, number, number]> = {
+  red: [220, 30, 30],
+  green: [30, 200, 40],
+  blue: [20, 40, 230],
+};
+
+/**
+ * A temp folder with the tiny backbone and an RGB colour dataset of `perClass` images a
+ * class, for tests that train: `{ dir, cleanup, backbone, data }`.
+ */
+export async function colourWorkspace(
+  name: string,
+  perClass = 8,
+): Promise<{ dir: string; cleanup: () => Promise<void>; backbone: string; data: string }> {
+  const { dir, cleanup } = await tempDir(name);
+  const backbone = await writeTinyBackbone(dir);
+  const data = path.join(dir, 'data');
+  await writeColourDataset(data, perClass, RGB_CLASSES);
+  return { dir, cleanup, backbone, data };
+}

@@ -6,7 +6,7 @@ import * as tf from '@tensorflow/tfjs';
 import { initBackend } from '../../src/backend/index.js';
 import { type LrFindResult, lrFind } from '../../src/experiments/lr-find.js';
 import { embedSplits, prepareRun } from '../../src/train/run.js';
-import { runCli, tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
+import { colourWorkspace, runCli } from '../helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -16,15 +16,8 @@ let cacheDir: string;
 
 before(async () => {
   await initBackend('wasm');
-  ({ dir, cleanup } = await tempDir('lr-find'));
-  backbone = await writeTinyBackbone(dir);
-  data = path.join(dir, 'data');
+  ({ dir, cleanup, backbone, data } = await colourWorkspace('lr-find'));
   cacheDir = path.join(dir, 'cache');
-  await writeColourDataset(data, 8, {
-    red: [220, 30, 30],
-    green: [30, 200, 40],
-    blue: [20, 40, 230],
-  });
 });
 after(async () => {
   await cleanup();

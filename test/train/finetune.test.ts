@@ -13,7 +13,7 @@ import { buildHead } from '../../src/head/build.js';
 import { fileLoadHandler } from '../../src/io/files.js';
 import { firstUnfrozenLayer, parseUnfreeze, runFineTune } from '../../src/train/finetune.js';
 import { train } from '../../src/train/train.js';
-import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
+import { colourWorkspace } from '../helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -22,14 +22,7 @@ let data: string;
 
 before(async () => {
   await initBackend('wasm');
-  ({ dir, cleanup } = await tempDir('finetune'));
-  tiny = await writeTinyBackbone(dir);
-  data = path.join(dir, 'data');
-  await writeColourDataset(data, 8, {
-    red: [220, 30, 30],
-    green: [30, 200, 40],
-    blue: [20, 40, 230],
-  });
+  ({ dir, cleanup, backbone: tiny, data } = await colourWorkspace('finetune'));
 });
 after(async () => {
   await cleanup();

@@ -20,7 +20,7 @@ import {
 import { StageOptimizer } from '../../src/train/optimizers.js';
 import { resolveTrainOptions } from '../../src/train/options.js';
 import { train } from '../../src/train/train.js';
-import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
+import { colourWorkspace } from '../helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -29,14 +29,7 @@ let data: string;
 
 before(async () => {
   await initBackend('wasm');
-  ({ dir, cleanup } = await tempDir('lr-mult'));
-  tiny = await writeTinyBackbone(dir);
-  data = path.join(dir, 'data');
-  await writeColourDataset(data, 8, {
-    red: [220, 30, 30],
-    green: [30, 200, 40],
-    blue: [20, 40, 230],
-  });
+  ({ dir, cleanup, backbone: tiny, data } = await colourWorkspace('lr-mult'));
 });
 after(async () => {
   await cleanup();
