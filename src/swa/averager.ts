@@ -220,7 +220,8 @@ export class WeightAverager {
    * own: read them before the next update, do not dispose them.
    */
   getState(): { counts: number[][]; values: tf.Tensor[] } {
-    if (this.saved) throw new Error('WeightAverager.getState() while the averaged weights are swapped in');
+    if (this.saved)
+      throw new Error('WeightAverager.getState() while the averaged weights are swapped in');
     return {
       counts: this.groups.map((g) => [...g.counts]),
       values: this.groups.flatMap((g) => g.averages ?? []),
@@ -248,7 +249,9 @@ export class WeightAverager {
       }
     });
     if (at !== values.length)
-      throw new Error(`Averager state has ${values.length} tensors but ${at} variables are averaged`);
+      throw new Error(
+        `Averager state has ${values.length} tensors but ${at} variables are averaged`,
+      );
   }
 
   /** Restores a state saved by `state()` for the same variables. */

@@ -288,7 +288,10 @@ export async function fit(
   if (k > 1 && !stacked) throw new Error('fit: several members must be stacked');
   const callbacks = members.map((m) => new CallbackList(m.callbacks));
   const resume = options.resume;
-  if (resume && (resume.histories.length !== k || resume.orders.some((o) => o.length !== train.size)))
+  if (
+    resume &&
+    (resume.histories.length !== k || resume.orders.some((o) => o.length !== train.size))
+  )
     throw new Error('fit: the state to resume is of another fit');
   // Each member's random source counts its draws, so a checkpoint can bring it back.
   const draws = members.map((_, m) => resume?.draws[m] ?? 0);

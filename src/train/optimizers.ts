@@ -216,7 +216,9 @@ export class StageOptimizer {
   /** Restores a `getState()` of an optimizer over the same variables (the values are copied). */
   setState(state: OptimizerState): void {
     if (state.lrs.length !== this.lrs.length)
-      throw new Error(`StageOptimizer: state of ${state.lrs.length} members for ${this.lrs.length}`);
+      throw new Error(
+        `StageOptimizer: state of ${state.lrs.length} members for ${this.lrs.length}`,
+      );
     state.lrs.forEach((lr, m) => {
       this.lrs[m] = lr;
     });

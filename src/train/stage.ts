@@ -20,8 +20,8 @@ import {
   type Evaluation,
   evaluateMembers,
   type FitHooks,
-  type FitMember,
   type FitLoopState,
+  type FitMember,
   type Forward,
   fit,
 } from './fit.js';
@@ -315,7 +315,9 @@ export async function runMembers(
       vars.forEach((v, i) => {
         const value = t(`${prefix}/${i}`);
         if (!tf.util.arraysEqual(value.shape, v.shape))
-          throw new Error(`runMembers: saved ${prefix}/${i} [${value.shape}] does not fit ${v.name} [${v.shape}]`);
+          throw new Error(
+            `runMembers: saved ${prefix}/${i} [${value.shape}] does not fit ${v.name} [${v.shape}]`,
+          );
         v.assign(value);
       });
     };
@@ -331,7 +333,8 @@ export async function runMembers(
         .map((_, i) => t(`${prefix}/${i}`));
     if (averager && resume.averagerCounts)
       averager.setState({ counts: resume.averagerCounts, values: list('avg') });
-    if (swag && resume.swagCounts) swag.setState({ counts: resume.swagCounts, values: list('swag') });
+    if (swag && resume.swagCounts)
+      swag.setState({ counts: resume.swagCounts, values: list('swag') });
     resume.members.forEach((m, i) => {
       Object.assign(states[i]!, m);
     });
