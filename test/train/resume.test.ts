@@ -102,6 +102,40 @@ test('head stage: interrupted and resumed ends with the weights and metrics of a
   });
 });
 
+test('head stage with early stopping, EMA, momentum and class weights: resumed equals uninterrupted', async () => {
+  const options: TrainOptions = {
+    data,
+    backbone,
+    backend: 'wasm',
+    epochs: 8,
+    batchSize: 4,
+    lr: 0.3,
+    optimizer: 'momentum',
+    classWeights: 'balanced',
+    average: 'ema',
+    swaStart: 3,
+    earlyStop: 1,
+    minDelta: 0.1,
+    lrSchedule: 'cos',
+    checkpointEvery: 1,
+    cache: false,
+  };
+  const whole = path.join(dir, 'es-whole');
+  const cut = path.join(dir, 'es-cut');
+  const before = tf.memory().numTensors;
+  await train({ ...options, out: whole });
+  await assert.rejects(
+    train({ ...options, out: cut, onEvent: interruptAfter('head', 3) }),
+    Interrupt,
+  );
+  const summary = await train({ resume: cut });
+  assert.equal(tf.memory().numTensors, before);
+  // Patience ran out before averaging (moving it forward) and then during it: both in the plan saved.
+  assert.ok(summary.stages['head']!.stoppedAfter !== null);
+  assert.ok(summary.stages['head']!.averagingFrom! < 4);
+  await sameExport(whole, cut);
+});
+
 test('fine-tune stage: resumed inside the stage (averaging spanning the interruption) ends as the uninterrupted run, without training the head again', async () => {
   const options: TrainOptions = {
     data,
