@@ -28,8 +28,11 @@ const VERSION = 1;
  */
 export const RESUME_OVERRIDES = ['checkpointEvery', 'decodeConcurrency'] as const;
 
-/** Options the options hash leaves out: the run folder's place, and the overrides. */
-const UNHASHED = new Set<string>(['out', ...RESUME_OVERRIDES]);
+/**
+ * Options the options hash leaves out: the run folder's place, the overrides, and the
+ * cache folder (its default follows the environment; the cache never changes results).
+ */
+const UNHASHED = new Set<string>(['out', 'cacheDir', ...RESUME_OVERRIDES]);
 
 /** What `train` takes to continue an interrupted run (see *Checkpoints and resume*). */
 export interface ResumeOptions {

@@ -149,6 +149,8 @@ test('fine-tune stage: resumed inside the stage (averaging spanning the interrup
     finetuneLr: 0.01,
     finetuneSwaStart: 1,
     finetuneSwaFreq: 1,
+    augment: 'flip,crop',
+    augmentViews: 3,
     keep: 'best',
     checkpointEvery: 2,
     cache: false,
