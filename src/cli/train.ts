@@ -1,5 +1,11 @@
 import type { Argv, Options } from 'yargs';
-import { RESUME_OVERRIDES, TRAIN_OPTIONS, type TrainOptions, train } from '../index.js';
+import {
+  RESUME_OVERRIDES,
+  type ResumeOptions,
+  TRAIN_OPTIONS,
+  type TrainOptions,
+  train,
+} from '../index.js';
 import { createOutput } from './output.js';
 
 export const command = 'train';
@@ -44,10 +50,11 @@ export function optionsFrom(argv: Args): TrainOptions {
 
 export async function handler(argv: Args): Promise<void> {
   const out = createOutput({ quiet: argv.quiet, json: argv.json });
-  const options: TrainOptions = {
+  // With --resume, any other option given reaches the library, which refuses it.
+  const options: TrainOptions | ResumeOptions = {
     ...optionsFrom(argv),
     ...(argv.resume !== undefined ? { resume: argv.resume } : {}),
-    onEvent(e) {
+    onEvent(e: Parameters<NonNullable<TrainOptions['onEvent']>>[0]) {
       switch (e.type) {
         case 'backend':
           out.info(

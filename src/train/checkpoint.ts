@@ -166,7 +166,10 @@ interface Manifest {
   };
 }
 
-/** A checkpoint read back: its manifest and tensors (the caller disposes them, see `dispose`). */
+/**
+ * A checkpoint read back: its manifest and tensors. `dispose` frees the tensors (a stage
+ * resumed from `state` frees them itself once restored).
+ */
 export interface LoadedCheckpoint {
   readonly dir: string;
   readonly options: Record<string, unknown>;
@@ -216,22 +219,30 @@ export async function readCheckpoint(dir: string): Promise<LoadedCheckpoint> {
   const data = await readFile(dataFile).catch(() => null);
   if (!data || data.length !== m.data.bytes || sha256(data) !== m.data.sha256)
     throw cannotResume(dir, `${CHECKPOINT_DIR}/${m.data.file} is missing or damaged`);
-  const tensors = decodeTensors(m.data.tensors, data);
-  const stageTensors = new Map([...tensors].filter(([n]) => !n.startsWith('head/')));
+  const isHead = (e: TensorEntry) => e.name.startsWith('head/');
+  const tensors = decodeTensors(
+    m.data.tensors.filter((e) => !isHead(e)),
+    data,
+  );
+  // The head stage's carried arrays stay plain arrays: they are read, never trained.
+  const arrays = new Map(
+    m.data.tensors
+      .filter(isHead)
+      .map((e) => [
+        e.name,
+        new Float32Array(new Uint8Array(data.subarray(e.offset, e.offset + e.bytes)).buffer),
+      ]),
+  );
   let head: HeadCarry | null = null;
   if (m.head) {
-    const probs = (name: string) =>
-      tensors.has(name) ? (tensors.get(name)!.dataSync() as Float32Array) : null;
+    const probs = (name: string) => arrays.get(name) ?? null;
     const evaluation = (e: Omit<Evaluation, 'probs'> | null, name: string) =>
       e ? { ...e, probs: probs(name) ?? new Float32Array(0) } : null;
     head = {
       ...m.head,
       raw: evaluation(m.head.raw, 'head/raw'),
       swa: evaluation(m.head.swa, 'head/swa'),
-      weights: Array.from(
-        { length: m.head.weights },
-        (_, i) => tensors.get(`head/weight/${i}`)!.dataSync() as Float32Array,
-      ),
+      weights: Array.from({ length: m.head.weights }, (_, i) => arrays.get(`head/weight/${i}`)!),
     };
   }
   return {
@@ -241,7 +252,7 @@ export async function readCheckpoint(dir: string): Promise<LoadedCheckpoint> {
     optionsHash: m.optionsHash,
     stage: m.stage,
     epoch: m.epoch,
-    state: { ...m.state, tensors: stageTensors },
+    state: { ...m.state, tensors },
     head,
     dispose: () => tf.dispose([...tensors.values()]),
   };

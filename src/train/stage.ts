@@ -119,7 +119,8 @@ export interface StageCheckpointing {
  * and by name the tensors: the variables (`var/i`), the extra variables (`extra/i`), the
  * optimizer's state (`opt/…`), the averager's (`avg/i`), SWAG's (`swag/i`) and early
  * stopping's best weights (`best/i`). In `save` the tensors are the stage's own (read them
- * before returning); a state to resume from is the caller's (disposed after the stage).
+ * before returning); the tensors of a state to resume from pass to the stage, which frees
+ * them once restored.
  */
 export interface StageState {
   readonly stage: string;
@@ -303,7 +304,9 @@ export async function runMembers(
   };
   const extra = shared.checkpoint?.extra ?? [];
   const resume = shared.checkpoint?.resume ?? null;
-  if (resume) {
+  // The state resumed from is restored inside the try below (so a bad one frees the stage),
+  // and its tensors are freed once copied.
+  const restoreState = (resume: StageState) => {
     if (resume.stage !== shared.name || resume.members.length !== k)
       throw new Error(`runMembers: the state to resume is not of this ${shared.name} stage`);
     const t = (name: string): tf.Tensor => {
@@ -340,7 +343,8 @@ export async function runMembers(
     });
     const best = list('best');
     if (best.length) bestWeights = best.map((b) => b.clone());
-  }
+    tf.dispose([...resume.tensors.values()]);
+  };
   const capture = (loop: FitLoopState): StageState => {
     const tensors = new Map<string, tf.Tensor>();
     const add = (prefix: string, values: readonly tf.Tensor[]) => {
@@ -469,6 +473,7 @@ export async function runMembers(
     },
   };
   try {
+    if (resume) restoreState(resume);
     const { histories, diverged } = await fit(train, val, {
       stage: shared.name,
       epochs: shared.epochs,

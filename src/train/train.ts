@@ -60,9 +60,13 @@ export function checkCounts(run: PreparedRun, embedded: EmbeddedSplits): TrainSu
  * with SWA over its trainable variables → optional fine-tune stage → test figures →
  * export backbone + head → run records. Each phase is a library function of its own.
  *
+ * With `checkpointEvery` the run checkpoints itself, and `{ resume: RUN }` continues an
+ * interrupted one exactly (see `ResumeOptions`).
+ *
  * @example
  *   const summary = await train({ data: 'photos', out: 'runs/r1', epochs: 20 });
  *   console.log(summary.val?.acc);
+ *   await train({ resume: 'runs/r2' }); // a run started with checkpointEvery: 5
  */
 export async function train(options: TrainOptions | ResumeOptions): Promise<TrainSummary> {
   const t0 = performance.now();
