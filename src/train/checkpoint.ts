@@ -215,6 +215,9 @@ export async function readCheckpoint(dir: string): Promise<LoadedCheckpoint> {
       dir,
       `${CHECKPOINT_DIR}/${MANIFEST} is not a version ${VERSION} checkpoint of this toolkit`,
     );
+  // The manifest names a file of its own folder, nothing else.
+  if (!/^state-[\w-]+\.bin$/.test(String(m.data?.file)))
+    throw cannotResume(dir, `${CHECKPOINT_DIR}/${MANIFEST} names no data file of its folder`);
   const dataFile = path.join(folder, m.data.file);
   const data = await readFile(dataFile).catch(() => null);
   if (!data || data.length !== m.data.bytes || sha256(data) !== m.data.sha256)

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { readdir, readFile } from 'node:fs/promises';
+import { appendFile, readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
@@ -205,6 +205,26 @@ test('resume refuses a folder without a checkpoint, a complete run and other opt
   });
   await assert.rejects(train({ resume: empty }), {
     message: `${empty}: cannot be resumed: it holds no checkpoint/manifest.json (runs with checkpointEvery, --checkpoint-every N, write one)`,
+  });
+  // A damaged data file: refused, naming it.
+  const damaged = path.join(dir, 'damaged');
+  await assert.rejects(
+    train({
+      data,
+      backbone,
+      backend: 'wasm',
+      epochs: 3,
+      checkpointEvery: 1,
+      out: damaged,
+      cache: false,
+      onEvent: interruptAfter('head', 2),
+    }),
+    Interrupt,
+  );
+  const [bin] = (await readdir(path.join(damaged, 'checkpoint'))).filter((n) => n.endsWith('.bin'));
+  await appendFile(path.join(damaged, 'checkpoint', bin!), 'x');
+  await assert.rejects(train({ resume: damaged }), {
+    message: `${damaged}: cannot be resumed: checkpoint/${bin} is missing or damaged`,
   });
   await assert.rejects(train({ resume: plain, epochs: 3 } as never), {
     message:
