@@ -234,6 +234,14 @@ export {
   seededNormal,
 } from './swa/swag.js';
 export type { BatchLogs, EpochLogs, TrainingCallback } from './train/callbacks.js';
+// Running a whole job: options, the phases of a run, and their composition
+export {
+  CHECKPOINT_DIR,
+  type LoadedCheckpoint,
+  RESUME_OVERRIDES,
+  type ResumeOptions,
+  readCheckpoint,
+} from './train/checkpoint.js';
 export {
   type EmbeddingSource,
   type StageName,
@@ -268,7 +276,6 @@ export {
   fit,
 } from './train/fit.js';
 export { OPTIMIZERS, type OptimizerName, StageOptimizer } from './train/optimizers.js';
-// Running a whole job: options, the phases of a run, and their composition
 export {
   type OptionPhase,
   type OptionRow,

@@ -16,7 +16,7 @@ export function exitCleanlyOnSignals(): void {
     process.once(signal, () => {
       removePendingSync();
       process.stderr.write(
-        `finetune: stopped by ${signal}; the run folder was left as it was before\n`,
+        `finetune: stopped by ${signal}; the run folder was left as it was before (with --checkpoint-every: at its last checkpoint, for --resume)\n`,
       );
       process.exit(SIGNAL_EXIT_CODES[signal]);
     });

@@ -1,5 +1,11 @@
 import type { Argv, Options } from 'yargs';
-import { TRAIN_OPTIONS, type TrainOptions, train } from '../index.js';
+import {
+  RESUME_OVERRIDES,
+  type ResumeOptions,
+  TRAIN_OPTIONS,
+  type TrainOptions,
+  train,
+} from '../index.js';
 import { createOutput } from './output.js';
 
 export const command = 'train';
@@ -19,15 +25,18 @@ export function builder(y: Argv) {
   for (const row of TRAIN_OPTIONS) {
     const spec: Options = { type: row.type, describe: help(row.doc, row.defaultText) };
     if (row.choices) spec.choices = row.choices;
-    if (row.key === 'data') spec.demandOption = true;
     b = b.option(row.flag, spec);
   }
   return b
+    .option('resume', {
+      type: 'string',
+      describe: `Continue the interrupted run in this folder from its checkpoint (--checkpoint-every), with its own options; only ${RESUME_OVERRIDES.map((k) => `--${TRAIN_OPTIONS.find((r) => r.key === k)!.flag}`).join(' and ')} may be given with it`,
+    })
     .option('quiet', { type: 'boolean', describe: 'No progress, warnings or summary line' })
     .option('json', { type: 'boolean', describe: 'Print only the summary JSON on stdout' });
 }
 
-type Args = Record<string, unknown> & { quiet?: boolean; json?: boolean };
+type Args = Record<string, unknown> & { quiet?: boolean; json?: boolean; resume?: string };
 
 /** Keeps only the options the user gave: defaults live in the library. */
 export function optionsFrom(argv: Args): TrainOptions {
@@ -41,9 +50,11 @@ export function optionsFrom(argv: Args): TrainOptions {
 
 export async function handler(argv: Args): Promise<void> {
   const out = createOutput({ quiet: argv.quiet, json: argv.json });
-  const options: TrainOptions = {
+  // With --resume, any other option given reaches the library, which refuses it.
+  const options: TrainOptions | ResumeOptions = {
     ...optionsFrom(argv),
-    onEvent(e) {
+    ...(argv.resume !== undefined ? { resume: argv.resume } : {}),
+    onEvent(e: Parameters<NonNullable<TrainOptions['onEvent']>>[0]) {
       switch (e.type) {
         case 'backend':
           out.info(

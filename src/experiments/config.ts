@@ -120,6 +120,10 @@ function checkKeys(section: string, keys: readonly string[]): void {
   for (const key of keys) {
     if (key === 'out')
       throw new FinetuneError(`${section}: out is set once, at the top of the sweep config`);
+    if (key === 'checkpointEvery')
+      throw new FinetuneError(
+        `${section}: checkpointEvery is for finetune train (a sweep's runs are not checkpointed)`,
+      );
     if (!optionRow(key)) {
       const near = closest(key, known);
       throw new FinetuneError(

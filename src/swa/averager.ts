@@ -214,6 +214,46 @@ export class WeightAverager {
     };
   }
 
+  /**
+   * The state for checkpoints: snapshot counts per group and member, and the averaged
+   * values of the groups that have any, in target order. The tensors are the averager's
+   * own: read them before the next update, do not dispose them.
+   */
+  getState(): { counts: number[][]; values: tf.Tensor[] } {
+    if (this.saved)
+      throw new Error('WeightAverager.getState() while the averaged weights are swapped in');
+    return {
+      counts: this.groups.map((g) => [...g.counts]),
+      values: this.groups.flatMap((g) => g.averages ?? []),
+    };
+  }
+
+  /** Restores a `getState()` of an averager over the same variables (the values are copied). */
+  setState(state: { counts: readonly (readonly number[])[]; values: readonly tf.Tensor[] }): void {
+    const { counts, values } = state;
+    if (counts.length !== this.groups.length || counts.some((c) => c.length !== this.members))
+      throw new Error(
+        `Averager state has ${counts.length} groups of variables but ${this.groups.length} are averaged`,
+      );
+    this.dispose();
+    let at = 0;
+    this.groups.forEach((g, i) => {
+      g.counts = [...counts[i]!];
+      if (g.counts.some((c) => c > 0)) {
+        g.averages = g.targets.map((v) => {
+          const t = values[at++];
+          if (!t || !tf.util.arraysEqual(t.shape, v.shape))
+            throw new Error(`Averager state does not fit variable ${v.name} [${v.shape}]`);
+          return ownedVariable(t.clone());
+        });
+      }
+    });
+    if (at !== values.length)
+      throw new Error(
+        `Averager state has ${values.length} tensors but ${at} variables are averaged`,
+      );
+  }
+
   /** Restores a state saved by `state()` for the same variables. */
   restore(state: AveragerState): void {
     const counts = state.counts ?? [[state.count]];

@@ -179,6 +179,35 @@ export class SwagCollector {
     };
   }
 
+  /**
+   * The state for checkpoints: snapshot counts per member, then per target its first and
+   * second moments and its ring of deviations. The tensors are the collector's own: read
+   * them before the next update, do not dispose them.
+   */
+  getState(): { counts: number[]; values: tf.Tensor[] } {
+    return {
+      counts: [...this.counts],
+      values: this.targets.flatMap((_, i) => [this.means[i]!, this.squares[i]!, this.devs[i]!]),
+    };
+  }
+
+  /** Restores a `getState()` of a collector over the same variables and rank (the values are copied). */
+  setState(state: { counts: readonly number[]; values: readonly tf.Tensor[] }): void {
+    const mine = this.getState().values;
+    if (state.counts.length !== this.members || state.values.length !== mine.length)
+      throw new Error(
+        `SWAG state of ${state.counts.length} members and ${state.values.length} tensors does not fit this collector`,
+      );
+    state.values.forEach((t, i) => {
+      if (!tf.util.arraysEqual(t.shape, mine[i]!.shape))
+        throw new Error(`SWAG state tensor ${i} [${t.shape}] does not fit [${mine[i]!.shape}]`);
+      (mine[i] as tf.Variable).assign(t);
+    });
+    state.counts.forEach((c, m) => {
+      this.counts[m] = c;
+    });
+  }
+
   /** One weight set drawn for `member`, one tensor per target without the member axis (the caller disposes them). */
   sample(normal: () => number, scale = SWAG_SCALE, member = 0): tf.Tensor[] {
     const posterior = new SwagPosterior(this.state(member));

@@ -19,7 +19,13 @@ import {
   type Forward,
 } from './fit.js';
 import type { OptimizerName } from './optimizers.js';
-import { type EarlyStopSettings, runStage, type StageResult, type SwaSettings } from './stage.js';
+import {
+  type EarlyStopSettings,
+  runStage,
+  type StageCheckpointing,
+  type StageResult,
+  type SwaSettings,
+} from './stage.js';
 
 /** What `--unfreeze` asks for. */
 export type Unfreeze =
@@ -352,6 +358,8 @@ export interface FineTuneInputs {
   readonly warn: (message: string) => void;
   /** Where prefix activations are kept between runs; null: in memory only. */
   readonly cache: EmbeddingCache | null;
+  /** The stage's checkpoints, given the variables it does not train (see StageCheckpointing.extra). */
+  readonly checkpoint?: (extra: readonly tf.Variable[]) => StageCheckpointing;
 }
 
 export interface FineTuneResult {
@@ -500,6 +508,7 @@ export async function runFineTune(
     const variables = groupVariables.flat();
     const lrScales = groupVariables.flatMap((vs, i) => vs.map(() => scales[i]!));
     const before = s.keep === 'best' ? variables.map((v) => v.clone()) : null;
+    // An interrupted stage (a callback that throws) must not strand the copies for --keep best.
     const stage = await runStage(trainBatches, valBatches, {
       name: 'finetune',
       forward,
@@ -519,6 +528,18 @@ export async function runFineTune(
       lrScales,
       warmupSteps: Math.ceil(trainBatches.size / batchSize),
       callbacks: [viewCallback, ...inputs.callbacks],
+      ...(inputs.checkpoint
+        ? {
+            checkpoint: inputs.checkpoint(
+              split.layers.flatMap((l) =>
+                l.nonTrainableWeights.map((w) => w.read() as tf.Variable),
+              ),
+            ),
+          }
+        : {}),
+    }).catch((err: unknown) => {
+      tf.dispose(before ?? []);
+      throw err;
     });
     let kept: FineTuneResult['kept'] = `finetune-${stage.kept}`;
     if (s.keep === 'best') {

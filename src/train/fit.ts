@@ -85,6 +85,23 @@ export interface FitOptions {
   readonly reseed?: (seeds: readonly number[]) => void;
   /** The stage's own work between steps and epochs (averaging, early stopping). */
   readonly hooks?: FitHooks;
+  /** Continue a fit from the state `hooks.epochDone` was given (the variables are the caller's to restore). */
+  readonly resume?: FitLoopState;
+}
+
+/**
+ * Where the loop stands after an epoch, enough to continue it exactly: the epochs done,
+ * the logs so far, which members stopped or diverged, and each member's random source as
+ * its shuffled order and the numbers drawn from it since its seed.
+ */
+export interface FitLoopState {
+  readonly epochs: number;
+  readonly histories: readonly (readonly EpochLogs[])[];
+  readonly stopped: readonly boolean[];
+  /** Why a member stopped counting (its divergence message), or null. */
+  readonly diverged: readonly (string | null)[];
+  readonly draws: readonly number[];
+  readonly orders: readonly (readonly number[])[];
 }
 
 /** Stage-level hooks of the loop: they see every member still training at once. */
@@ -100,6 +117,8 @@ export interface FitHooks {
     logs: readonly (EpochLogs | null)[],
     active: readonly number[],
   ): Promise<readonly number[]>;
+  /** After every epoch has fully ended (the members' callbacks included): where the loop stands. */
+  epochDone?(epoch: number, state: FitLoopState): Promise<void>;
 }
 
 /** Mean loss and accuracy over a data set, plus each row's probabilities. */
@@ -268,19 +287,39 @@ export async function fit(
   const stacked = options.stacked ?? false;
   if (k > 1 && !stacked) throw new Error('fit: several members must be stacked');
   const callbacks = members.map((m) => new CallbackList(m.callbacks));
-  const randoms = members.map((m) => seededRandom(m.seed));
-  const histories: EpochLogs[][] = members.map(() => []);
-  const diverged: (FinetuneError | null)[] = members.map(() => null);
-  const stopped = members.map(() => false);
+  const resume = options.resume;
+  if (
+    resume &&
+    (resume.histories.length !== k || resume.orders.some((o) => o.length !== train.size))
+  )
+    throw new Error('fit: the state to resume is of another fit');
+  // Each member's random source counts its draws, so a checkpoint can bring it back.
+  const draws = members.map((_, m) => resume?.draws[m] ?? 0);
+  const randoms = members.map((member, m) => {
+    const next = seededRandom(member.seed);
+    for (let i = 0; i < draws[m]!; i++) next();
+    return () => {
+      draws[m]!++;
+      return next();
+    };
+  });
+  const histories: EpochLogs[][] = members.map((_, m) => [...(resume?.histories[m] ?? [])]);
+  const diverged: (FinetuneError | null)[] = members.map((_, m) => {
+    const message = resume?.diverged[m];
+    return message ? new FinetuneError(message, { kind: 'data' }) : null;
+  });
+  const stopped = members.map((_, m) => resume?.stopped[m] ?? false);
   const isActive = (m: number) => !diverged[m] && !stopped[m];
   const activeList = () => members.flatMap((_, m) => (isActive(m) ? [m] : []));
-  const orders = members.map(() => Array.from({ length: train.size }, (_, i) => i));
+  const orders = members.map((_, m) =>
+    resume ? [...resume.orders[m]!] : Array.from({ length: train.size }, (_, i) => i),
+  );
   const stepsPerEpoch = Math.ceil(train.size / batchSize);
   const each = async (f: (c: CallbackList, m: number) => Promise<void>) => {
     for (let m = 0; m < k; m++) if (isActive(m)) await f(callbacks[m]!, m);
   };
   await each((c) => c.trainBegin());
-  for (let epoch = 0; epoch < epochs && activeList().length; epoch++) {
+  for (let epoch = resume?.epochs ?? 0; epoch < epochs && activeList().length; epoch++) {
     const started = performance.now();
     await each((c) => c.epochBegin(epoch));
     orders.forEach((order, m) => {
@@ -361,6 +400,14 @@ export async function fit(
       histories[m]!.push(logs[m]!);
     });
     for (const m of stopping) stopped[m] = true;
+    await options.hooks?.epochDone?.(epoch, {
+      epochs: epoch + 1,
+      histories,
+      stopped,
+      diverged: diverged.map((d) => d?.message ?? null),
+      draws,
+      orders,
+    });
   }
   options.reseed?.(members.map(() => Number.NaN));
   for (let m = 0; m < k; m++) if (!diverged[m]) await callbacks[m]!.trainEnd();

@@ -19,6 +19,8 @@ interface Rule {
   update(args: UpdateArgs, stepValues: Record<string, tf.Tensor>): void;
   /** Called once per step after the variables. */
   after(): void;
+  /** The rule's own per-step state (Adam's β powers), for checkpoints. */
+  readonly state: readonly tf.Variable[];
   dispose(): void;
 }
 
@@ -54,6 +56,7 @@ function adam(): Rule {
       accBeta1.assign(tf.mul(accBeta1, BETA1));
       accBeta2.assign(tf.mul(accBeta2, BETA2));
     },
+    state: [accBeta1, accBeta2],
     dispose: () => tf.dispose([accBeta1, accBeta2]),
   };
 }
@@ -71,6 +74,7 @@ function sgd(momentum: number): Rule {
       } else value.assign(tf.add(tf.mul(negLr, gradient), value));
     },
     after: () => undefined,
+    state: [],
     dispose: () => undefined,
   };
 }
@@ -81,6 +85,12 @@ export const OPTIMIZERS: Readonly<Record<OptimizerName, () => Rule>> = Object.fr
   sgd: () => sgd(0),
   momentum: () => sgd(MOMENTUM),
 });
+
+/** A StageOptimizer's state (see `getState`). */
+export interface OptimizerState {
+  readonly lrs: readonly number[];
+  readonly tensors: Readonly<Record<string, tf.Tensor>>;
+}
 
 /** Options of a StageOptimizer beyond its variables and rates. */
 export interface StageOptimizerOptions {
@@ -180,6 +190,50 @@ export class StageOptimizer {
       this.slots.set(key, slot);
     }
     return slot;
+  }
+
+  /**
+   * Everything a later step depends on, for checkpoints: the members' rates and, by name,
+   * the rule's state (`rule/0`, …) and every slot (`slot/<variable index>/<slot name>`:
+   * by position, since variable names differ between processes). The tensors are the
+   * optimizer's own: read them before the next step, do not dispose them.
+   */
+  getState(): OptimizerState {
+    const tensors: Record<string, tf.Tensor> = {};
+    this.rule.state.forEach((v, i) => {
+      tensors[`rule/${i}`] = v;
+    });
+    this.variables.forEach((value, i) => {
+      for (const [key, slot] of this.slots) {
+        const prefix = `${value.name}/`;
+        if (key.startsWith(prefix) && !key.slice(prefix.length).includes('/'))
+          tensors[`slot/${i}/${key.slice(prefix.length)}`] = slot;
+      }
+    });
+    return { lrs: [...this.lrs], tensors };
+  }
+
+  /** Restores a `getState()` of an optimizer over the same variables (the values are copied). */
+  setState(state: OptimizerState): void {
+    if (state.lrs.length !== this.lrs.length)
+      throw new Error(
+        `StageOptimizer: state of ${state.lrs.length} members for ${this.lrs.length}`,
+      );
+    state.lrs.forEach((lr, m) => {
+      this.lrs[m] = lr;
+    });
+    for (const [key, t] of Object.entries(state.tensors)) {
+      const rule = /^rule\/(\d+)$/.exec(key);
+      const slot = /^slot\/(\d+)\/(.+)$/.exec(key);
+      const target = rule
+        ? this.rule.state[Number(rule[1])]
+        : slot && this.variables[Number(slot[1])]
+          ? this.slot(this.variables[Number(slot[1])]!, slot[2]!)
+          : undefined;
+      if (!target || !tf.util.arraysEqual(target.shape, t.shape))
+        throw new Error(`StageOptimizer: state ${key} [${t.shape}] fits none of its variables`);
+      target.assign(t);
+    }
   }
 
   dispose(): void {

@@ -81,6 +81,7 @@ export interface TrainOptions {
   augment?: readonly AugmentKind[] | string;
   augmentViews?: number;
   keep?: 'last' | 'best';
+  checkpointEvery?: number;
   /** Progress and results as they happen; the library itself prints nothing. */
   onEvent?: (event: TrainEvent) => void;
 }
@@ -93,7 +94,8 @@ type Optional =
   | 'init'
   | 'threads'
   | 'workers'
-  | 'unfreeze';
+  | 'unfreeze'
+  | 'checkpointEvery';
 
 /** The options with every default filled in, as written to config.json. */
 export type ResolvedTrainOptions = Required<Omit<TrainOptions, 'onEvent' | Optional | 'augment'>> &
@@ -729,6 +731,15 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     check: choice('keep', ['last', 'best'] as const),
     phase: 'head',
     doc: "`last`: each stage's averaged weights (raw without averaging); `best`: by validation loss, the head stage keeps its raw or averaged weights, the fine-tune stage the best of the head's, its raw and its averaged",
+  },
+  {
+    key: 'checkpointEvery',
+    flag: 'checkpoint-every',
+    type: 'number',
+    defaultText: '0 (off)',
+    check: (v) => is.integerInRange('checkpointEvery', v, 0, MAX_EPOCHS),
+    phase: 'head',
+    doc: 'write `RUN/checkpoint/` at the end of every N-th epoch of either stage, for `--resume RUN` (see *Checkpoints and resume*)',
   },
 ] satisfies OptionRow[]);
 

@@ -1,10 +1,12 @@
 import path from 'node:path';
-import type * as tf from '@tensorflow/tfjs';
+import * as tf from '@tensorflow/tfjs';
 import { FinetuneError } from '../errors.js';
 import { classificationReport } from '../export/metrics.js';
+import { buildHead } from '../head/build.js';
 import { HeadPopulation } from '../head/population.js';
 import type { SwagState } from '../swa/swag.js';
 import type { EpochLogs, TrainingCallback } from './callbacks.js';
+import type { HeadCarry, RunCheckpoints } from './checkpoint.js';
 import {
   type StageSummary,
   type TrainSummary,
@@ -18,7 +20,13 @@ import { ArrayBatches, argmax, balancedWeights, type Evaluation, evaluateBatches
 import { headInit } from './init.js';
 import type { ResolvedTrainOptions } from './options.js';
 import type { Embedded, EmbeddedSplits, PreparedRun } from './run.js';
-import { type EarlyStopSettings, runMembers, type StageResult, type SwaSettings } from './stage.js';
+import {
+  type EarlyStopSettings,
+  runMembers,
+  type StageCheckpointing,
+  type StageResult,
+  type SwaSettings,
+} from './stage.js';
 
 export function figures(e: Evaluation | null): ValFigures | null {
   return e ? { loss: e.loss, acc: e.acc } : null;
@@ -126,9 +134,12 @@ export interface HeadJob {
 export async function trainHeads(
   embedded: EmbeddedSplits,
   jobs: readonly HeadJob[],
+  checkpoint?: StageCheckpointing,
 ): Promise<(HeadResult | FinetuneError)[]> {
   const first = jobs[0];
   if (!first) return [];
+  if (checkpoint && jobs.length > 1)
+    throw new Error('trainHeads: checkpoints are for one head at a time');
   const o = first.options;
   for (const job of jobs) {
     if (headShapeKey(job.options) !== headShapeKey(o))
@@ -166,6 +177,7 @@ export async function trainHeads(
         optimizer: o.optimizer,
         numClasses,
         stacked: true,
+        ...(checkpoint ? { checkpoint } : {}),
       },
       jobs.map(({ run, options: m }) => ({
         seed: m.seed,
@@ -224,8 +236,9 @@ export async function trainHead(
   run: PreparedRun,
   embedded: EmbeddedSplits,
   options: ResolvedTrainOptions = run.options,
+  checkpoint?: StageCheckpointing,
 ): Promise<HeadResult> {
-  const [head] = await trainHeads(embedded, [{ run, options }]);
+  const [head] = await trainHeads(embedded, [{ run, options }], checkpoint);
   if (head instanceof Error) throw head;
   return head!;
 }
@@ -247,6 +260,7 @@ export async function trainFinetune(
   embedded: EmbeddedSplits,
   head: HeadResult,
   options: ResolvedTrainOptions = run.options,
+  checkpoints?: RunCheckpoints | null,
 ): Promise<FinetuneStageResult> {
   const o = options;
   const plan = run.finetune;
@@ -265,6 +279,12 @@ export async function trainFinetune(
       callbacks: [epochLogger(run, o.finetuneEpochs)],
       cache: run.cache,
       warn: (message) => run.warn(message),
+      ...(checkpoints
+        ? {
+            checkpoint: (extra: readonly tf.Variable[]) =>
+              checkpoints.stage('finetune', head.stage.history, extra),
+          }
+        : {}),
     },
     {
       epochs: o.finetuneEpochs,
@@ -469,10 +489,18 @@ export async function trainStages(
     lap?: (name: string) => void;
     /** A head already trained with these options (by `trainHeads` beside others); it becomes the result's. */
     head?: HeadResult;
+    /** Checkpoints of both stages, and the one the run continues from. */
+    checkpoints?: RunCheckpoints | null;
   },
 ): Promise<StagesResult> {
   const lap = settings.lap ?? (() => undefined);
-  const head = settings.head ?? (await trainHead(run, embedded, options));
+  const checkpoints = settings.checkpoints ?? null;
+  const carried = checkpoints?.resumed?.stage === 'finetune' ? checkpoints.resumed.head : null;
+  const head =
+    settings.head ??
+    (carried
+      ? restoreHead(run, embedded, options, carried)
+      : await trainHead(run, embedded, options, checkpoints?.stage('head', [])));
   let finetune: FinetuneStageResult | null = null;
   try {
     lap('head');
@@ -481,7 +509,8 @@ export async function trainStages(
     let kept = head.kept;
     let val = head.val;
     if (settings.finetune) {
-      finetune = await trainFinetune(run, embedded, head, options);
+      checkpoints?.setHead(headCarry(head));
+      finetune = await trainFinetune(run, embedded, head, options, checkpoints);
       history.push(...finetune.result.stage.history);
       stages.finetune = finetune.summary;
       kept = finetune.kept;
@@ -498,4 +527,74 @@ export async function trainStages(
   } finally {
     await finetune?.result.dispose();
   }
+}
+
+/** What the fine-tune stage's checkpoints keep of a finished head stage (see HeadCarry). */
+function headCarry(head: HeadResult): HeadCarry {
+  const st = head.stage;
+  return {
+    summary: head.summary,
+    kept: head.kept,
+    val: head.val,
+    history: st.history,
+    raw: st.raw,
+    swa: st.swa,
+    stage: {
+      average: st.average,
+      snapshots: st.snapshots,
+      kept: st.kept,
+      stoppedAfter: st.stoppedAfter,
+      averagingFrom: st.averagingFrom,
+    },
+    weights: head.head.weights.map((w) => (w.read().dataSync() as Float32Array).slice()),
+  };
+}
+
+/**
+ * The head stage's result as a fine-tune checkpoint carried it: the head model with the
+ * weights the head stage left, and its records (its SWAG state is not carried: only the
+ * last stage's is exported).
+ */
+function restoreHead(
+  run: PreparedRun,
+  embedded: EmbeddedSplits,
+  o: ResolvedTrainOptions,
+  carry: HeadCarry,
+): HeadResult {
+  const head = buildHead(embedded.featureSize, run.splits.classes.length, {
+    hidden: o.hidden,
+    dropout: o.dropout,
+    seed: o.seed,
+  });
+  if (carry.weights.length !== head.weights.length)
+    throw new Error('restoreHead: the checkpoint holds another head');
+  tf.tidy(() => {
+    head.setWeights(head.weights.map((w, i) => tf.tensor(carry.weights[i]!, w.shape as number[])));
+  });
+  const stage: StageResult = {
+    history: [...carry.history],
+    raw: carry.raw,
+    swa: carry.swa,
+    average: carry.stage.average,
+    snapshots: carry.stage.snapshots,
+    kept: carry.stage.kept,
+    rawWeights: null,
+    stoppedAfter: carry.stage.stoppedAfter,
+    averagingFrom: carry.stage.averagingFrom,
+    swag: null,
+  };
+  run.emit({
+    type: 'stage-end',
+    stage: 'head',
+    raw: carry.raw?.acc ?? null,
+    swa: carry.swa?.acc ?? null,
+  });
+  return {
+    head,
+    stage,
+    summary: carry.summary,
+    kept: carry.kept,
+    val: carry.val,
+    dispose: () => head.dispose(),
+  };
 }

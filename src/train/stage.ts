@@ -20,6 +20,7 @@ import {
   type Evaluation,
   evaluateMembers,
   type FitHooks,
+  type FitLoopState,
   type FitMember,
   type Forward,
   fit,
@@ -92,6 +93,43 @@ export interface StageShared {
   readonly keepRaw?: boolean;
   /** One LR factor per variable (discriminative LRs; default 1), see StageOptimizer. */
   readonly lrScales?: readonly number[];
+  /** Checkpoints of the stage every N epochs, and the one to continue from. */
+  readonly checkpoint?: StageCheckpointing;
+}
+
+/**
+ * A stage's checkpoints: `save` is called at the end of every `every`-th epoch (0: never)
+ * with the whole state of the stage; `resume` (when given) is such a state to continue
+ * from, in place of the stage's first epochs.
+ */
+export interface StageCheckpointing {
+  readonly every: number;
+  save(state: StageState): Promise<void>;
+  readonly resume: StageState | null;
+  /**
+   * Variables the stage does not train but whose values a resume needs back, beyond its
+   * trainable set (BatchNorm moving statistics, should a mode update them).
+   */
+  readonly extra?: readonly tf.Variable[];
+}
+
+/**
+ * Everything a stage needs to continue after an epoch exactly as if it had not stopped:
+ * the loop's place (logs, random sources), each member's plan and early-stopping state,
+ * and by name the tensors: the variables (`var/i`), the extra variables (`extra/i`), the
+ * optimizer's state (`opt/…`), the averager's (`avg/i`), SWAG's (`swag/i`) and early
+ * stopping's best weights (`best/i`). In `save` the tensors are the stage's own (read them
+ * before returning); the tensors of a state to resume from pass to the stage, which frees
+ * them once restored.
+ */
+export interface StageState {
+  readonly stage: string;
+  readonly loop: FitLoopState;
+  readonly members: readonly MemberState[];
+  readonly lrs: readonly number[];
+  readonly averagerCounts: readonly (readonly number[])[] | null;
+  readonly swagCounts: readonly number[] | null;
+  readonly tensors: ReadonlyMap<string, tf.Tensor>;
 }
 
 /** One model's stage: the shared settings and its own. */
@@ -168,7 +206,7 @@ function averagingPlan(swa: SwaSettings, epochs: number, stage: string): Averagi
 }
 
 /** A member's progress through its stage: its plan (early stopping may move averaging forward) and its best epoch. */
-interface MemberState {
+export interface MemberState {
   plan: LrPlan;
   /** The last epoch (0-based) it trains. */
   lastEpoch: number;
@@ -263,6 +301,75 @@ export async function runMembers(
       ),
     );
     if (old) tf.dispose(old);
+  };
+  const extra = shared.checkpoint?.extra ?? [];
+  const resume = shared.checkpoint?.resume ?? null;
+  // The state resumed from is restored inside the try below (so a bad one frees the stage),
+  // and its tensors are freed once copied.
+  const restoreState = (resume: StageState) => {
+    if (resume.stage !== shared.name || resume.members.length !== k)
+      throw new Error(`runMembers: the state to resume is not of this ${shared.name} stage`);
+    const t = (name: string): tf.Tensor => {
+      const found = resume.tensors.get(name);
+      if (!found) throw new Error(`runMembers: the state to resume has no ${name}`);
+      return found;
+    };
+    const assign = (vars: readonly tf.Variable[], prefix: string) => {
+      vars.forEach((v, i) => {
+        const value = t(`${prefix}/${i}`);
+        if (!tf.util.arraysEqual(value.shape, v.shape))
+          throw new Error(
+            `runMembers: saved ${prefix}/${i} [${value.shape}] does not fit ${v.name} [${v.shape}]`,
+          );
+        v.assign(value);
+      });
+    };
+    assign(shared.variables, 'var');
+    assign(extra, 'extra');
+    const opt: Record<string, tf.Tensor> = {};
+    for (const [name, value] of resume.tensors)
+      if (name.startsWith('opt/')) opt[name.slice('opt/'.length)] = value;
+    optimizer.setState({ lrs: resume.lrs, tensors: opt });
+    const list = (prefix: string) =>
+      [...resume.tensors.keys()]
+        .filter((n) => n.startsWith(`${prefix}/`))
+        .map((_, i) => t(`${prefix}/${i}`));
+    if (averager && resume.averagerCounts)
+      averager.setState({ counts: resume.averagerCounts, values: list('avg') });
+    if (swag && resume.swagCounts)
+      swag.setState({ counts: resume.swagCounts, values: list('swag') });
+    resume.members.forEach((m, i) => {
+      Object.assign(states[i]!, m);
+    });
+    const best = list('best');
+    if (best.length) bestWeights = best.map((b) => b.clone());
+    tf.dispose([...resume.tensors.values()]);
+  };
+  const capture = (loop: FitLoopState): StageState => {
+    const tensors = new Map<string, tf.Tensor>();
+    const add = (prefix: string, values: readonly tf.Tensor[]) => {
+      values.forEach((v, i) => {
+        tensors.set(`${prefix}/${i}`, v);
+      });
+    };
+    add('var', shared.variables);
+    add('extra', extra);
+    const opt = optimizer.getState();
+    for (const [name, value] of Object.entries(opt.tensors)) tensors.set(`opt/${name}`, value);
+    const avg = averager?.getState() ?? null;
+    if (avg) add('avg', avg.values);
+    const sw = swag?.getState() ?? null;
+    if (sw) add('swag', sw.values);
+    if (bestWeights) add('best', bestWeights);
+    return {
+      stage: shared.name,
+      loop,
+      members: states.map((s) => ({ ...s })),
+      lrs: opt.lrs,
+      averagerCounts: avg?.counts ?? null,
+      swagCounts: sw?.counts ?? null,
+      tensors,
+    };
   };
   const evalBatch = Math.max(shared.batchSize, 64);
   const evaluate = () =>
@@ -360,8 +467,13 @@ export async function runMembers(
       }
       return stopping;
     },
+    async epochDone(epoch, loop) {
+      const c = shared.checkpoint;
+      if (c && c.every > 0 && (epoch + 1) % c.every === 0) await c.save(capture(loop));
+    },
   };
   try {
+    if (resume) restoreState(resume);
     const { histories, diverged } = await fit(train, val, {
       stage: shared.name,
       epochs: shared.epochs,
@@ -374,6 +486,7 @@ export async function runMembers(
       stacked,
       hooks,
       ...(shared.reseed ? { reseed: shared.reseed } : {}),
+      ...(resume ? { resume: resume.loop } : {}),
     });
     // Early stopping without averaging (or before it): the best raw weights come back.
     const restore = (which: 'raw' | 'averaged') => {

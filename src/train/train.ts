@@ -2,6 +2,13 @@ import path from 'node:path';
 import { dataError } from '../errors.js';
 import { exportClassifier } from '../export/classifier.js';
 import { openRunFolder } from '../io/run-folder.js';
+import { versions } from '../version.js';
+import {
+  type LoadedCheckpoint,
+  type ResumeOptions,
+  RunCheckpoints,
+  resumeOptions,
+} from './checkpoint.js';
 import { type TrainSummary, weightsName } from './events.js';
 import { resolveTrainOptions, type TrainOptions } from './options.js';
 import { type HeadResult, trainStages } from './phases.js';
@@ -53,21 +60,39 @@ export function checkCounts(run: PreparedRun, embedded: EmbeddedSplits): TrainSu
  * with SWA over its trainable variables → optional fine-tune stage → test figures →
  * export backbone + head → run records. Each phase is a library function of its own.
  *
+ * With `checkpointEvery` the run checkpoints itself, and `{ resume: RUN }` continues an
+ * interrupted one exactly (see `ResumeOptions`).
+ *
  * @example
  *   const summary = await train({ data: 'photos', out: 'runs/r1', epochs: 20 });
  *   console.log(summary.val?.acc);
+ *   await train({ resume: 'runs/r2' }); // a run started with checkpointEvery: 5
  */
-export async function train(options: TrainOptions): Promise<TrainSummary> {
+export async function train(options: TrainOptions | ResumeOptions): Promise<TrainSummary> {
   const t0 = performance.now();
+  // --resume: RUN's own options, and its checkpoint to continue from.
+  let resumed: LoadedCheckpoint | null = null;
+  if ('resume' in options && options.resume !== undefined) {
+    const r = await resumeOptions(options);
+    options = r.options;
+    resumed = r.checkpoint;
+  }
+  const given = options as TrainOptions;
   // --out is checked and locked before any work; the run writes into a staging folder
   // that replaces it whole at the end, so a folder is a complete run or visibly not one.
-  const out = resolveTrainOptions(options).out;
-  const folder = await openRunFolder(out);
+  let folder: Awaited<ReturnType<typeof openRunFolder>>;
   let run: PreparedRun;
   try {
-    run = await prepareRun({ ...options, out });
+    const out = resolveTrainOptions(given).out;
+    folder = await openRunFolder(out);
+    try {
+      run = await prepareRun({ ...given, out });
+    } catch (err) {
+      await folder.abandon();
+      throw err;
+    }
   } catch (err) {
-    await folder.abandon();
+    resumed?.dispose();
     throw err;
   }
   const o = run.options;
@@ -80,6 +105,18 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
   };
   let head: HeadResult | null = null;
   let committed = false;
+  const checkpoints = RunCheckpoints.create(
+    given,
+    o,
+    {
+      ...o,
+      backendInfo: run.backend,
+      backboneSpec: run.backbone.spec,
+      weightsHash: run.backbone.weightsHash,
+      versions: versions(),
+    },
+    resumed,
+  );
   try {
     const embedded = await embedSplits(run);
     lap('embed');
@@ -89,6 +126,7 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
       finetune: run.finetune !== null,
       predictions: true,
       lap,
+      checkpoints,
     });
     head = stagesResult.head;
     const { history, stages, kept, val, test, predictions } = stagesResult;
@@ -131,6 +169,7 @@ export async function train(options: TrainOptions): Promise<TrainSummary> {
     return summary;
   } finally {
     head?.dispose();
+    checkpoints?.dispose();
     run.dispose();
     if (!committed) await folder.abandon();
   }

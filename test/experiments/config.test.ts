@@ -161,6 +161,10 @@ test('the shape of the sweep itself is checked before any run', () => {
     'base: out is set once, at the top of the sweep config',
   );
   rejects(
+    { out: 'sw', base, grid: { checkpointEvery: [1] } },
+    "grid: checkpointEvery is for finetune train (a sweep's runs are not checkpointed)",
+  );
+  rejects(
     { out: 'sw', base, grid: { lr: [0.1] }, variants: [{ lr: 0.2 }] },
     'variants[0]: lr is also in grid; set it in one place',
   );

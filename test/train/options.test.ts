@@ -35,7 +35,8 @@ test('every row is a CLI flag with its doc and default in --help, and nothing el
   assert.match(help, /--epochs\s+Head-stage epochs \(at most 100000\) \[default: 40\]/);
   const extra = flags.filter(
     (f) =>
-      !TRAIN_OPTIONS.some((r) => r.flag === f) && !['quiet', 'json', 'help', 'version'].includes(f),
+      !TRAIN_OPTIONS.some((r) => r.flag === f) &&
+      !['quiet', 'json', 'resume', 'help', 'version'].includes(f),
   );
   assert.deepEqual(extra, []);
 });
