@@ -2,6 +2,7 @@ import path from 'node:path';
 import type * as tf from '@tensorflow/tfjs';
 import { FinetuneError } from '../errors.js';
 import { classificationReport } from '../export/metrics.js';
+import type { HeadOptions } from '../head/build.js';
 import { HeadPopulation } from '../head/population.js';
 import type { SwagState } from '../swa/swag.js';
 import type { EpochLogs, TrainingCallback } from './callbacks.js';
@@ -37,7 +38,15 @@ function stageSummary(stage: StageResult) {
     ...(stage.swag
       ? { swag: { rank: stage.swag.rank, deviations: stage.swag.deviations.length } }
       : {}),
+    ...(stage.bnRefreshed.length ? { bnRefreshed: stage.bnRefreshed } : {}),
+    ...(stage.candidates ? { candidates: stage.candidates } : {}),
+    ...(stage.chosen ? { chosen: stage.chosen } : {}),
   };
+}
+
+/** The head's shape and seed as the options give them (what buildHead and the export take). */
+export function headOptions(o: ResolvedTrainOptions): HeadOptions {
+  return { hidden: o.hidden, dropout: o.dropout, seed: o.seed, bn: o.headBn };
 }
 
 function featureBatches(e: Embedded, dim: number): ArrayBatches {
@@ -106,7 +115,7 @@ export interface HeadResult {
  * weights and SWA settings may differ.
  */
 export function headShapeKey(o: ResolvedTrainOptions): string {
-  return JSON.stringify([o.hidden, o.epochs, o.batchSize, o.optimizer]);
+  return JSON.stringify([o.hidden, o.headBn, o.epochs, o.batchSize, o.optimizer]);
 }
 
 /** A run whose head trains in `trainHeads`: its view (events, warnings) and its options. */
@@ -133,7 +142,7 @@ export async function trainHeads(
   for (const job of jobs) {
     if (headShapeKey(job.options) !== headShapeKey(o))
       throw new Error(
-        'trainHeads: heads trained together must agree on hidden, epochs, batchSize and optimizer',
+        'trainHeads: heads trained together must agree on hidden, headBn, epochs, batchSize and optimizer',
       );
   }
   const numClasses = first.run.splits.classes.length;
@@ -150,6 +159,7 @@ export async function trainHeads(
         ? { init: headInit(run.init.location, run.init.run, m.hidden, run.splits.classes) }
         : {}),
     })),
+    { bn: o.headBn },
   );
   const models: tf.LayersModel[] = [];
   try {
@@ -166,6 +176,7 @@ export async function trainHeads(
         optimizer: o.optimizer,
         numClasses,
         stacked: true,
+        batchNorm: heads.batchNormState(),
       },
       jobs.map(({ run, options: m }) => ({
         seed: m.seed,
@@ -261,6 +272,7 @@ export async function trainFinetune(
       val: { files: paths(embedded.val), labels: embedded.val.labels },
       numClasses,
       headLoss: head.val?.loss ?? null,
+      headAcc: head.val?.acc ?? null,
       engine: run.engine,
       callbacks: [epochLogger(run, o.finetuneEpochs)],
       cache: run.cache,
@@ -274,6 +286,7 @@ export async function trainFinetune(
       batchSize: o.batchSize,
       optimizer: o.optimizer,
       freezeBn: o.freezeBn,
+      bn: o.bn,
       swa: averaging(o, 'finetune'),
       earlyStop: earlyStopping(o, embedded),
       augment: o.augment,
@@ -307,6 +320,8 @@ export async function trainFinetune(
       batchSize: result.batchSize,
       trainableVariables: result.trainableVariables,
       ...(o.lrMult !== 1 ? { lrGroups: result.lrGroups } : {}),
+      ...(result.candidates ? { candidates: result.candidates } : {}),
+      ...(result.chosen ? { chosen: result.chosen } : {}),
     },
     kept,
     val,
@@ -402,7 +417,7 @@ export interface StagesResult {
 
 /** HeadPopulation's variables (`heads_<id>/logits_kernel`, …) as the exported model names them. */
 function headWeightName(name: string): string {
-  const m = /\/(hidden|logits)_(kernel|bias)$/.exec(name);
+  const m = /\/(hidden|logits|bn_\d+)_(kernel|bias|gamma|beta)$/.exec(name);
   if (!m) throw new Error(`exportedSwag: unexpected head variable ${name}`);
   return `head_${m[1]}/${m[2]}`;
 }
