@@ -546,10 +546,12 @@ async function swagAverage(
             seededNormal(sampleSeed(members[m]!.seed, s)),
             SWAG_SCALE,
           );
+          // SWAG's state keeps the member axis only with more than one member.
           theta.forEach((t, i) => {
-            values[i] = stacked
-              ? tf.where(membersMask(k, [m], t.rank + 1), tf.expandDims(t, 0), values[i]!)
-              : t;
+            values[i] =
+              stacked && k > 1
+                ? tf.where(membersMask(k, [m], t.rank + 1), tf.expandDims(t, 0), values[i]!)
+                : tf.reshape(t, shared.variables[i]!.shape);
           });
         });
         shared.variables.forEach((v, i) => {
