@@ -292,7 +292,7 @@ export class HeadPopulation {
       mode.into[i]!.add(mean.dataSync(), variance.dataSync(), rows.shape[1]!);
     } else {
       const decay = 1 - HEAD_BN_MOMENTUM;
-      const held = this.held.some(Boolean)
+      const active = this.held.some(Boolean)
         ? tf.tensor(
             this.held.map((h) => !h),
             [k, 1, 1],
@@ -304,7 +304,7 @@ export class HeadPopulation {
         [bn.movingVariance, variance],
       ] as const) {
         const next = tf.sub(moving, tf.mul(tf.sub(moving, batch), decay));
-        moving.assign(held ? tf.where(held, next, moving) : next);
+        moving.assign(active ? tf.where(active, next, moving) : next);
       }
     }
     const scale = tf.mul(tf.rsqrt(tf.add(variance, HEAD_BN_EPSILON)), bn.gamma);

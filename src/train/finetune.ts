@@ -556,8 +556,9 @@ export async function runFineTune(
     let kept: FineTuneResult['kept'] = `finetune-${stage.kept}`;
     let candidates: FineTuneCandidate[] | null = null;
     let chosen: FineTuneResult['chosen'] = null;
-    if (s.keep === 'best') {
-      // The stage has already kept the best of its own candidates (raw, averaged, SWAG).
+    if (s.keep === 'best' && stage.candidates) {
+      // The stage has already kept the best of its own candidates (raw, averaged, SWAG);
+      // without validation images there are none and it keeps what `last` would.
       const none = Number.POSITIVE_INFINITY;
       candidates = [
         { weights: 'head', loss: inputs.headLoss ?? none, acc: inputs.headAcc ?? Number.NaN },

@@ -446,9 +446,10 @@ export async function runMembers(
       if (bn) await bn.refresh(train, shared.batchSize, averagedMembers);
       if (val?.size) averaged = await evaluate();
     }
-    // keep best: SWAG's model average joins the candidates where it was collected.
+    // keep best: SWAG's model average joins the candidates where it was collected, unless
+    // early stopping kept an earlier average than the one its moments centre on.
     const swagMembers = members.flatMap((m, i) =>
-      m.keep === 'best' && swag && swag.count(i) > 0 && val?.size ? [i] : [],
+      m.keep === 'best' && swag && swag.count(i) > 0 && states[i]!.stoppedAfter === null ? [i] : [],
     );
     const swagged =
       swagMembers.length && val?.size
