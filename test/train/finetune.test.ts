@@ -213,6 +213,29 @@ test('--head-bn and --bn train: trained statistics, refreshed after averaging; t
     assert.ok(exported.has(name), name);
 });
 
+test('--bn train with --freeze-bn: the statistics train, gamma and beta do not', async () => {
+  const out = path.join(dir, 'ft-bn-frozen-affine');
+  await train({
+    data,
+    out,
+    backbone: tiny,
+    backend: 'wasm',
+    epochs: 2,
+    batchSize: 8,
+    finetuneEpochs: 2,
+    unfreeze: 'from:dw1',
+    bn: 'train',
+    freezeBn: true,
+    cache: false,
+  });
+  const original = await weights(tiny);
+  const exported = await weights(path.join(out, 'model', 'model.json'));
+  for (const name of ['bn2/gamma', 'bn2/beta', 'bn1/moving_mean', 'bn1/moving_variance'])
+    assert.ok(same(original.get(name)!, exported.get(name)!), `${name} unchanged`);
+  for (const name of ['bn2/moving_mean', 'bn2/moving_variance'])
+    assert.ok(!same(original.get(name)!, exported.get(name)!), `${name} trained`);
+});
+
 test('a graph-model backbone with a fine-tune stage fails at once, saying why', async () => {
   await assert.rejects(
     train({ data, backbone: 'mobilenet_v2', finetuneEpochs: 1 }),
