@@ -201,6 +201,12 @@ export { type HeadMember, HeadPopulation } from './head/population.js';
 export { openRunFolder, type RunFolder, removePendingSync } from './io/run-folder.js';
 export { type AveragerKind, type AveragerState, WeightAverager } from './swa/averager.js';
 export {
+  type BatchNormState,
+  layersBatchNorm,
+  MomentAccumulator,
+  refreshBatchNorm,
+} from './swa/bn-refresh.js';
+export {
   AVERAGE_OPTIONS,
   type AverageKind,
   type AverageOption,
@@ -310,6 +316,8 @@ export {
   prepareRun,
 } from './train/run.js';
 export {
+  type CandidateKind,
+  KEEP_SWAG_SAMPLES,
   runMembers,
   runStage,
   type StageMember,
@@ -317,6 +325,7 @@ export {
   type StageResult,
   type StageShared,
   type SwaSettings,
+  type WeightsCandidate,
 } from './train/stage.js';
 export { train } from './train/train.js';
 export { VERSION, versions } from './version.js';

@@ -6,7 +6,7 @@ import { FinetuneError } from '../errors.js';
 import { exportClassifier } from '../export/classifier.js';
 import { MODEL_DIR, writeJson } from '../export/model-dir.js';
 import { type TrainEvent, type TrainSummary, weightsName } from '../train/events.js';
-import { type HeadResult, trainStages } from '../train/phases.js';
+import { type HeadResult, headOptions, trainStages } from '../train/phases.js';
 import { writeRunRecords } from '../train/records.js';
 import type { EmbeddedSplits, PreparedRun } from '../train/run.js';
 import type { SweepRun } from './config.js';
@@ -137,7 +137,7 @@ export async function exportInto(
     staging,
     shared.backbone,
     head.head,
-    { hidden: o.hidden, dropout: o.dropout, seed: o.seed },
+    headOptions(o),
     shared.splits.classes,
     weightsName(head.kept),
   );
@@ -211,7 +211,7 @@ export async function executeRun(
         o.out,
         shared.backbone,
         stagesResult.head.head,
-        { hidden: o.hidden, dropout: o.dropout, seed: o.seed },
+        headOptions(o),
         shared.splits.classes,
         exported,
         undefined,

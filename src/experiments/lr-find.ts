@@ -141,7 +141,7 @@ export async function lrFind(
     const embedSeconds = (performance.now() - t0) / 1000;
     const numClasses = run.splits.classes.length;
     const dim = embedded.featureSize;
-    const shape = { hidden: o.hidden, dropout: o.dropout, seed: o.seed };
+    const shape = { hidden: o.hidden, dropout: o.dropout, seed: o.seed, bn: o.headBn };
     const model = run.init
       ? initialHeadModel(run.init, dim, run.splits.classes, shape)
       : buildHead(dim, numClasses, shape);

@@ -20,6 +20,7 @@ import {
   SWAG_DATA_FILE,
   SWAG_SCALE,
   SwagPosterior,
+  sampleSeed,
   seededNormal,
 } from '../swa/swag.js';
 import { splitBody } from '../train/finetune.js';
@@ -283,11 +284,6 @@ async function sampledClassifier(
     split.release();
     throw err;
   }
-}
-
-/** Sample s's own seed (a golden-ratio step, so that nearby seeds do not share samples). */
-function sampleSeed(seed: number, s: number): number {
-  return (seed + Math.imul(s + 1, 0x9e3779b9)) >>> 0;
 }
 
 /** Loads a classifier exported by `train` onto the chosen engine. */

@@ -7,15 +7,27 @@ export interface HeadOptions {
   dropout?: number;
   /** Seed of the kernel initialisers. */
   seed?: number;
+  /**
+   * `--head-bn`: a BatchNormalization before each Dense (fastai's create_head), on the
+   * features and, with a hidden layer, on its activations. Default false.
+   */
+  bn?: boolean;
 }
+
+/** Keras's (and tfjs's) BatchNormalization defaults, which the head's BN layers use. */
+export const HEAD_BN_MOMENTUM = 0.99;
+export const HEAD_BN_EPSILON = 1e-3;
+
+/** The name of the head's i-th BatchNormalization (0: on the features, 1: on the hidden layer). */
+export const headBnName = (i: number): string => `head_bn_${i}`;
 
 /** Layer names the rest of the toolkit relies on. */
 export const HEAD_LOGITS = 'head_logits';
 export const HEAD_PROBS = 'head_probs';
 
 /**
- * Applies the classification head to `input`: [Dense(hidden, relu)] → Dropout → Dense
- * (logits) → Softmax. Returns both the logits (what training differentiates, so the
+ * Applies the classification head to `input`: [BN] → [Dense(hidden, relu) → [BN]] →
+ * Dropout → Dense (logits) → Softmax, the BN layers with `bn` (named head_bn_0, head_bn_1). Returns both the logits (what training differentiates, so the
  * loss can use the numerically stable softmax cross-entropy) and the probabilities
  * (what the exported model outputs).
  */
@@ -24,8 +36,19 @@ export function applyHead(
   numClasses: number,
   options: HeadOptions = {},
 ): { logits: tf.SymbolicTensor; probs: tf.SymbolicTensor } {
-  const { hidden = 0, dropout = 0.2, seed = 42 } = options;
+  const { hidden = 0, dropout = 0.2, seed = 42, bn = false } = options;
   let x = input;
+  let bns = 0;
+  const batchNorm = () => {
+    x = tf.layers
+      .batchNormalization({
+        momentum: HEAD_BN_MOMENTUM,
+        epsilon: HEAD_BN_EPSILON,
+        name: headBnName(bns++),
+      })
+      .apply(x) as tf.SymbolicTensor;
+  };
+  if (bn) batchNorm();
   if (hidden > 0) {
     x = tf.layers
       .dense({
@@ -35,6 +58,7 @@ export function applyHead(
         kernelInitializer: tf.initializers.heNormal({ seed }),
       })
       .apply(x) as tf.SymbolicTensor;
+    if (bn) batchNorm();
   }
   if (dropout > 0)
     x = tf.layers

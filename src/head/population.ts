@@ -1,6 +1,8 @@
 import * as tf from '@tensorflow/tfjs';
+import { type BatchNormState, MomentAccumulator, passBatches } from '../swa/bn-refresh.js';
+import type { Batches } from '../train/fit.js';
 import { seededRandom } from '../util/random.js';
-import { buildHead, HEAD_LOGITS } from './build.js';
+import { buildHead, HEAD_BN_EPSILON, HEAD_BN_MOMENTUM, HEAD_LOGITS, headBnName } from './build.js';
 
 type GradFunc = Parameters<typeof tf.customGrad>[0];
 
@@ -153,6 +155,20 @@ function withColumns(
   return out;
 }
 
+/** One member-stacked BatchNormalization ([K, 1, d] each): what buildHead's head_bn_i holds per member. */
+interface StackedBatchNorm {
+  readonly gamma: tf.Variable;
+  readonly beta: tf.Variable;
+  readonly movingMean: tf.Variable;
+  readonly movingVariance: tf.Variable;
+}
+
+/** What a BatchNormalization does with its input: training (batch statistics, moving ones updated), inference, or a refresh pass. */
+type BnMode =
+  | { readonly kind: 'train' }
+  | { readonly kind: 'infer' }
+  | { readonly kind: 'collect'; readonly into: MomentAccumulator[] };
+
 /**
  * Classification heads of one shape, trained side by side: member k's weights sit at
  * index k of the first axis of every variable, so a step costs about what one head's
@@ -171,14 +187,22 @@ export class HeadPopulation {
   private readonly hiddenLayer: { kernel: tf.Variable; bias: tf.Variable } | null;
   private readonly kernel: tf.Variable;
   private readonly bias: tf.Variable;
+  /** With `bn`: on the features, then (with a hidden layer) on its activations. */
+  private readonly bns: StackedBatchNorm[];
+  /** Members whose moving statistics no longer update (their training has ended). */
+  private readonly held: boolean[];
   private seeds: readonly number[];
+  readonly bn: boolean;
 
   constructor(
     readonly featureSize: number,
     readonly numClasses: number,
     readonly hidden: number,
     readonly members: readonly HeadMember[],
+    options: { readonly bn?: boolean } = {},
   ) {
+    this.bn = options.bn ?? false;
+    this.held = members.map(() => false);
     this.seeds = members.map(() => Number.NaN);
     for (const m of members) if (m.init) checkInit(m.init, featureSize, numClasses, hidden);
     const stack = (make: (m: HeadMember) => tf.Tensor, name: string) =>
@@ -221,11 +245,124 @@ export class HeadPopulation {
           : tf.zeros([1, numClasses]),
       `heads_${id}/logits_bias`,
     );
+    const bnOf = (i: number, d: number): StackedBatchNorm => {
+      const fill = (value: number, name: string, trainable: boolean) =>
+        tf.tidy(() =>
+          tf.variable(
+            tf.fill([members.length, 1, d], value),
+            trainable,
+            `heads_${id}/bn_${i}_${name}`,
+          ),
+        );
+      return {
+        gamma: fill(1, 'gamma', true),
+        beta: fill(0, 'beta', true),
+        movingMean: fill(0, 'moving_mean', false),
+        movingVariance: fill(1, 'moving_variance', false),
+      };
+    };
+    this.bns = this.bn ? [bnOf(0, featureSize), ...(hidden > 0 ? [bnOf(1, hidden)] : [])] : [];
+    const affine = (i: number) => (this.bns[i] ? [this.bns[i]!.gamma, this.bns[i]!.beta] : []);
     this.variables = [
+      ...affine(0),
       ...(this.hiddenLayer ? [this.hiddenLayer.kernel, this.hiddenLayer.bias] : []),
+      ...affine(1),
       this.kernel,
       this.bias,
     ];
+  }
+
+  /**
+   * Member-stacked BatchNormalization i of x ([K, B, d], or [B, d] shared by every member).
+   * Training normalises each member's rows by their own batch mean and biased variance
+   * (tf.moments, as tfjs's layer) and moves each member's moving statistics by tfjs's
+   * rule, m ← m − (m − batch)·(1 − momentum), except held members'; inference uses the
+   * moving statistics; a refresh pass normalises by batch statistics and records them.
+   */
+  private batchNorm(i: number, x: tf.Tensor, mode: BnMode): tf.Tensor {
+    const bn = this.bns[i]!;
+    const k = this.members.length;
+    if (mode.kind === 'infer') {
+      const scale = tf.mul(tf.rsqrt(tf.add(bn.movingVariance, HEAD_BN_EPSILON)), bn.gamma);
+      return tf.add(tf.mul(tf.sub(x, bn.movingMean), scale), bn.beta);
+    }
+    const rows = x.rank === 3 ? x : tf.broadcastTo(tf.expandDims(x, 0), [k, ...x.shape]);
+    const { mean, variance } = tf.moments(rows, 1, true);
+    if (mode.kind === 'collect') {
+      mode.into[i]!.add(mean.dataSync(), variance.dataSync(), rows.shape[1]!);
+    } else {
+      const decay = 1 - HEAD_BN_MOMENTUM;
+      const active = this.held.some(Boolean)
+        ? tf.tensor(
+            this.held.map((h) => !h),
+            [k, 1, 1],
+            'bool',
+          )
+        : null;
+      for (const [moving, batch] of [
+        [bn.movingMean, mean],
+        [bn.movingVariance, variance],
+      ] as const) {
+        const next = tf.sub(moving, tf.mul(tf.sub(moving, batch), decay));
+        moving.assign(active ? tf.where(active, next, moving) : next);
+      }
+    }
+    const scale = tf.mul(tf.rsqrt(tf.add(variance, HEAD_BN_EPSILON)), bn.gamma);
+    return tf.add(tf.mul(tf.sub(rows, mean), scale), bn.beta);
+  }
+
+  /** The layers up to the classifier's input: [BN] → [Dense(hidden, relu) → [BN]]. */
+  private body(x: tf.Tensor, mode: BnMode): tf.Tensor {
+    let h = x;
+    if (this.bn) h = this.batchNorm(0, h, mode);
+    if (this.hiddenLayer) {
+      // With BN before it, its input carries trainable variables (gamma, beta): it needs a gradient.
+      h = tf.relu(tf.add(memberMatMul(h, this.hiddenLayer.kernel, this.bn), this.hiddenLayer.bias));
+      if (this.bn) h = this.batchNorm(1, h, mode);
+    }
+    return h;
+  }
+
+  /**
+   * With `bn`, the moving statistics as a stage's BatchNormState (see bn-refresh.ts):
+   * members held when their training ends, refreshed from one pass with the weights as
+   * they are (each member's own, every member seeing every row); null without `bn`.
+   */
+  batchNormState(): BatchNormState | null {
+    if (!this.bn) return null;
+    return {
+      layers: this.bns.map((_, i) => headBnName(i)),
+      variables: this.bns.flatMap((b) => [b.movingMean, b.movingVariance]),
+      hold: (members) => {
+        for (const m of members) this.held[m] = true;
+      },
+      refresh: (train, batchSize, members) => this.refresh(train, batchSize, members),
+    };
+  }
+
+  /** Recomputes `members`' moving statistics (see BatchNormState.refresh); the others keep theirs. */
+  private async refresh(train: Batches, batchSize: number, members: readonly number[]) {
+    if (!this.bn || !members.length || !train.size) return;
+    const k = this.members.length;
+    const into = this.bns.map((b) => new MomentAccumulator(b.movingMean.size));
+    for (const rows of passBatches(train.size, batchSize)) {
+      tf.tidy(() => {
+        this.body(train.take(rows), { kind: 'collect', into });
+      });
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+    const on = new Array<boolean>(k).fill(false);
+    for (const m of members) on[m] = true;
+    tf.tidy(() => {
+      const mask = tf.tensor(on, [k, 1, 1], 'bool');
+      this.bns.forEach((b, i) => {
+        const shape = b.movingMean.shape;
+        b.movingMean.assign(tf.where(mask, tf.tensor(into[i]!.mean(), shape), b.movingMean));
+        b.movingVariance.assign(
+          tf.where(mask, tf.tensor(into[i]!.variance(), shape), b.movingVariance),
+        );
+      });
+    });
   }
 
   /** Dropout seeds for the next training step, one per member (NaN: none). */
@@ -238,11 +375,9 @@ export class HeadPopulation {
    * for every member (how validation runs, with no copies); `training` applies dropout.
    */
   forward(x: tf.Tensor, training: boolean): tf.Tensor {
-    let h = x;
-    if (this.hiddenLayer)
-      h = tf.relu(tf.add(memberMatMul(h, this.hiddenLayer.kernel, false), this.hiddenLayer.bias));
+    let h = this.body(x, { kind: training ? 'train' : 'infer' });
     if (training) h = this.dropout(h);
-    return tf.add(memberMatMul(h, this.kernel, this.hiddenLayer !== null), this.bias);
+    return tf.add(memberMatMul(h, this.kernel, this.hiddenLayer !== null || this.bn), this.bias);
   }
 
   /**
@@ -289,6 +424,7 @@ export class HeadPopulation {
       hidden: this.hidden,
       dropout: m.dropout,
       seed: m.seed,
+      bn: this.bn,
     });
     tf.tidy(() => {
       // Fresh tensors from the values: a slice or reshape would share a buffer whose
@@ -305,6 +441,17 @@ export class HeadPopulation {
             slice(this.hiddenLayer.bias, [this.hidden]),
           ]);
       }
+      this.bns.forEach((b, i) => {
+        const d = b.gamma.shape[2]!;
+        model
+          .getLayer(headBnName(i))
+          .setWeights([
+            slice(b.gamma, [d]),
+            slice(b.beta, [d]),
+            slice(b.movingMean, [d]),
+            slice(b.movingVariance, [d]),
+          ]);
+      });
       const inner = this.hidden > 0 ? this.hidden : this.featureSize;
       model
         .getLayer(HEAD_LOGITS)
@@ -318,5 +465,6 @@ export class HeadPopulation {
 
   dispose(): void {
     tf.dispose(this.variables);
+    tf.dispose(this.bns.flatMap((b) => [b.movingMean, b.movingVariance]));
   }
 }

@@ -283,6 +283,11 @@ export class SwagPosterior {
   }
 }
 
+/** Sample s's own seed from a run's seed (a golden-ratio step, so that nearby seeds do not share samples). */
+export function sampleSeed(seed: number, s: number): number {
+  return (seed + Math.imul(s + 1, 0x9e3779b9)) >>> 0;
+}
+
 /**
  * Standard normal draws from a seed (Box–Muller over mulberry32), so a seed gives the
  * same samples on every run and every backend.

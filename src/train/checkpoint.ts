@@ -14,7 +14,7 @@ import {
   TRAIN_OPTIONS,
   type TrainOptions,
 } from './options.js';
-import type { StageCheckpointing, StageState } from './stage.js';
+import type { CandidateKind, StageCheckpointing, StageState, WeightsCandidate } from './stage.js';
 
 /** The checkpoint's folder inside the run folder. */
 export const CHECKPOINT_DIR = 'checkpoint';
@@ -134,6 +134,9 @@ export interface HeadCarry {
     readonly kept: 'raw' | 'swa' | 'ema';
     readonly stoppedAfter: number | null;
     readonly averagingFrom: number | null;
+    readonly bnRefreshed: readonly string[];
+    readonly candidates: readonly WeightsCandidate[] | null;
+    readonly chosen: CandidateKind | null;
   };
   readonly weights: readonly Float32Array[];
 }

@@ -60,6 +60,20 @@ export interface StageSummary {
   readonly kept: WeightsKind | 'head' | `finetune-${WeightsKind}`;
   /** With `--swag`: SWAG's rank and the deviations it kept. */
   readonly swag?: { readonly rank: number; readonly deviations: number };
+  /** BatchNorm layers whose statistics were recomputed for the averaged weights (`--head-bn`, `--bn train`). */
+  readonly bnRefreshed?: readonly string[];
+  /**
+   * `--keep best`: every candidate's validation figures (raw, averaged, `swag` for SWAG's
+   * model average of `samples` weight sets; the fine-tune stage also `head`, stage-prefixed).
+   */
+  readonly candidates?: readonly {
+    readonly weights: string;
+    readonly loss: number;
+    readonly acc: number;
+    readonly samples?: number;
+  }[];
+  /** `--keep best`: the winning candidate (`swag`: the model holds the SWA mean the samples centre on). */
+  readonly chosen?: string;
   /** Head stage only: the exported run it started from (`--init`). */
   readonly init?: InitRecord;
   readonly unfreezeFrom?: string;

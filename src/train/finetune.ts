@@ -9,6 +9,7 @@ import { createFrozenModel, type EngineContext } from '../engine/index.js';
 import type { FrozenModel } from '../engine/types.js';
 import { FinetuneError, invalidOption } from '../errors.js';
 import { dropoutSeeder, logitsView } from '../head/build.js';
+import { layersBatchNorm } from '../swa/bn-refresh.js';
 import type { TrainingCallback } from './callbacks.js';
 import type { WeightsKind } from './events.js';
 import {
@@ -25,6 +26,7 @@ import {
   type StageCheckpointing,
   type StageResult,
   type SwaSettings,
+  type WeightsCandidate,
 } from './stage.js';
 
 /** What `--unfreeze` asks for. */
@@ -325,6 +327,13 @@ export interface FineTuneSettings {
   readonly optimizer: OptimizerName;
   readonly freezeBn: boolean;
   /**
+   * `--bn`: `frozen` (default) runs the unfrozen blocks' BatchNormalization in inference
+   * mode; `train` in training mode (batch statistics, moving ones updated and, after
+   * averaging, recomputed). With `freezeBn` too, the statistics train and gamma/beta do not.
+   * The frozen prefix's BN is never touched.
+   */
+  readonly bn?: 'frozen' | 'train';
+  /**
    * Discriminative LRs (default 1: one LR for all): the head trains at `lr`, the first
    * unfrozen layer group at lr / lrMult, the groups between at geometrically spaced rates
    * (see `layerGroups`, `groupScales`).
@@ -352,6 +361,8 @@ export interface FineTuneInputs {
   readonly numClasses: number;
   /** Validation loss of what stage one left in the head (for --keep best). */
   readonly headLoss: number | null;
+  /** Its validation accuracy, recorded beside the loss among --keep best's candidates. */
+  readonly headAcc?: number | null;
   /** Where the frozen prefix runs (and its lowered copy is cached). */
   readonly engine: EngineContext;
   readonly callbacks: readonly TrainingCallback[];
@@ -373,9 +384,18 @@ export interface FineTuneResult {
   readonly prefixEngine: string;
   /** Which weights the model holds now: 'finetune-swa', 'finetune-raw' or 'head-…' (stage one's, with --keep best). */
   readonly kept: 'head' | `finetune-${WeightsKind}`;
+  /** `--keep best`: every candidate with its validation figures, the head's first (null otherwise). */
+  readonly candidates: readonly FineTuneCandidate[] | null;
+  /** `--keep best`: the winner (`finetune-swag`: the model holds the SWA mean, see StageResult.chosen). */
+  readonly chosen: FineTuneCandidate['weights'] | null;
   /** Inference on raw pixels through prefix, suffix and head, for test figures. */
   readonly evaluate: (files: readonly string[], labels: Int32Array) => Promise<Evaluation>;
   dispose(): Promise<void>;
+}
+
+/** A `--keep best` candidate of the fine-tune stage: the head's weights, or one of the stage's. */
+export interface FineTuneCandidate extends Omit<WeightsCandidate, 'weights'> {
+  readonly weights: 'head' | `finetune-${WeightsCandidate['weights']}`;
 }
 
 /**
@@ -398,8 +418,9 @@ export function fittingBatchSize(
  * Stage two: unfreeze the top of the backbone and train it with the head at a low LR.
  * The frozen prefix runs once per image (per augmented view) on the frozen-pass engine
  * and its activations are kept; each epoch trains only the suffix, outside of which no
- * frozen layer ever sits on the gradient tape. BatchNorm stays in inference mode. A
- * fresh optimizer and averager cover exactly this stage's trainable set.
+ * frozen layer ever sits on the gradient tape. The body's BatchNorm stays in inference
+ * mode unless `bn: 'train'` (the head's, with `--head-bn`, trains). A fresh optimizer and
+ * averager cover exactly this stage's trainable set.
  */
 export async function runFineTune(
   inputs: FineTuneInputs,
@@ -439,7 +460,8 @@ export async function runFineTune(
       concurrency: s.decodeConcurrency,
       cache,
     });
-  const restoreBn = inferenceModeBatchNorm(split.layers);
+  const trainBn = s.bn === 'train';
+  const restoreBn = trainBn ? () => undefined : inferenceModeBatchNorm(split.layers);
   const restoreTrainable = split.layers.map((l) => {
     const was = l.trainable;
     l.trainable = !(s.freezeBn && l.getClassName() === 'BatchNormalization');
@@ -507,7 +529,12 @@ export async function runFineTune(
     ];
     const variables = groupVariables.flat();
     const lrScales = groupVariables.flatMap((vs, i) => vs.map(() => scales[i]!));
-    const before = s.keep === 'best' ? variables.map((v) => v.clone()) : null;
+    // BN in training mode: the head's (--head-bn) and, with --bn train, the unfrozen body's.
+    const batchNorm = layersBatchNorm([...(trainBn ? split.layers : []), ...head.layers], (x) =>
+      forward(x, false),
+    );
+    const weights = [...variables, ...batchNorm.variables];
+    const before = s.keep === 'best' ? weights.map((v) => v.clone()) : null;
     // An interrupted stage (a callback that throws) must not strand the copies for --keep best.
     const stage = await runStage(trainBatches, valBatches, {
       name: 'finetune',
@@ -524,7 +551,8 @@ export async function runFineTune(
       seed: s.seed + 1,
       swa: s.swa,
       earlyStop: s.earlyStop,
-      keepRaw: s.keep === 'best',
+      keep: s.keep,
+      batchNorm,
       lrScales,
       warmupSteps: Math.ceil(trainBatches.size / batchSize),
       callbacks: [viewCallback, ...inputs.callbacks],
@@ -542,30 +570,29 @@ export async function runFineTune(
       throw err;
     });
     let kept: FineTuneResult['kept'] = `finetune-${stage.kept}`;
-    if (s.keep === 'best') {
+    let candidates: FineTuneCandidate[] | null = null;
+    let chosen: FineTuneResult['chosen'] = null;
+    if (s.keep === 'best' && stage.candidates) {
+      // The stage has already kept the best of its own candidates (raw, averaged, SWAG);
+      // without validation images there are none and it keeps what `last` would.
       const none = Number.POSITIVE_INFINITY;
-      const candidates: [FineTuneResult['kept'], number, tf.Tensor[] | null][] = [
-        ['head', inputs.headLoss ?? none, before],
-        ['finetune-raw', stage.raw?.loss ?? none, stage.rawWeights],
-        ...(stage.swa && stage.average
-          ? [
-              [`finetune-${stage.average}`, stage.swa.loss, null] as [
-                FineTuneResult['kept'],
-                number,
-                null,
-              ],
-            ]
-          : []),
+      candidates = [
+        { weights: 'head', loss: inputs.headLoss ?? none, acc: inputs.headAcc ?? Number.NaN },
+        ...(stage.candidates ?? []).map((c) => ({
+          ...c,
+          weights: `finetune-${c.weights}` as const,
+        })),
       ];
+      const stageBest = stage.chosen ? `finetune-${stage.chosen}` : `finetune-${stage.kept}`;
+      const stageLoss = candidates.find((c) => c.weights === stageBest)?.loss ?? none;
       // By validation loss; ties keep the later stage: it has seen the most training.
-      const best = candidates.reduce((a, b) => (b[1] <= a[1] ? b : a));
-      const chosen = best[2];
-      if (chosen) {
-        variables.forEach((v, i) => {
-          v.assign(chosen[i]!);
+      if (candidates[0]!.loss < stageLoss) {
+        weights.forEach((v, i) => {
+          v.assign(before![i]!);
         });
-      }
-      kept = best[0];
+        kept = 'head';
+        chosen = 'head';
+      } else chosen = stageBest as FineTuneResult['chosen'];
     }
     tf.dispose(before ?? []);
     tf.dispose(stage.rawWeights ?? []);
@@ -581,6 +608,8 @@ export async function runFineTune(
       })),
       prefixEngine: choice.engine,
       kept,
+      candidates,
+      chosen,
       evaluate: async (files, labels) => {
         const a = await activations(files, null);
         return evaluateBatches(

@@ -127,6 +127,12 @@ export async function readInitRun(location: string): Promise<InitRun> {
     const logits = denseOf(layer(HEAD_LOGITS));
     if (!logits)
       throw initError(location, () => `${modelFile} has no '${HEAD_LOGITS}' layer to start from`);
+    if (model.layers.some((l) => l.name.startsWith('head_bn_')))
+      throw initError(
+        location,
+        () =>
+          `${modelFile} has a BatchNorm head (--head-bn), whose statistics --init cannot carry over; train without --init`,
+      );
     const hidden = denseOf(layer('head_hidden'));
     const featureSize = hidden
       ? hidden.kernel.length / hidden.bias.length
@@ -270,15 +276,21 @@ export function initialHeadModel(
   init: PreparedInit,
   featureSize: number,
   classes: readonly string[],
-  options: { hidden: number; dropout: number; seed: number },
+  options: { hidden: number; dropout: number; seed: number; bn?: boolean },
 ): tf.LayersModel {
-  const heads = new HeadPopulation(featureSize, classes.length, options.hidden, [
-    {
-      seed: options.seed,
-      dropout: options.dropout,
-      init: headInit(init.location, init.run, options.hidden, classes),
-    },
-  ]);
+  const heads = new HeadPopulation(
+    featureSize,
+    classes.length,
+    options.hidden,
+    [
+      {
+        seed: options.seed,
+        dropout: options.dropout,
+        init: headInit(init.location, init.run, options.hidden, classes),
+      },
+    ],
+    { bn: options.bn ?? false },
+  );
   try {
     return heads.toModel(0);
   } finally {

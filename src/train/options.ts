@@ -50,6 +50,7 @@ export interface TrainOptions {
   classWeights?: 'balanced' | 'none';
   hidden?: number;
   dropout?: number;
+  headBn?: boolean;
   swa?: boolean;
   average?: AverageOption;
   emaDecay?: number;
@@ -75,6 +76,7 @@ export interface TrainOptions {
   finetuneLr?: number;
   lrMult?: number;
   freezeBn?: boolean;
+  bn?: 'frozen' | 'train';
   finetuneSwaStart?: number;
   finetuneSwaFreq?: number | string;
   finetuneSwaLr?: number;
@@ -384,6 +386,16 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     doc: 'dropout before the classifier',
   },
   {
+    key: 'headBn',
+    flag: 'head-bn',
+    type: 'boolean',
+    defaultText: 'off',
+    fallback: () => false,
+    check: bool('headBn'),
+    phase: 'head',
+    doc: "BatchNorm before each Dense of the head (fastai's `create_head`): on the features and on the hidden layer; its statistics are recomputed after averaging (see *Averaging*)",
+  },
+  {
     key: 'swa',
     flag: 'swa',
     type: 'boolean',
@@ -663,7 +675,19 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     check: bool('freezeBn'),
     phase: 'finetune',
     needs: ['finetune'],
-    doc: 'also keep BatchNorm gamma/beta frozen (statistics never train)',
+    doc: 'also keep BatchNorm gamma/beta frozen (with `--bn train` the statistics still train)',
+  },
+  {
+    key: 'bn',
+    flag: 'bn',
+    type: 'string',
+    choices: ['frozen', 'train'],
+    defaultText: '`frozen`',
+    fallback: () => 'frozen',
+    check: choice('bn', ['frozen', 'train'] as const),
+    phase: 'finetune',
+    needs: ['finetune'],
+    doc: "BatchNorm of the unfrozen blocks: `frozen` normalises with the backbone's statistics (inference mode); `train` with batch statistics, updating the moving ones and recomputing them after averaging; the frozen prefix's BN is never touched",
   },
   {
     key: 'finetuneSwaStart',
@@ -730,7 +754,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => 'last',
     check: choice('keep', ['last', 'best'] as const),
     phase: 'head',
-    doc: "`last`: each stage's averaged weights (raw without averaging); `best`: by validation loss, the head stage keeps its raw or averaged weights, the fine-tune stage the best of the head's, its raw and its averaged",
+    doc: "`last`: each stage's averaged weights (raw without averaging); `best`: by validation loss, the head stage keeps its raw, averaged or (with `--swag`) SWAG weights, the fine-tune stage the best of the head's and its own; `summary.json` lists every candidate",
   },
   {
     key: 'checkpointEvery',

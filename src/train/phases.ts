@@ -2,7 +2,7 @@ import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { FinetuneError } from '../errors.js';
 import { classificationReport } from '../export/metrics.js';
-import { buildHead } from '../head/build.js';
+import { buildHead, type HeadOptions } from '../head/build.js';
 import { HeadPopulation } from '../head/population.js';
 import type { SwagState } from '../swa/swag.js';
 import type { EpochLogs, TrainingCallback } from './callbacks.js';
@@ -45,7 +45,15 @@ function stageSummary(stage: StageResult) {
     ...(stage.swag
       ? { swag: { rank: stage.swag.rank, deviations: stage.swag.deviations.length } }
       : {}),
+    ...(stage.bnRefreshed.length ? { bnRefreshed: stage.bnRefreshed } : {}),
+    ...(stage.candidates ? { candidates: stage.candidates } : {}),
+    ...(stage.chosen ? { chosen: stage.chosen } : {}),
   };
+}
+
+/** The head's shape and seed as the options give them (what buildHead and the export take). */
+export function headOptions(o: ResolvedTrainOptions): HeadOptions {
+  return { hidden: o.hidden, dropout: o.dropout, seed: o.seed, bn: o.headBn };
 }
 
 function featureBatches(e: Embedded, dim: number): ArrayBatches {
@@ -114,7 +122,7 @@ export interface HeadResult {
  * weights and SWA settings may differ.
  */
 export function headShapeKey(o: ResolvedTrainOptions): string {
-  return JSON.stringify([o.hidden, o.epochs, o.batchSize, o.optimizer]);
+  return JSON.stringify([o.hidden, o.headBn, o.epochs, o.batchSize, o.optimizer]);
 }
 
 /** A run whose head trains in `trainHeads`: its view (events, warnings) and its options. */
@@ -144,7 +152,7 @@ export async function trainHeads(
   for (const job of jobs) {
     if (headShapeKey(job.options) !== headShapeKey(o))
       throw new Error(
-        'trainHeads: heads trained together must agree on hidden, epochs, batchSize and optimizer',
+        'trainHeads: heads trained together must agree on hidden, headBn, epochs, batchSize and optimizer',
       );
   }
   const numClasses = first.run.splits.classes.length;
@@ -161,6 +169,7 @@ export async function trainHeads(
         ? { init: headInit(run.init.location, run.init.run, m.hidden, run.splits.classes) }
         : {}),
     })),
+    { bn: o.headBn },
   );
   const models: tf.LayersModel[] = [];
   try {
@@ -178,6 +187,7 @@ export async function trainHeads(
         numClasses,
         stacked: true,
         ...(checkpoint ? { checkpoint } : {}),
+        batchNorm: heads.batchNormState(),
       },
       jobs.map(({ run, options: m }) => ({
         seed: m.seed,
@@ -275,6 +285,7 @@ export async function trainFinetune(
       val: { files: paths(embedded.val), labels: embedded.val.labels },
       numClasses,
       headLoss: head.val?.loss ?? null,
+      headAcc: head.val?.acc ?? null,
       engine: run.engine,
       callbacks: [epochLogger(run, o.finetuneEpochs)],
       cache: run.cache,
@@ -294,6 +305,7 @@ export async function trainFinetune(
       batchSize: o.batchSize,
       optimizer: o.optimizer,
       freezeBn: o.freezeBn,
+      bn: o.bn,
       swa: averaging(o, 'finetune'),
       earlyStop: earlyStopping(o, embedded),
       augment: o.augment,
@@ -327,6 +339,8 @@ export async function trainFinetune(
       batchSize: result.batchSize,
       trainableVariables: result.trainableVariables,
       ...(o.lrMult !== 1 ? { lrGroups: result.lrGroups } : {}),
+      ...(result.candidates ? { candidates: result.candidates } : {}),
+      ...(result.chosen ? { chosen: result.chosen } : {}),
     },
     kept,
     val,
@@ -422,7 +436,7 @@ export interface StagesResult {
 
 /** HeadPopulation's variables (`heads_<id>/logits_kernel`, …) as the exported model names them. */
 function headWeightName(name: string): string {
-  const m = /\/(hidden|logits)_(kernel|bias)$/.exec(name);
+  const m = /\/(hidden|logits|bn_\d+)_(kernel|bias|gamma|beta)$/.exec(name);
   if (!m) throw new Error(`exportedSwag: unexpected head variable ${name}`);
   return `head_${m[1]}/${m[2]}`;
 }
@@ -545,6 +559,9 @@ function headCarry(head: HeadResult): HeadCarry {
       kept: st.kept,
       stoppedAfter: st.stoppedAfter,
       averagingFrom: st.averagingFrom,
+      bnRefreshed: st.bnRefreshed,
+      candidates: st.candidates,
+      chosen: st.chosen,
     },
     weights: head.head.weights.map((w) => (w.read().dataSync() as Float32Array).slice()),
   };
@@ -561,11 +578,7 @@ function restoreHead(
   o: ResolvedTrainOptions,
   carry: HeadCarry,
 ): HeadResult {
-  const head = buildHead(embedded.featureSize, run.splits.classes.length, {
-    hidden: o.hidden,
-    dropout: o.dropout,
-    seed: o.seed,
-  });
+  const head = buildHead(embedded.featureSize, run.splits.classes.length, headOptions(o));
   if (carry.weights.length !== head.weights.length)
     throw new Error('restoreHead: the checkpoint holds another head');
   tf.tidy(() => {
@@ -582,6 +595,9 @@ function restoreHead(
     stoppedAfter: carry.stage.stoppedAfter,
     averagingFrom: carry.stage.averagingFrom,
     swag: null,
+    bnRefreshed: carry.stage.bnRefreshed,
+    candidates: carry.stage.candidates,
+    chosen: carry.stage.chosen,
   };
   run.emit({
     type: 'stage-end',

@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs';
 import type { FinetuneError } from '../errors.js';
 import { WeightAverager } from '../swa/averager.js';
+import type { BatchNormState } from '../swa/bn-refresh.js';
 import {
   type AverageKind,
   type AveragingPlan,
@@ -13,9 +14,17 @@ import {
   resolveSwaStart,
   type SwaScheduleKind,
 } from '../swa/schedule.js';
-import { SwagCollector, type SwagState } from '../swa/swag.js';
+import {
+  SWAG_SCALE,
+  SwagCollector,
+  SwagPosterior,
+  type SwagState,
+  sampleSeed,
+  seededNormal,
+} from '../swa/swag.js';
 import { type EpochLogs, learningRateSchedule, type TrainingCallback } from './callbacks.js';
 import {
+  argmax,
   type Batches,
   type Evaluation,
   evaluateMembers,
@@ -95,6 +104,12 @@ export interface StageShared {
   readonly lrScales?: readonly number[];
   /** Checkpoints of the stage every N epochs, and the one to continue from. */
   readonly checkpoint?: StageCheckpointing;
+  /**
+   * BatchNormalization in training mode after the trained variables (`--head-bn`, `--bn
+   * train`): its moving statistics go with the weights (early stopping, `--keep best`) and
+   * are recomputed for the averaged weights at the end of the stage (bn-refresh.ts).
+   */
+  readonly batchNorm?: BatchNormState | null;
 }
 
 /**
@@ -132,6 +147,21 @@ export interface StageState {
   readonly tensors: ReadonlyMap<string, tf.Tensor>;
 }
 
+/** `--keep best`: SWAG's Bayesian model average over this many weight sets, seeded by the member's seed. */
+export const KEEP_SWAG_SAMPLES = 20;
+
+/** Which weights a `--keep best` candidate stands for: `swag` is the SWAG model average. */
+export type CandidateKind = 'raw' | AverageKind | 'swag';
+
+/** One set of weights `--keep best` ranked, with its validation figures. */
+export interface WeightsCandidate {
+  readonly weights: CandidateKind;
+  readonly loss: number;
+  readonly acc: number;
+  /** SWAG: the weight sets averaged. */
+  readonly samples?: number;
+}
+
 /** One model's stage: the shared settings and its own. */
 export type StageOptions = StageShared & StageMember;
 
@@ -146,7 +176,7 @@ export interface StageResult {
   readonly snapshots: number;
   /** Which weights the variables hold after the stage. */
   readonly kept: 'raw' | AverageKind;
-  /** With `keepRaw`: the raw final values of the variables, in order (stacked: every member's). */
+  /** With `keepRaw`: the raw final values of the variables, in order, then of `batchNorm`'s statistics (stacked: every member's). */
   readonly rawWeights: tf.Tensor[] | null;
   /** Early stopping: the epoch (1-based) after which it ended the stage, or null. */
   readonly stoppedAfter: number | null;
@@ -154,6 +184,15 @@ export interface StageResult {
   readonly averagingFrom: number | null;
   /** With `swa.swag`: the SWAG posterior over the variables (by their names), null without a snapshot. */
   readonly swag: SwagState | null;
+  /** BatchNormalization layers whose statistics were recomputed for the averaged weights. */
+  readonly bnRefreshed: readonly string[];
+  /** `--keep best`: every candidate ranked, in order raw, averaged, SWAG (null otherwise). */
+  readonly candidates: readonly WeightsCandidate[] | null;
+  /**
+   * `--keep best`: the winner. `swag` leaves the SWA mean in the variables (the centre
+   * of the SWAG samples, exported with their state: `predict --samples` averages them).
+   */
+  readonly chosen: CandidateKind | null;
 }
 
 /** One model's training stage (see `runMembers`). */
@@ -291,6 +330,8 @@ export async function runMembers(
     averager!.update(due);
     swag?.update(due.filter((m) => members[m]!.swa?.swag));
   };
+  // The weights with what goes with them: the BN statistics computed under them.
+  const weights = [...shared.variables, ...(shared.batchNorm?.variables ?? [])];
   // Copies of each member's best weights for early stopping (stacked: every member's slot).
   let bestWeights: tf.Tensor[] | null = null;
   const saveBest = (member: number, values: readonly tf.Tensor[]) => {
@@ -302,7 +343,9 @@ export async function runMembers(
     );
     if (old) tf.dispose(old);
   };
-  const extra = shared.checkpoint?.extra ?? [];
+  // BatchNorm statistics in training mode change with the weights: a resume needs them back.
+  const given = shared.checkpoint?.extra ?? [];
+  const extra = [...given, ...(shared.batchNorm?.variables ?? []).filter((v) => !given.includes(v))];
   const resume = shared.checkpoint?.resume ?? null;
   // The state resumed from is restored inside the try below (so a bad one frees the stage),
   // and its tensors are freed once copied.
@@ -422,7 +465,7 @@ export async function runMembers(
               const s = states[m]!;
               const stop = members[m]!.earlyStop;
               if (stop && averager.count(m) > 0 && evals[m]!.loss < s.best - stop.minDelta)
-                saveBest(m, shared.variables);
+                saveBest(m, weights);
             }
           } finally {
             averager.swapOut();
@@ -440,7 +483,7 @@ export async function runMembers(
           if (loss < s.best - stop.minDelta) {
             s.best = loss;
             s.wait = 0;
-            if (!averaged) saveBest(m, shared.variables);
+            if (!averaged) saveBest(m, weights);
             s.saved = averaged ? 'averaged' : 'raw';
           } else if (++s.wait >= stop.patience) {
             const a = s.plan.averaging;
@@ -457,12 +500,14 @@ export async function runMembers(
               stopping.push(m);
               // A stopped member stands still while the others train on.
               optimizer.setLearningRate(0, m);
+              shared.batchNorm?.hold?.([m]);
             }
           }
         }
         if (epoch >= s.lastEpoch && !stopping.includes(m)) {
           stopping.push(m);
           optimizer.setLearningRate(0, m);
+          shared.batchNorm?.hold?.([m]);
         }
       }
       return stopping;
@@ -495,7 +540,7 @@ export async function runMembers(
       );
       if (!ms.length || !bestWeights) return;
       tf.tidy(() => {
-        shared.variables.forEach((v, i) => {
+        weights.forEach((v, i) => {
           const best = bestWeights![i]!;
           v.assign(k > 1 ? tf.where(membersMask(k, ms, v.rank), best, v) : best);
         });
@@ -505,22 +550,51 @@ export async function runMembers(
     const raw = val?.size ? await evaluate() : null;
     const snapshots = members.map((_, i) => averager?.count(i) ?? 0);
     const keepBest = members.some((m) => m.keep === 'best');
-    const rawWeights = shared.keepRaw || keepBest ? shared.variables.map((v) => v.clone()) : null;
+    const rawWeights = shared.keepRaw || keepBest ? weights.map((v) => v.clone()) : null;
     let averaged: Evaluation[] | null = null;
-    if (averager && snapshots.some((n) => n > 0)) {
+    const averagedMembers = members.flatMap((_, i) => (snapshots[i]! > 0 ? [i] : []));
+    const bn = shared.batchNorm?.layers.length ? shared.batchNorm : null;
+    if (averager && averagedMembers.length) {
       averager.apply();
       restore('averaged');
+      // The statistics training left belong to the raw weights: recompute them for the average.
+      if (bn) await bn.refresh(train, shared.batchSize, averagedMembers);
       if (val?.size) averaged = await evaluate();
     }
-    // keep best: back to the raw weights where they beat the averaged ones on validation.
-    const backToRaw = members.flatMap((m, i) =>
-      m.keep === 'best' && snapshots[i]! > 0 && raw && averaged && raw[i]!.loss < averaged[i]!.loss
-        ? [i]
-        : [],
+    // keep best: SWAG's model average joins the candidates where it was collected, unless
+    // early stopping kept an earlier average than the one its moments centre on.
+    const swagMembers = members.flatMap((m, i) =>
+      m.keep === 'best' && swag && swag.count(i) > 0 && states[i]!.stoppedAfter === null ? [i] : [],
+    );
+    const swagged =
+      swagMembers.length && val?.size
+        ? await swagAverage(swag!, swagMembers, members, shared, () => evaluate(), val)
+        : null;
+    const candidates = members.map((m, i): WeightsCandidate[] | null => {
+      if (m.keep !== 'best' || !raw) return null;
+      const of = (weights: CandidateKind, e: Evaluation, samples?: number): WeightsCandidate => ({
+        weights,
+        loss: e.loss,
+        acc: e.acc,
+        ...(samples ? { samples } : {}),
+      });
+      return [
+        of('raw', raw[i]!),
+        ...(averaged && snapshots[i]! > 0 ? [of(m.swa!.kind ?? 'swa', averaged[i]!)] : []),
+        ...(swagged?.[i] ? [of('swag', swagged[i]!, KEEP_SWAG_SAMPLES)] : []),
+      ];
+    });
+    // By validation loss; a tie goes to the later candidate (averaged over raw).
+    const chosen = candidates.map((c) =>
+      c ? c.reduce((a, b) => (b.loss <= a.loss ? b : a)).weights : null,
+    );
+    // Back to the raw weights (and their BN statistics) where they won.
+    const backToRaw = members.flatMap((_, i) =>
+      chosen[i] === 'raw' && snapshots[i]! > 0 ? [i] : [],
     );
     if (backToRaw.length && rawWeights) {
       tf.tidy(() => {
-        shared.variables.forEach((v, i) => {
+        weights.forEach((v, i) => {
           const r = rawWeights[i]!;
           v.assign(k > 1 ? tf.where(membersMask(k, backToRaw, v.rank), r, v) : r);
         });
@@ -545,6 +619,9 @@ export async function runMembers(
         stoppedAfter: s.stoppedAfter,
         averagingFrom: a && has ? a.startEpoch + 1 : null,
         swag: swag && swag.count(i) > 0 ? swag.state(i) : null,
+        bnRefreshed: bn && has ? [...bn.layers] : [],
+        candidates: candidates[i] ?? null,
+        chosen: chosen[i] ?? null,
       };
     });
   } finally {
@@ -553,6 +630,77 @@ export async function runMembers(
     swag?.dispose();
     optimizer.dispose();
   }
+}
+
+/**
+ * `--keep best`'s SWAG candidate: each of `list`'s validation figures under the Bayesian
+ * model average of KEEP_SWAG_SAMPLES weight sets drawn from its SWAG posterior (sample s
+ * seeded from the member's seed and s, as `predict --samples`), the probabilities averaged
+ * and the loss their cross-entropy (probabilities clipped at 1e-7, as Keras). The samples
+ * keep the BN statistics of the SWA mean (refreshed once, not per sample). The variables
+ * hold the SWA means again afterwards. Other members get null.
+ */
+async function swagAverage(
+  swag: SwagCollector,
+  list: readonly number[],
+  members: readonly StageMember[],
+  shared: StageShared,
+  evaluate: () => Promise<Evaluation[]>,
+  val: Batches,
+): Promise<(Evaluation | null)[]> {
+  const k = members.length;
+  const stacked = shared.stacked ?? false;
+  const means = shared.variables.map((v) => v.clone());
+  const posteriors = list.map((m) => new SwagPosterior(swag.state(m)));
+  const sums = members.map(() => new Float64Array(0));
+  try {
+    for (let s = 0; s < KEEP_SWAG_SAMPLES; s++) {
+      tf.tidy(() => {
+        const values = shared.variables.map((_, i) => means[i]! as tf.Tensor);
+        list.forEach((m, j) => {
+          const theta = posteriors[j]!.sample(
+            seededNormal(sampleSeed(members[m]!.seed, s)),
+            SWAG_SCALE,
+          );
+          // SWAG's state keeps the member axis only with more than one member.
+          theta.forEach((t, i) => {
+            values[i] =
+              stacked && k > 1
+                ? tf.where(membersMask(k, [m], t.rank + 1), tf.expandDims(t, 0), values[i]!)
+                : tf.reshape(t, shared.variables[i]!.shape);
+          });
+        });
+        shared.variables.forEach((v, i) => {
+          v.assign(values[i]!);
+        });
+      });
+      const evals = await evaluate();
+      for (const m of list) {
+        const p = evals[m]!.probs;
+        if (!sums[m]!.length) sums[m] = new Float64Array(p.length);
+        for (let j = 0; j < p.length; j++) sums[m]![j]! += p[j]!;
+      }
+    }
+  } finally {
+    shared.variables.forEach((v, i) => {
+      v.assign(means[i]!);
+    });
+    tf.dispose(means);
+    for (const p of posteriors) p.dispose();
+  }
+  const c = shared.numClasses;
+  return members.map((_, m) => {
+    if (!list.includes(m)) return null;
+    const probs = Float32Array.from(sums[m]!, (x) => x / KEEP_SWAG_SAMPLES);
+    let loss = 0;
+    let correct = 0;
+    for (let r = 0; r < val.size; r++) {
+      const label = val.labels[r]!;
+      loss -= Math.log(Math.max(probs[r * c + label]!, 1e-7));
+      if (argmax(probs, r * c, c) === label) correct++;
+    }
+    return { loss: loss / val.size, acc: correct / val.size, probs };
+  });
 }
 
 /** A boolean [K, 1, …] mask with `members` on. */

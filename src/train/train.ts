@@ -11,7 +11,7 @@ import {
 } from './checkpoint.js';
 import { type TrainSummary, weightsName } from './events.js';
 import { resolveTrainOptions, type TrainOptions } from './options.js';
-import { type HeadResult, trainStages } from './phases.js';
+import { type HeadResult, headOptions, trainStages } from './phases.js';
 import { writeRunRecords } from './records.js';
 import { type EmbeddedSplits, embedSplits, type PreparedRun, prepareRun } from './run.js';
 
@@ -136,7 +136,7 @@ export async function train(options: TrainOptions | ResumeOptions): Promise<Trai
       folder.staging,
       run.backbone,
       head.head,
-      { hidden: o.hidden, dropout: o.dropout, seed: o.seed },
+      headOptions(o),
       run.splits.classes,
       exported,
       undefined,

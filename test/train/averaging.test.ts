@@ -3,9 +3,15 @@ import { before, test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
 import { initBackend } from '../../src/backend/index.js';
 import { HeadPopulation } from '../../src/head/population.js';
+import { SwagPosterior, sampleSeed, seededNormal } from '../../src/swa/swag.js';
 import { ArrayBatches } from '../../src/train/fit.js';
 import { resolveTrainOptions } from '../../src/train/options.js';
-import { runMembers, type StageMember, type StageResult } from '../../src/train/stage.js';
+import {
+  KEEP_SWAG_SAMPLES,
+  runMembers,
+  type StageMember,
+  type StageResult,
+} from '../../src/train/stage.js';
 import { blobs as gaussianBlobs } from '../helpers.js';
 
 before(async () => {
@@ -210,4 +216,78 @@ test('averaging options: defaults, the alias, and what each needs', () => {
       message,
       JSON.stringify(given),
     );
+});
+
+test("keep best's SWAG candidate is the model average of 20 seeded samples, alone or beside another member", async () => {
+  const before = tf.memory().numTensors;
+  const swa = { start: 2, freq: 1, lr: 0.02, annealEpochs: 0, swag: 3 };
+  const members: StageMember[] = [
+    member({ seed: 3, swa, keep: 'best' }),
+    member({ seed: 8, lr: 0.03, swa, keep: 'best' }),
+  ];
+  const run = async (ms: StageMember[]) => {
+    const heads = new HeadPopulation(
+      DIM,
+      K,
+      0,
+      ms.map((m) => ({ seed: m.seed, dropout: 0 })),
+    );
+    try {
+      const results = await runMembers(
+        train,
+        val,
+        {
+          name: 'head',
+          forward: (x, t) => heads.forward(x, t),
+          variables: heads.variables,
+          reseed: (s) => heads.reseed(s),
+          epochs: 6,
+          batchSize: 16,
+          optimizer: 'adam',
+          numClasses: K,
+          stacked: true,
+        },
+        ms,
+      );
+      return results as StageResult[];
+    } finally {
+      heads.dispose();
+    }
+  };
+  const together = await run(members);
+  const alone = await run([members[1]!]);
+  const r = together[1]!;
+  assert.deepEqual(
+    r.candidates!.map((c) => [c.weights, c.samples]),
+    [
+      ['raw', undefined],
+      ['swa', undefined],
+      ['swag', KEEP_SWAG_SAMPLES],
+    ],
+  );
+  assert.deepEqual(r.candidates, alone[0]!.candidates);
+  assert.equal(r.chosen, r.candidates!.reduce((a, b) => (b.loss <= a.loss ? b : a)).weights);
+  // By hand: the same samples from the returned posterior, a softmax head per sample.
+  const posterior = new SwagPosterior(r.swag!);
+  const probs = tf.tidy(() => {
+    let sum: tf.Tensor | null = null;
+    const x = val.take(Array.from({ length: val.size }, (_, i) => i));
+    for (let s = 0; s < KEEP_SWAG_SAMPLES; s++) {
+      const [kernel, bias] = posterior.sample(seededNormal(sampleSeed(8, s)));
+      const p = tf.softmax(tf.add(tf.matMul(x, kernel!.reshape([DIM, K])), bias!.reshape([K])));
+      sum = sum ? tf.add(sum, p) : p;
+    }
+    return tf.div(sum!, KEEP_SWAG_SAMPLES);
+  });
+  const p = probs.dataSync();
+  let loss = 0;
+  for (let i = 0; i < val.size; i++) loss -= Math.log(Math.max(p[i * K + val.labels[i]!]!, 1e-7));
+  loss /= val.size;
+  const swag = r.candidates!.find((c) => c.weights === 'swag')!;
+  assert.ok(Math.abs(swag.loss - loss) < 1e-5, `SWAG loss ${swag.loss}, by hand ${loss}`);
+  // the samples varied: their average is not the SWA mean's prediction
+  assert.notEqual(swag.loss, r.candidates![1]!.loss);
+  tf.dispose(probs);
+  posterior.dispose();
+  assert.equal(tf.memory().numTensors, before);
 });

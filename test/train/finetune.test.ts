@@ -147,6 +147,95 @@ test('--freeze-bn keeps gamma/beta; --keep best exports the best on validation',
   assert.equal(summary.val!.acc, Math.max(...Object.values(accs)));
 });
 
+test('--head-bn and --bn train: trained statistics, refreshed after averaging; the prefix BN untouched; --keep best ranks SWAG too', async () => {
+  const before = tf.memory().numTensors;
+  const out = path.join(dir, 'ft-bn');
+  const summary = await train({
+    data,
+    out,
+    backbone: tiny,
+    backend: 'wasm',
+    epochs: 6,
+    lr: 0.05,
+    batchSize: 8,
+    hidden: 4,
+    headBn: true,
+    swag: 2,
+    swaStart: 2,
+    finetuneEpochs: 3,
+    unfreeze: 'from:dw1',
+    bn: 'train',
+    finetuneSwaStart: 1,
+    keep: 'best',
+    cache: false,
+  });
+  assert.equal(tf.memory().numTensors, before);
+  const head = summary.stages['head']!;
+  const ft = summary.stages['finetune']!;
+  assert.deepEqual(head.bnRefreshed, ['head_bn_0', 'head_bn_1']);
+  assert.deepEqual(ft.bnRefreshed, ['bn2', 'head_bn_0', 'head_bn_1']);
+  assert.deepEqual(
+    head.candidates!.map((c) => [c.weights, c.samples]),
+    [
+      ['raw', undefined],
+      ['swa', undefined],
+      ['swag', 20],
+    ],
+  );
+  assert.deepEqual(
+    ft.candidates!.map((c) => c.weights),
+    ['head', 'finetune-raw', 'finetune-swa', 'finetune-swag'],
+  );
+  for (const stage of [head, ft]) {
+    const best = stage.candidates!.reduce((a, b) => (b.loss <= a.loss ? b : a));
+    assert.equal(stage.chosen, best.weights);
+  }
+  assert.equal(head.candidates![0]!.loss, head.raw!.loss);
+  assert.equal(head.candidates![1]!.loss, head.swa!.loss);
+  // SWAG's winner exports the SWA mean (its samples' centre)
+  const chosen = ft.chosen!;
+  assert.equal(
+    summary.exported,
+    chosen === 'head'
+      ? `head-${head.chosen === 'swag' ? 'swa' : head.chosen}`
+      : chosen.replace('swag', 'swa'),
+  );
+  assert.ok(summary.onnx, 'the classifier with its BN head lowers to ONNX');
+  const original = await weights(tiny);
+  const exported = await weights(path.join(out, 'model', 'model.json'));
+  for (const name of ['bn1/moving_mean', 'bn1/moving_variance', 'bn1/gamma', 'bn1/beta'])
+    assert.ok(same(original.get(name)!, exported.get(name)!), `${name} untouched`);
+  if (chosen !== 'head') {
+    for (const name of ['bn2/moving_mean', 'bn2/moving_variance'])
+      assert.ok(!same(original.get(name)!, exported.get(name)!), `${name} trained`);
+  }
+  for (const name of ['head_bn_0/moving_mean', 'head_bn_1/moving_variance', 'head_bn_1/gamma'])
+    assert.ok(exported.has(name), name);
+});
+
+test('--bn train with --freeze-bn: the statistics train, gamma and beta do not', async () => {
+  const out = path.join(dir, 'ft-bn-frozen-affine');
+  await train({
+    data,
+    out,
+    backbone: tiny,
+    backend: 'wasm',
+    epochs: 2,
+    batchSize: 8,
+    finetuneEpochs: 2,
+    unfreeze: 'from:dw1',
+    bn: 'train',
+    freezeBn: true,
+    cache: false,
+  });
+  const original = await weights(tiny);
+  const exported = await weights(path.join(out, 'model', 'model.json'));
+  for (const name of ['bn2/gamma', 'bn2/beta', 'bn1/moving_mean', 'bn1/moving_variance'])
+    assert.ok(same(original.get(name)!, exported.get(name)!), `${name} unchanged`);
+  for (const name of ['bn2/moving_mean', 'bn2/moving_variance'])
+    assert.ok(!same(original.get(name)!, exported.get(name)!), `${name} trained`);
+});
+
 test('a graph-model backbone with a fine-tune stage fails at once, saying why', async () => {
   await assert.rejects(
     train({ data, backbone: 'mobilenet_v2', finetuneEpochs: 1 }),

@@ -296,6 +296,13 @@ test('--init is refused, with the reason, when the run does not fit', async () =
     { init: empty },
     `init ${empty}: no model/model.json there (expected a run folder from finetune train, or its model/ folder)`,
   );
+  // A head with BatchNorm: its statistics have nowhere to go.
+  const bnRun = path.join(dir, 'bn-run');
+  await train(base({ out: bnRun, epochs: 2, headBn: true, swa: false }));
+  await refused(
+    { init: bnRun },
+    `init ${bnRun}: ${path.join(bnRun, 'model', 'model.json')} has a BatchNorm head (--head-bn), whose statistics --init cannot carry over; train without --init`,
+  );
   // Another preprocessing contract in the export's metadata.
   const oldContract = path.join(dir, 'old-contract');
   await cp(headRun, oldContract, { recursive: true });

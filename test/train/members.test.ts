@@ -3,11 +3,12 @@ import { before, test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
 import { initBackend } from '../../src/backend/index.js';
 import { FinetuneError } from '../../src/errors.js';
+import { buildHead, dropoutSeeder, logitsView } from '../../src/head/build.js';
 import { type HeadMember, HeadPopulation } from '../../src/head/population.js';
 import { WeightAverager } from '../../src/swa/averager.js';
 import { ArrayBatches } from '../../src/train/fit.js';
 import { StageOptimizer } from '../../src/train/optimizers.js';
-import { runMembers, type StageMember, type StageResult } from '../../src/train/stage.js';
+import { runMembers, runStage, type StageMember, type StageResult } from '../../src/train/stage.js';
 import { blobs as gaussianBlobs } from '../helpers.js';
 
 before(async () => {
@@ -113,10 +114,16 @@ const MEMBERS: (HeadMember & StageMember)[] = [
 async function trainTogether(
   members: readonly (HeadMember & StageMember)[],
   hidden: number,
+  bn = false,
 ): Promise<{ results: (StageResult | FinetuneError)[]; weights: Float32Array[][] }> {
-  const heads = new HeadPopulation(DIM, K, hidden, members);
+  const heads = new HeadPopulation(DIM, K, hidden, members, { bn });
   try {
-    const results = await runMembers(train, val, shared(heads), members);
+    const results = await runMembers(
+      train,
+      val,
+      { ...shared(heads), batchNorm: heads.batchNormState() },
+      members,
+    );
     const weights = members.map((_, k) => {
       const model = heads.toModel(k);
       const w = model.getWeights().map((t) => t.dataSync() as Float32Array);
@@ -155,6 +162,86 @@ test('heads trained side by side end exactly as each would alone; every tensor f
       [0, 3, 2],
     );
   }
+  assert.equal(tf.memory().numTensors, before);
+});
+
+test('heads with BatchNorm side by side end exactly as each would alone, statistics and early stopping included', async () => {
+  const before = tf.memory().numTensors;
+  // member 0 stops early (its statistics must stop moving with it); 1 and 2 average (refresh).
+  const members = [
+    { ...MEMBERS[0]!, lr: 0.2, earlyStop: { patience: 1, minDelta: 0.5 } },
+    MEMBERS[1]!,
+    MEMBERS[2]!,
+  ];
+  for (const hidden of [0, 6]) {
+    const together = await trainTogether(members, hidden, true);
+    assert.ok((together.results[0] as StageResult).stoppedAfter !== null, 'member 0 stopped early');
+    for (const [k, member] of members.entries()) {
+      const alone = await trainTogether([member], hidden, true);
+      const a = together.results[k] as StageResult;
+      const b = alone.results[0] as StageResult;
+      assert.deepEqual(
+        a.history.map((h) => [h.loss, h.val_loss, h.val_avg_loss]),
+        b.history.map((h) => [h.loss, h.val_loss, h.val_avg_loss]),
+        `member ${k}, hidden ${hidden}`,
+      );
+      assert.deepEqual(a.swa?.loss, b.swa?.loss);
+      assert.deepEqual(
+        a.bnRefreshed,
+        member.swa ? ['head_bn_0', ...(hidden ? ['head_bn_1'] : [])] : [],
+      );
+      // every weight of the exported head, gamma, beta and moving statistics included
+      assert.deepEqual(together.weights[k], alone.weights[0], `member ${k} weights`);
+    }
+  }
+  assert.equal(tf.memory().numTensors, before);
+});
+
+test("a BatchNorm head trained alone matches buildHead's model trained with tfjs's own BatchNormalization", async () => {
+  const before = tf.memory().numTensors;
+  const member = { ...MEMBERS[0]!, dropout: 0, labelSmoothing: 0 };
+  const ours = await trainTogether([member], 6, true);
+  const model = buildHead(DIM, K, { hidden: 6, dropout: 0, seed: member.seed, bn: true });
+  const logits = logitsView(model);
+  await runStage(train, val, {
+    ...member,
+    name: 'head',
+    forward: (x, training) => logits.apply(x, { training }) as tf.Tensor,
+    // The same random stream: the loop draws a dropout seed per step when there is a reseed.
+    reseed: dropoutSeeder(model),
+    variables: model.trainableWeights.map((w) => w.read() as tf.Variable),
+    epochs: 6,
+    batchSize: 16,
+    optimizer: 'adam',
+    numClasses: K,
+  });
+  const theirs = model.getWeights().map((w) => w.dataSync() as Float32Array);
+  assert.deepEqual(
+    model.weights.map((w) => w.originalName),
+    [
+      'head_bn_0/gamma',
+      'head_bn_0/beta',
+      'head_hidden/kernel',
+      'head_hidden/bias',
+      'head_bn_1/gamma',
+      'head_bn_1/beta',
+      'head_logits/kernel',
+      'head_logits/bias',
+      'head_bn_0/moving_mean',
+      'head_bn_0/moving_variance',
+      'head_bn_1/moving_mean',
+      'head_bn_1/moving_variance',
+    ],
+  );
+  let worst = 0;
+  theirs.forEach((t, i) => {
+    const o = ours.weights[0]![i]!;
+    for (let j = 0; j < t.length; j++)
+      worst = Math.max(worst, Math.abs(o[j]! - t[j]!) / Math.max(1, Math.abs(t[j]!)));
+  });
+  // Float rounding only (tf.batchNorm's kernel against the head's own arithmetic): ~2e-7 measured.
+  assert.ok(worst < 1e-5, `weights differ by ${worst}`);
+  model.dispose();
   assert.equal(tf.memory().numTensors, before);
 });
 

@@ -105,6 +105,12 @@ test('every option is checked once, before any work, in one wording', () => {
     [{ keep: 'best', augmentViews: 2 }, 'augmentViews need a fine-tune stage (finetuneEpochs > 0)'],
     [{ finetuneEpochs: 2, augmentViews: 2 }, 'augmentViews needs augment (e.g. flip,crop)'],
     [{ swa: false, swaFreq: 2 }, 'swaFreq cannot be used with average none (or swa turned off)'],
+    [{ bn: 'train' }, 'bn need a fine-tune stage (finetuneEpochs > 0)'],
+    [
+      { finetuneEpochs: 2, bn: 'on' as never },
+      "Expected one of frozen, train for bn but received 'on'",
+    ],
+    [{ headBn: 'yes' as never }, "Expected a boolean for headBn but received 'yes'"],
     [
       { swa: false, finetuneEpochs: 2, finetuneSwaLr: 1e-4 },
       'finetuneSwaLr cannot be used with average none (or swa turned off)',

@@ -196,6 +196,45 @@ test('fine-tune stage: resumed inside the stage (averaging spanning the interrup
   await sameExport(whole, cut);
 });
 
+test('BatchNorm in training mode (--head-bn, --bn train): resumed in either stage equals uninterrupted, refreshed statistics included', async () => {
+  const options: TrainOptions = {
+    data,
+    backbone,
+    backend: 'wasm',
+    epochs: 4,
+    batchSize: 8,
+    lr: 0.05,
+    hidden: 4,
+    headBn: true,
+    swaStart: 1,
+    finetuneEpochs: 3,
+    unfreeze: 'from:dw1',
+    bn: 'train',
+    finetuneLr: 0.01,
+    finetuneSwaStart: 1,
+    checkpointEvery: 1,
+    cache: false,
+  };
+  const whole = path.join(dir, 'bn-whole');
+  const before = tf.memory().numTensors;
+  const summary = await train({ ...options, out: whole });
+  assert.ok((summary.stages['head']!.bnRefreshed?.length ?? 0) > 0);
+  assert.ok((summary.stages['finetune']!.bnRefreshed?.length ?? 0) > 0);
+  for (const [stage, epoch] of [
+    ['head', 3],
+    ['finetune', 2],
+  ] as const) {
+    const cut = path.join(dir, `bn-cut-${stage}`);
+    await assert.rejects(
+      train({ ...options, out: cut, onEvent: interruptAfter(stage, epoch) }),
+      Interrupt,
+    );
+    await train({ resume: cut });
+    assert.equal(tf.memory().numTensors, before);
+    await sameExport(whole, cut);
+  }
+});
+
 test('resume refuses a folder without a checkpoint, a complete run and other options, in one line', async () => {
   const plain = path.join(dir, 'plain');
   await train({ data, backbone, backend: 'wasm', epochs: 1, out: plain, cache: false });
