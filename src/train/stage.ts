@@ -345,7 +345,10 @@ export async function runMembers(
   };
   // BatchNorm statistics in training mode change with the weights: a resume needs them back.
   const given = shared.checkpoint?.extra ?? [];
-  const extra = [...given, ...(shared.batchNorm?.variables ?? []).filter((v) => !given.includes(v))];
+  const extra = [
+    ...given,
+    ...(shared.batchNorm?.variables ?? []).filter((v) => !given.includes(v)),
+  ];
   const resume = shared.checkpoint?.resume ?? null;
   // The state resumed from is restored inside the try below (so a bad one frees the stage),
   // and its tensors are freed once copied.
