@@ -35,34 +35,95 @@ export interface AugmentPlan {
   readonly brightness: number;
 }
 
+/** The random-resized-crop's ranges: area as a fraction of the image, and width/height. */
+export interface CropRanges {
+  readonly scale: readonly [number, number];
+  readonly ratio: readonly [number, number];
+}
+
+/** `--crop-scale 0.8,1 --crop-ratio 0.75,1.3333`: the usual fine-tuning ranges (torchvision's scale is 0.08–1). */
+export const DEFAULT_CROP: CropRanges = { scale: [0.8, 1], ratio: [3 / 4, 4 / 3] };
+
+/**
+ * Parses a `LO,HI` range (or [lo, hi]) for `--crop-scale` (0 < lo ≤ hi ≤ 1) or
+ * `--crop-ratio` (0 < lo ≤ hi).
+ */
+export function parseRange(
+  name: 'cropScale' | 'cropRatio',
+  value: string | readonly number[],
+): [number, number] {
+  const parts =
+    typeof value === 'string' ? value.split(',').map((p) => Number(p.trim())) : [...value];
+  const [lo, hi] = parts as [number, number];
+  const max = name === 'cropScale' ? 1 : Number.POSITIVE_INFINITY;
+  if (
+    parts.length !== 2 ||
+    !parts.every((x) => typeof x === 'number' && Number.isFinite(x)) ||
+    !(lo > 0 && lo <= hi && hi <= max)
+  ) {
+    const expected =
+      name === 'cropScale'
+        ? 'LO,HI with 0 < LO ≤ HI ≤ 1 (fractions of the image area)'
+        : 'LO,HI with 0 < LO ≤ HI (width / height)';
+    throw invalidOption(name, expected, value);
+  }
+  return [lo, hi];
+}
+
+/** A short id of the ranges for cache keys of augmented views (empty for the defaults). */
+export function cropRangesId(ranges: CropRanges): string {
+  const same = (a: readonly number[], b: readonly number[]) => a[0] === b[0] && a[1] === b[1];
+  if (same(ranges.scale, DEFAULT_CROP.scale) && same(ranges.ratio, DEFAULT_CROP.ratio)) return '';
+  return `:crop${ranges.scale.join('-')}x${ranges.ratio.join('-')}`;
+}
+
+/**
+ * torchvision's RandomResizedCrop.get_params on a square image, with the image's side as 1:
+ * up to ten draws of an area in `scale` and a log-uniform ratio in `ratio`, the first box
+ * that fits is placed uniformly; when none fits, a centre crop of the whole image clamped
+ * to the ratio range.
+ */
+function randomResizedCrop(
+  random: () => number,
+  ranges: CropRanges,
+): [number, number, number, number] {
+  const [s0, s1] = ranges.scale;
+  const [r0, r1] = ranges.ratio;
+  for (let attempt = 0; attempt < 10; attempt++) {
+    const area = s0 + (s1 - s0) * random();
+    const ratio = Math.exp(Math.log(r0) + (Math.log(r1) - Math.log(r0)) * random());
+    const w = Math.sqrt(area * ratio);
+    const h = Math.sqrt(area / ratio);
+    if (w > 0 && w <= 1 && h > 0 && h <= 1) return [(1 - w) * random(), (1 - h) * random(), w, h];
+  }
+  const w = r0 > 1 ? 1 : Math.min(1, r1);
+  const h = r0 > 1 ? 1 / r0 : 1;
+  return [(1 - w) / 2, (1 - h) / 2, w, h];
+}
+
 /**
  * Draws a plan from (seed, view, image content hash) alone, so a view of an image is the
  * same whichever list it is in, whichever order images are processed in and whichever
  * process computes it (which is what lets views be cached by content). Ranges follow the
- * usual torchvision/Keras recipes: flip p=0.5; random resized crop with scale 0.8–1.0
- * and aspect 3/4–4/3; rotation ±15°; brightness ×0.8–1.2.
+ * usual torchvision/Keras recipes: flip p=0.5; random resized crop as torchvision draws
+ * it, with scale 0.8–1.0 and aspect 3/4–4/3 unless `crop` says otherwise; rotation ±15°;
+ * brightness ×0.8–1.2.
  */
 export function augmentPlan(
   kinds: readonly AugmentKind[],
   seed: number,
   view: number,
   imageKey: string,
+  crop: CropRanges = DEFAULT_CROP,
 ): AugmentPlan {
   const image = Number.parseInt(imageKey.slice(0, 8), 16) || 0;
   const random = seededRandom(Math.imul(seed, 73856093) ^ Math.imul(view + 1, 19349663) ^ image);
   random();
   const flip = kinds.includes('flip') && random() < 0.5;
-  let crop: AugmentPlan['crop'] = null;
-  if (kinds.includes('crop')) {
-    const scale = 0.8 + 0.2 * random();
-    const ratio = Math.exp(Math.log(3 / 4) + (Math.log(4 / 3) - Math.log(3 / 4)) * random());
-    const w = Math.min(1, Math.sqrt(scale * ratio));
-    const h = Math.min(1, Math.sqrt(scale / ratio));
-    crop = [(1 - w) * random(), (1 - h) * random(), w, h];
-  }
+  const box = kinds.includes('crop') ? randomResizedCrop(random, crop) : null;
   const angle = kinds.includes('rotate') ? -15 + 30 * random() : 0;
   const brightness = kinds.includes('brightness') ? 0.8 + 0.4 * random() : 1;
-  return { flip, crop, angle, brightness };
+  return { flip, crop: box, angle, brightness };
 }
 
 /**

@@ -1,7 +1,14 @@
 import * as tf from '@tensorflow/tfjs';
 import { type Backbone, backboneRecipe } from '../backbones/load.js';
 import { cutPrefix } from '../backbones/prefix.js';
-import { type AugmentKind, applyAugment, augmentPlan } from '../data/augment.js';
+import {
+  type AugmentKind,
+  applyAugment,
+  augmentPlan,
+  type CropRanges,
+  cropRangesId,
+  DEFAULT_CROP,
+} from '../data/augment.js';
 import type { CacheNamespace, EmbeddingCache } from '../data/cache.js';
 import { embedFiles } from '../data/embed.js';
 import { PREPROCESS_CONTRACT } from '../data/preprocess.js';
@@ -274,6 +281,8 @@ export async function prefixActivations(
   prefix: FrozenModel,
   options: {
     augment: readonly AugmentKind[];
+    /** The random-resized-crop's ranges (DEFAULT_CROP when not given). */
+    crop?: CropRanges;
     view: number | null;
     seed: number;
     batchSize: number;
@@ -283,8 +292,13 @@ export async function prefixActivations(
   },
 ): Promise<{ data: Float32Array; rows: readonly number[] }> {
   const { augment, view, seed } = options;
+  const crop = options.crop ?? DEFAULT_CROP;
   const augmented = view !== null && augment.length > 0;
-  const viewId = augmented ? `augment:${augment.join('+')}:seed${seed}:view${view}` : 'plain';
+  // `rrc`: crops drawn as torchvision's RandomResizedCrop (views of the earlier clamped draw are not reused).
+  const cropId = augment.includes('crop') ? `:rrc${cropRangesId(crop)}` : '';
+  const viewId = augmented
+    ? `augment:${augment.join('+')}${cropId}:seed${seed}:view${view}`
+    : 'plain';
   const result = await embedFiles(files, prefix, {
     batchSize: options.batchSize,
     concurrency: options.concurrency,
@@ -294,7 +308,7 @@ export async function prefixActivations(
     ...(augmented
       ? {
           transform: (pixels: Uint8Array, key: string, size: number) =>
-            applyAugment(pixels, size, augmentPlan(augment, seed, view, key)),
+            applyAugment(pixels, size, augmentPlan(augment, seed, view!, key, crop)),
         }
       : {}),
   });
@@ -342,6 +356,8 @@ export interface FineTuneSettings {
   readonly swa: SwaSettings | null;
   readonly earlyStop: EarlyStopSettings | null;
   readonly augment: readonly AugmentKind[];
+  /** The crop's ranges (`--crop-scale`, `--crop-ratio`; DEFAULT_CROP when not given). */
+  readonly crop?: CropRanges;
   /** Augmented views cached per image; views cycle over the epochs. */
   readonly augmentViews: number;
   readonly keep: 'last' | 'best';
@@ -454,6 +470,7 @@ export async function runFineTune(
   const activations = async (files: readonly string[], view: number | null) =>
     prefixActivations(files, prefix, {
       augment: s.augment,
+      ...(s.crop ? { crop: s.crop } : {}),
       view,
       seed: s.seed,
       batchSize: s.embedBatchSize,

@@ -1,7 +1,13 @@
 import path from 'node:path';
 import { DEFAULT_BACKBONE } from '../backbones/registry.js';
 import { BACKEND_OPTIONS, type BackendOption } from '../backend/index.js';
-import { AUGMENT_KINDS, type AugmentKind, parseAugment } from '../data/augment.js';
+import {
+  AUGMENT_KINDS,
+  type AugmentKind,
+  DEFAULT_CROP,
+  parseAugment,
+  parseRange,
+} from '../data/augment.js';
 import { defaultCacheDir } from '../data/cache.js';
 import { DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS } from '../data/decode.js';
 import { EMBED_CONCURRENCY } from '../data/embed.js';
@@ -82,6 +88,10 @@ export interface TrainOptions {
   finetuneSwaLr?: number;
   augment?: readonly AugmentKind[] | string;
   augmentViews?: number;
+  /** The random-resized-crop's area range, `LO,HI` or [lo, hi] (fractions of the image). */
+  cropScale?: readonly number[] | string;
+  /** The random-resized-crop's width/height range, `LO,HI` or [lo, hi]. */
+  cropRatio?: readonly number[] | string;
   keep?: 'last' | 'best';
   checkpointEvery?: number;
   /** Progress and results as they happen; the library itself prints nothing. */
@@ -100,8 +110,14 @@ type Optional =
   | 'checkpointEvery';
 
 /** The options with every default filled in, as written to config.json. */
-export type ResolvedTrainOptions = Required<Omit<TrainOptions, 'onEvent' | Optional | 'augment'>> &
-  Pick<TrainOptions, Optional> & { augment: AugmentKind[] };
+export type ResolvedTrainOptions = Required<
+  Omit<TrainOptions, 'onEvent' | Optional | 'augment' | 'cropScale' | 'cropRatio'>
+> &
+  Pick<TrainOptions, Optional> & {
+    augment: AugmentKind[];
+    cropScale: [number, number];
+    cropRatio: [number, number];
+  };
 
 /** Which phase of a run reads an option. */
 export type OptionPhase = 'prepare' | 'embed' | 'head' | 'finetune' | 'records';
@@ -118,7 +134,8 @@ type Need =
   | 'cyclic'
   | 'annealing'
   | 'earlyStop'
-  | 'augment';
+  | 'augment'
+  | 'crop';
 
 /** One option: the single place its flag, type, default, range and doc are written. */
 export interface OptionRow {
@@ -746,6 +763,28 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     doc: 'augmented views cached per image, cycled over the epochs',
   },
   {
+    key: 'cropScale',
+    flag: 'crop-scale',
+    type: 'string',
+    defaultText: '0.8,1',
+    fallback: () => [...DEFAULT_CROP.scale],
+    check: (v) => parseRange('cropScale', v as string | readonly number[]),
+    phase: 'finetune',
+    needs: ['finetune', 'crop'],
+    doc: "the crop's area as a fraction of the image, `LO,HI` (drawn as torchvision's RandomResizedCrop; its own default is 0.08,1)",
+  },
+  {
+    key: 'cropRatio',
+    flag: 'crop-ratio',
+    type: 'string',
+    defaultText: '0.75,1.3333',
+    fallback: () => [...DEFAULT_CROP.ratio],
+    check: (v) => parseRange('cropRatio', v as string | readonly number[]),
+    phase: 'finetune',
+    needs: ['finetune', 'crop'],
+    doc: "the crop's width / height, `LO,HI`, drawn log-uniformly",
+  },
+  {
     key: 'keep',
     flag: 'keep',
     type: 'string',
@@ -795,6 +834,8 @@ function holds(need: Need, r: Partial<ResolvedTrainOptions>): boolean {
       return r.earlyStop! > 0;
     case 'augment':
       return (r.augment?.length ?? 0) > 0;
+    case 'crop':
+      return r.augment?.includes('crop') ?? false;
   }
 }
 
@@ -817,6 +858,7 @@ const NEED_MESSAGES: Readonly<
   earlyStop: (keys, shown) => `${keys.map(shown).join(', ')} needs ${shown('earlyStop')} > 0`,
   augment: (keys, shown) =>
     `${keys.map(shown).join(', ')} needs ${shown('augment')} (e.g. flip,crop)`,
+  crop: (keys, shown) => `${keys.map(shown).join(', ')} needs crop in ${shown('augment')}`,
 };
 
 /**
@@ -857,6 +899,7 @@ export function resolveTrainOptions(o: TrainOptions): ResolvedTrainOptions {
   for (const need of [
     'finetune',
     'augment',
+    'crop',
     'swa',
     'ema',
     'swaOnly',

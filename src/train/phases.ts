@@ -309,6 +309,7 @@ export async function trainFinetune(
       swa: averaging(o, 'finetune'),
       earlyStop: earlyStopping(o, embedded),
       augment: o.augment,
+      crop: { scale: o.cropScale, ratio: o.cropRatio },
       augmentViews: o.augmentViews,
       keep: o.keep,
       labelSmoothing: o.labelSmoothing,
