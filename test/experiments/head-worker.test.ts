@@ -1,0 +1,154 @@
+import assert from 'node:assert/strict';
+import { readdir, readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import * as tf from '@tensorflow/tfjs';
+import { initBackend } from '../../src/backend/index.js';
+import type { SweepConfig } from '../../src/experiments/config.js';
+import { type SweepEvent, sweep } from '../../src/experiments/sweep.js';
+import { fileSaveHandler } from '../../src/io/files.js';
+import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
+
+let dir: string;
+let cleanup: () => Promise<void>;
+let backbone: string;
+let data: string;
+
+before(async () => {
+  await initBackend('wasm');
+  ({ dir, cleanup } = await tempDir('head-worker'));
+  backbone = await writeTinyBackbone(dir);
+  data = path.join(dir, 'data');
+  await writeColourDataset(path.join(data, 'train'), 8, {
+    red: [220, 30, 30],
+    green: [30, 200, 40],
+    blue: [20, 40, 230],
+  });
+  await writeColourDataset(path.join(data, 'test'), 3, {
+    red: [220, 30, 30],
+    green: [30, 200, 40],
+    blue: [20, 40, 230],
+  });
+});
+after(async () => {
+  await cleanup();
+});
+
+/** The weight files of each run's exported model, by run id and file name (model.json holds a fresh run id). */
+async function exportedWeights(out: string, ids: readonly string[]): Promise<Map<string, Buffer>> {
+  const files = new Map<string, Buffer>();
+  for (const id of ids) {
+    const model = path.join(out, 'runs', id, 'model');
+    for (const name of (await readdir(model)).filter((n) => n.endsWith('.bin')))
+      files.set(`${id}/${name}`, await readFile(path.join(model, name)));
+  }
+  return files;
+}
+
+test('heads split across two threads end exactly as unsplit: same figures, same weights, same order', async () => {
+  const base = { data, backbone, epochs: 4, cacheDir: path.join(dir, 'cache-split') };
+  const config = (name: string): SweepConfig => ({
+    out: path.join(dir, name),
+    base,
+    // Eight heads of one shape (4 per thread), what may differ per member varied.
+    grid: { lr: [0.01, 0.05], dropout: [0, 0.3] },
+    variants: [{}, { labelSmoothing: 0.2, swaStart: 2, classWeights: 'balanced' }],
+  });
+  const run = async (name: string, headThreads: number) => {
+    const events: SweepEvent[] = [];
+    const ended: string[] = [];
+    const before = tf.memory().numTensors;
+    const result = await sweep(config(name), {
+      headThreads,
+      export: 'all',
+      onEvent: (e) => events.push(e),
+      onRunEnd: (row) => ended.push(row.id),
+    });
+    assert.equal(tf.memory().numTensors, before);
+    return { result, events, ended };
+  };
+  const one = await run('unsplit', 1);
+  const two = await run('split', 2);
+  const threads = (events: SweepEvent[]) =>
+    events.flatMap((e) => (e.type === 'embedding' ? [e.headThreads] : []));
+  assert.deepEqual(threads(one.events), [1]);
+  assert.deepEqual(threads(two.events), [2]);
+  assert.equal(two.result.rows.length, 8);
+  assert.ok(two.result.rows.every((r) => r.status === 'done'));
+  // Rows end in the same order, with the same figures.
+  assert.deepEqual(two.ended, one.ended);
+  const figures = (rows: typeof one.result.rows) =>
+    rows.map((r) => ({ id: r.id, val: r.val, test: r.test }));
+  assert.deepEqual(figures(two.result.rows), figures(one.result.rows));
+  // Every epoch's logs, from the worker's part too.
+  for (const row of two.result.rows) {
+    const strip = (text: string) =>
+      text
+        .trim()
+        .split('\n')
+        .map((l) => {
+          const { seconds: _, ...rest } = JSON.parse(l) as Record<string, unknown>;
+          return rest;
+        });
+    const metrics = (out: string) => readFile(path.join(out, row.runDir, 'metrics.jsonl'), 'utf8');
+    assert.deepEqual(strip(await metrics(two.result.out)), strip(await metrics(one.result.out)));
+  }
+  // The exported models, byte for byte.
+  const ids = one.result.rows.map((r) => r.id);
+  const a = await exportedWeights(one.result.out, ids);
+  const b = await exportedWeights(two.result.out, ids);
+  assert.ok(a.size >= ids.length);
+  assert.equal(b.size, a.size);
+  for (const [name, bytes] of a) assert.ok(b.get(name)?.equals(bytes), name);
+  // Events of the worker's runs arrive too: an epoch event per run and epoch.
+  const epochs = two.events.filter((e) => e.type === 'train' && e.event.type === 'epoch');
+  assert.equal(epochs.length, 8 * 4);
+});
+
+/** A backbone whose features are about 1e19: sgd at lr 9 diverges on them, at 1e-30 it does not. */
+async function writeLoudBackbone(): Promise<string> {
+  const input = tf.input({ shape: [32, 32, 3], name: 'image' });
+  const x = tf.layers
+    .conv2d({
+      filters: 8,
+      kernelSize: 1,
+      name: 'loud',
+      kernelInitializer: tf.initializers.constant({ value: 1e19 }),
+    })
+    .apply(input) as tf.SymbolicTensor;
+  const model = tf.model({ inputs: input, outputs: x });
+  const folder = path.join(dir, 'loud');
+  await model.save(fileSaveHandler(folder));
+  model.dispose();
+  return path.join(folder, 'model.json');
+}
+
+test("a head that diverges in the worker's part fails alone", async () => {
+  const loud = await writeLoudBackbone();
+  const before = tf.memory().numTensors;
+  const result = await sweep(
+    {
+      out: path.join(dir, 'diverge'),
+      base: { data, backbone: loud, optimizer: 'sgd', epochs: 3, cache: false },
+      // The first run trains in this thread, the second in the worker.
+      grid: { lr: [1e-30, 9] },
+    },
+    { headThreads: 2, export: 'none' },
+  );
+  assert.equal(tf.memory().numTensors, before);
+  assert.deepEqual(
+    result.rows.map((r) => r.status),
+    ['done', 'failed'],
+  );
+  assert.match(
+    result.rows[1]!.error!,
+    /^training diverged: the head stage's loss became (NaN|Infinity) at epoch \d+, batch \d+; nothing was exported/,
+  );
+});
+
+test('headThreads is checked', async () => {
+  await assert.rejects(
+    sweep({ out: path.join(dir, 'bad'), base: { data, backbone } }, { headThreads: 0 }),
+    /^FinetuneError: Expected a positive integer for headThreads but received 0$/,
+  );
+});
