@@ -135,6 +135,8 @@ export class HeadWorker {
   /**
    * Trains `jobs` (one head shape, see headShapeKey) as `trainHeads` would here; their events
    * reach each job's `run.emit`. Every job must share `classes` and `init` (one prepared run).
+   * Rejects with what trainHeads threw (a FinetuneError), or with a plain Error when the
+   * worker itself failed (no backend, ended).
    */
   async train(
     splits: SharedSplits,
@@ -221,7 +223,10 @@ async function serve(data: HeadWorkerData): Promise<void> {
 }
 
 async function trainPart(request: PartRequest, ready: Promise<unknown>): Promise<HeadOutcome[]> {
-  await ready;
+  // Not the runs' failure: a plain Error, so that the caller trains the part itself.
+  await ready.catch((err: unknown) => {
+    throw new Error(`head worker: no backend (${err instanceof Error ? err.message : err})`);
+  });
   const { splits, classes, init } = request;
   const none: Embedded = { files: [], features: new Float32Array(0), labels: new Int32Array(0) };
   // What trainHeads reads of the embedding and of each job's prepared run: the features, the

@@ -468,8 +468,10 @@ function defaultHeadThreads(prepared: PreparedRun): number {
 
 /**
  * Trains a group of heads of one shape in parts (run order kept: the first part here, the
- * others in `workers`, at the same time), each head or its error in run order. A part that
- * fails as a whole gives its error to each of its runs, as one unsplit group would.
+ * others in `workers`, at the same time), each head or its error in run order. A part
+ * whose training fails as a whole (every head diverged) trains again here one run at a
+ * time, so that each run gets its own result or error as in an unsplit group; a part whose
+ * worker failed trains again here.
  */
 function headParts(
   embedded: EmbeddedSplits,
@@ -484,13 +486,34 @@ function headParts(
     // The workers' parts are sent first: this thread's part keeps it busy until its end.
     const theirs = parts.slice(1).map((part, i) => workers[i]!.train(shared!, part));
     const settled = await Promise.allSettled([trainHeads(embedded, parts[0]!), ...theirs]);
-    return settled.flatMap((outcome, i): (HeadResult | Error)[] => {
-      if (outcome.status === 'fulfilled') return outcome.value;
-      const err =
-        outcome.reason instanceof Error ? outcome.reason : new Error(String(outcome.reason));
-      return parts[i]!.map(() => err);
-    });
+    const heads: (HeadResult | Error)[] = [];
+    for (const [i, outcome] of settled.entries()) {
+      const part = parts[i]!;
+      if (outcome.status === 'fulfilled') heads.push(...outcome.value);
+      else if (outcome.reason instanceof FinetuneError && part.length > 1) {
+        for (const job of part) heads.push(...(await trainHere(embedded, [job])));
+      } else if (i > 0 && !(outcome.reason instanceof FinetuneError))
+        heads.push(...(await trainHere(embedded, part)));
+      else heads.push(...part.map(() => asError(outcome.reason)));
+    }
+    return heads;
   };
+}
+
+function asError(err: unknown): Error {
+  return err instanceof Error ? err : new Error(String(err));
+}
+
+/** trainHeads in this thread; a failure as a whole is each run's error. */
+async function trainHere(
+  embedded: EmbeddedSplits,
+  jobs: readonly HeadJob[],
+): Promise<(HeadResult | Error)[]> {
+  try {
+    return await trainHeads(embedded, jobs);
+  } catch (err) {
+    return jobs.map(() => asError(err));
+  }
 }
 
 /** The event of a run that starts (here, or in a child process). */

@@ -4,9 +4,14 @@ import path from 'node:path';
 import { after, before, test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
 import { initBackend } from '../../src/backend/index.js';
+import { FinetuneError } from '../../src/errors.js';
 import type { SweepConfig } from '../../src/experiments/config.js';
+import { HeadWorker, shareSplits } from '../../src/experiments/head-worker.js';
 import { type SweepEvent, sweep } from '../../src/experiments/sweep.js';
 import { fileSaveHandler } from '../../src/io/files.js';
+import { resolveTrainOptions } from '../../src/train/options.js';
+import type { HeadJob } from '../../src/train/phases.js';
+import type { EmbeddedSplits } from '../../src/train/run.js';
 import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
 
 let dir: string;
@@ -123,27 +128,57 @@ async function writeLoudBackbone(): Promise<string> {
   return path.join(folder, 'model.json');
 }
 
-test("a head that diverges in the worker's part fails alone", async () => {
+test("heads that diverge in the worker's part fail alone, each with its own error", async () => {
   const loud = await writeLoudBackbone();
   const before = tf.memory().numTensors;
   const result = await sweep(
     {
       out: path.join(dir, 'diverge'),
       base: { data, backbone: loud, optimizer: 'sgd', epochs: 3, cache: false },
-      // The first run trains in this thread, the second in the worker.
-      grid: { lr: [1e-30, 9] },
+      // The first two runs train in this thread, the last two in the worker: both diverge there.
+      grid: { lr: [1e-30, 2e-30, 8, 9] },
     },
     { headThreads: 2, export: 'none' },
   );
   assert.equal(tf.memory().numTensors, before);
   assert.deepEqual(
     result.rows.map((r) => r.status),
-    ['done', 'failed'],
+    ['done', 'done', 'failed', 'failed'],
   );
-  assert.match(
-    result.rows[1]!.error!,
-    /^training diverged: the head stage's loss became (NaN|Infinity) at epoch \d+, batch \d+; nothing was exported/,
-  );
+  for (const row of result.rows.slice(2))
+    assert.match(
+      row.error!,
+      /^training diverged: the head stage's loss became (NaN|Infinity) at epoch \d+, batch \d+; nothing was exported/,
+    );
+});
+
+test('a worker without its backend fails with a plain error (the caller trains its part itself)', async () => {
+  const worker = new HeadWorker('node-gpu');
+  try {
+    const jobs = [{ seed: 1 }].map(({ seed }) => ({
+      run: { splits: { classes: ['a', 'b'] }, init: null, emit: () => undefined },
+      options: resolveTrainOptions({ data, seed, epochs: 1 }),
+    })) as unknown as HeadJob[];
+    const splits = shareSplits({
+      featureSize: 2,
+      train: {
+        files: [],
+        features: new Float32Array([1, 0, 0, 1]),
+        labels: new Int32Array([0, 1]),
+      },
+      val: { files: [], features: new Float32Array(0), labels: new Int32Array(0) },
+    } as unknown as EmbeddedSplits);
+    await assert.rejects(worker.train(splits, jobs), (err: unknown) => {
+      assert.ok(!(err instanceof FinetuneError));
+      assert.match(
+        (err as Error).message,
+        /^head worker: no backend \(Backend node-gpu could not be loaded/,
+      );
+      return true;
+    });
+  } finally {
+    await worker.close();
+  }
 });
 
 test('headThreads is checked', async () => {
