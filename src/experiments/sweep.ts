@@ -150,7 +150,8 @@ function cacheGates(run: SweepRun): string[] {
 /**
  * Runs a sweep (see `expandSweep` for the config): one prepared run and one embedding
  * pass per distinct data/backbone/embedding setup, every head-only run trained on it in
- * this process, fine-tune runs in child processes sharing the on-disk cache. Finished
+ * this process (on `headThreads` threads), fine-tune runs in child processes sharing the
+ * on-disk cache. Finished
  * runs (runs/<id>/result.json says done) are skipped; failed and half-written ones run
  * again. Writes results.jsonl, results.csv, summary.csv and sweep.json into `out`.
  *
