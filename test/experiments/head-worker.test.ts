@@ -12,6 +12,7 @@ import { fileSaveHandler } from '../../src/io/files.js';
 import { resolveTrainOptions } from '../../src/train/options.js';
 import type { HeadJob } from '../../src/train/phases.js';
 import type { EmbeddedSplits } from '../../src/train/run.js';
+import { train } from '../../src/train/train.js';
 import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
 
 let dir: string;
@@ -108,6 +109,30 @@ test('heads split across two threads end exactly as unsplit: same figures, same 
   // Events of the worker's runs arrive too: an epoch event per run and epoch.
   const epochs = two.events.filter((e) => e.type === 'train' && e.event.type === 'epoch');
   assert.equal(epochs.length, 8 * 4);
+});
+
+test('heads that start from an earlier run (init) train alike split and unsplit', async () => {
+  const earlier = path.join(dir, 'earlier');
+  await train({ data, backbone, epochs: 2, out: earlier, cacheDir: path.join(dir, 'cache-init') });
+  const config = (name: string): SweepConfig => ({
+    out: path.join(dir, name),
+    base: { data, backbone, epochs: 3, init: earlier, cacheDir: path.join(dir, 'cache-init') },
+    grid: { lr: [0.01, 0.05], dropout: [0, 0.3] },
+  });
+  const one = await sweep(config('init-1'), { headThreads: 1, export: 'none' });
+  const two = await sweep(config('init-2'), { headThreads: 2, export: 'none' });
+  assert.ok(two.rows.every((r) => r.status === 'done'));
+  assert.deepEqual(
+    two.rows.map((r) => [r.id, r.val, r.test]),
+    one.rows.map((r) => [r.id, r.val, r.test]),
+  );
+  // The summary records where each head started, from the worker's part too.
+  const init = async (r: typeof one) =>
+    JSON.parse(await readFile(path.join(r.out, r.rows[3]!.runDir, 'summary.json'), 'utf8')).stages
+      .head.init;
+  const record = await init(two);
+  assert.equal(record.run, path.resolve(earlier));
+  assert.deepEqual(record, await init(one));
 });
 
 /** A backbone whose features are about 1e19: sgd at lr 9 diverges on them, at 1e-30 it does not. */
