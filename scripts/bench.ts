@@ -13,7 +13,7 @@
  * `train`, and against twelve warm `train` processes (`--sweep` runs only this part).
  */
 import { execFile } from 'node:child_process';
-import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -314,12 +314,17 @@ async function sweepTargets(): Promise<Record<string, unknown>> {
     const coldSweep = await cliSeconds(['sweep', '--config', 'cold.json', '--quiet'], dir);
     const warmSweep = await cliSeconds(['sweep', '--config', 'warm.json', '--quiet'], dir);
     const twelve = warmTrains.reduce((a, b) => a + b, 0);
+    // The cold sweep's embedding pass (the rest is the heads' loop, records and the export).
+    const [pass] = JSON.parse(await readFile(path.join(dir, 'sweep-cold', 'sweep.json'), 'utf8'))
+      .embeddings as { seconds: { embed: number }; headThreads: number }[];
     return {
       images: 1000,
       configs: configs.length,
       cold_train_seconds: round(coldTrain, 2),
       cold_sweep_seconds: round(coldSweep, 2),
       cold_sweep_over_cold_train: round(coldSweep / coldTrain, 2),
+      cold_sweep_embed_seconds: pass ? round(pass.seconds.embed, 2) : null,
+      head_threads: pass?.headThreads ?? null,
       cold_target: 1.5,
       warm_train_seconds_each: warmTrains.map((t) => round(t, 2)),
       twelve_warm_trains_seconds: round(twelve, 2),

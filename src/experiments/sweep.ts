@@ -6,8 +6,8 @@ import { fileURLToPath } from 'node:url';
 import { FinetuneError } from '../errors.js';
 import { MODEL_DIR } from '../export/model-dir.js';
 import type { TrainEvent } from '../train/events.js';
-import { type HeadResult, headShapeKey, trainHeads } from '../train/phases.js';
-import { embedSplits, prepareRun } from '../train/run.js';
+import { type HeadJob, type HeadResult, headShapeKey, trainHeads } from '../train/phases.js';
+import { type EmbeddedSplits, embedSplits, type PreparedRun, prepareRun } from '../train/run.js';
 import { checkCounts } from '../train/train.js';
 import { closest } from '../util/closest.js';
 import * as is from '../util/is.js';
@@ -20,6 +20,7 @@ import {
   readFinished,
   runView,
 } from './execute.js';
+import { HeadWorker, shareSplits } from './head-worker.js';
 import {
   bestConfig,
   bestRun,
@@ -63,6 +64,7 @@ export type SweepEvent =
       images: number;
       cached: number;
       seconds: { scan: number; load: number; embed: number };
+      headThreads: number;
     }
   | { type: 'run-end'; row: ResultRow; total: number }
   | { type: 'export'; id: string; dir: string };
@@ -70,6 +72,14 @@ export type SweepEvent =
 export interface SweepSettings {
   /** Runs with a fine-tune stage at once, each in a child process (default 1). Head-only runs stay in this process. */
   parallel?: number;
+  /**
+   * Threads that train head-only runs after their embedding pass: each group of heads of one
+   * shape is split in this many parts, one trained in this thread and each other in a
+   * worker thread (default: the cores, `os.availableParallelism()`, on the wasm and cpu
+   * backends, which train on one thread; 1 with native TensorFlow, which uses every core
+   * itself). The figures do not depend on it.
+   */
+  headThreads?: number;
   /** Models to export: the best run's (default), every run's, or none. */
   export?: ExportChoice;
   /** What ranks runs and configurations (default `val_loss`, lower is better). */
@@ -80,7 +90,7 @@ export interface SweepSettings {
   onEvent?: (event: SweepEvent) => void;
 }
 
-const SETTINGS = ['parallel', 'export', 'metric', 'onRunEnd', 'onEvent'] as const;
+const SETTINGS = ['parallel', 'headThreads', 'export', 'metric', 'onRunEnd', 'onEvent'] as const;
 
 export interface SweepResult {
   readonly out: string;
@@ -102,6 +112,8 @@ interface EmbeddingRecord {
   readonly images: number;
   readonly cached: number;
   readonly seconds: { scan: number; load: number; embed: number };
+  /** Threads its heads trained on (this one and workers; see SweepSettings.headThreads). */
+  readonly headThreads: number;
 }
 
 const CHILD = fileURLToPath(new URL('./run-child.js', import.meta.url));
@@ -138,7 +150,8 @@ function cacheGates(run: SweepRun): string[] {
 /**
  * Runs a sweep (see `expandSweep` for the config): one prepared run and one embedding
  * pass per distinct data/backbone/embedding setup, every head-only run trained on it in
- * this process, fine-tune runs in child processes sharing the on-disk cache. Finished
+ * this process (on `headThreads` threads), fine-tune runs in child processes sharing the
+ * on-disk cache. Finished
  * runs (runs/<id>/result.json says done) are skipped; failed and half-written ones run
  * again. Writes results.jsonl, results.csv, summary.csv and sweep.json into `out`.
  *
@@ -165,6 +178,10 @@ export async function sweep(
   const out = config.out;
   const metric = checkMetric(settings.metric ?? 'val_loss');
   const parallel = is.positiveInteger('parallel', settings.parallel ?? 1);
+  const headThreads =
+    settings.headThreads === undefined
+      ? undefined
+      : is.positiveInteger('headThreads', settings.headThreads);
   const exportChoice = is.oneOfValues('export', settings.export ?? 'best', EXPORT_CHOICES);
   const threads = childThreads(
     runs.filter((r) => r.needsBackbone),
@@ -244,6 +261,7 @@ export async function sweep(
     groups.set(run.prepareKey, [...(groups.get(run.prepareKey) ?? []), run]);
   for (const group of groups.values()) {
     await runHeadJobs(group, {
+      threads: headThreads,
       exportAll: exportChoice === 'all',
       keepBest: exportChoice === 'best',
       // Ties keep the earlier run, as bestRun does.
@@ -319,6 +337,8 @@ async function exists(file: string): Promise<boolean> {
 }
 
 interface HeadJobSettings {
+  /** Parts each group of heads is split in (see SweepSettings.headThreads; default by backend). */
+  threads?: number | undefined;
   exportAll: boolean;
   /** Keep the best head trained here in memory and export it when its group ends. */
   keepBest: boolean;
@@ -345,6 +365,7 @@ async function runHeadJobs(group: readonly SweepRun[], s: HeadJobSettings): Prom
   };
   let prepared: Awaited<ReturnType<typeof prepareRun>> | null = null;
   let kept: { row: ResultRow; head: HeadResult } | null = null;
+  let workers: HeadWorker[] = [];
   try {
     const eventsOf = (id: string) => (event: TrainEvent) => s.onEvent({ type: 'train', id, event });
     prepared = await prepareRun({
@@ -353,6 +374,14 @@ async function runHeadJobs(group: readonly SweepRun[], s: HeadJobSettings): Prom
       out: first.options.out,
       onEvent: eventsOf(first.id),
     });
+    const chunks = headChunks(group);
+    const parts = Math.min(
+      s.threads ?? defaultHeadThreads(prepared),
+      Math.max(...chunks.map((c) => c.length)),
+    );
+    // Started before the embedding pass: loading their tfjs (about half a second) overlaps it.
+    const backend = prepared.backend.option;
+    workers = Array.from({ length: parts - 1 }, () => new HeadWorker(backend));
     const t0 = performance.now();
     const embedded = await embedSplits(prepared);
     const counts = checkCounts(prepared, embedded);
@@ -364,25 +393,20 @@ async function runHeadJobs(group: readonly SweepRun[], s: HeadJobSettings): Prom
       images,
       cached: embedded.cached,
       seconds: { ...prepared.seconds, embed: (performance.now() - t0) / 1000 },
+      headThreads: parts,
     };
     s.embeddings.push(record);
     s.onEvent({ type: 'embedding', ...record });
-    for (const chunk of headChunks(group)) {
+    const trainParts = headParts(embedded, workers);
+    for (const chunk of chunks) {
       for (const run of chunk) s.onEvent(runStart(run, s.total, false));
       const t1 = performance.now();
-      let heads: (HeadResult | Error)[];
-      try {
-        heads = await trainHeads(
-          embedded,
-          chunk.map((run) => ({
-            run: runView(prepared!, run, eventsOf(run.id)),
-            options: run.options,
-          })),
-        );
-      } catch (err) {
-        for (const run of chunk) await report(await failedRow(run, err));
-        continue;
-      }
+      const heads = await trainParts(
+        chunk.map((run) => ({
+          run: runView(prepared!, run, eventsOf(run.id)),
+          options: run.options,
+        })),
+      );
       // Each run's share of the loop that trained its chunk.
       const share = (performance.now() - t1) / 1000 / chunk.length;
       for (const [i, run] of chunk.entries()) {
@@ -430,8 +454,67 @@ async function runHeadJobs(group: readonly SweepRun[], s: HeadJobSettings): Prom
   } finally {
     kept?.head.dispose();
     prepared?.dispose();
+    await Promise.all(workers.map((w) => w.close()));
   }
   return results;
+}
+
+/**
+ * Threads for head training by default: one per core on backends that train on one thread
+ * (wasm has no threads in Node; cpu is plain JavaScript), one with native TensorFlow.
+ */
+function defaultHeadThreads(prepared: PreparedRun): number {
+  return prepared.backend.tfBackend === 'tensorflow' ? 1 : os.availableParallelism();
+}
+
+/**
+ * Trains a group of heads of one shape in parts (run order kept: the first part here, the
+ * others in `workers`, at the same time), each head or its error in run order. A part
+ * whose training fails as a whole (every head diverged) trains again here one run at a
+ * time, so that each run gets its own result or error as in an unsplit group; a part whose
+ * worker failed trains again here.
+ */
+function headParts(
+  embedded: EmbeddedSplits,
+  workers: readonly HeadWorker[],
+): (jobs: readonly HeadJob[]) => Promise<(HeadResult | Error)[]> {
+  const shared = workers.length ? shareSplits(embedded) : null;
+  return async (jobs) => {
+    const n = Math.min(workers.length + 1, jobs.length);
+    const parts = Array.from({ length: n }, (_, i) =>
+      jobs.slice(Math.floor((i * jobs.length) / n), Math.floor(((i + 1) * jobs.length) / n)),
+    );
+    // The workers' parts are sent first: this thread's part keeps it busy until its end.
+    const theirs = parts.slice(1).map((part, i) => workers[i]!.train(shared!, part));
+    const settled = await Promise.allSettled([trainHeads(embedded, parts[0]!), ...theirs]);
+    const heads: (HeadResult | Error)[] = [];
+    for (const [i, outcome] of settled.entries()) {
+      const part = parts[i]!;
+      if (outcome.status === 'fulfilled') heads.push(...outcome.value);
+      else if (outcome.reason instanceof FinetuneError && part.length > 1) {
+        for (const job of part) heads.push(...(await trainHere(embedded, [job])));
+      } else if (i > 0 && !(outcome.reason instanceof FinetuneError))
+        heads.push(...(await trainHere(embedded, part)));
+      else heads.push(...part.map(() => asError(outcome.reason)));
+    }
+    return heads;
+  };
+}
+
+function asError(err: unknown): Error {
+  return err instanceof Error ? err : new Error(String(err));
+}
+
+/** trainHeads in this thread; a failure as a whole is each run's error. */
+async function trainHere(
+  embedded: EmbeddedSplits,
+  jobs: readonly HeadJob[],
+): Promise<(HeadResult | Error)[]> {
+  try {
+    return await trainHeads(embedded, jobs);
+  } catch (err) {
+    return jobs.map(() => asError(err));
+  }
 }
 
 /** The event of a run that starts (here, or in a child process). */
