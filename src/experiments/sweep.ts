@@ -143,7 +143,10 @@ function cacheGates(run: SweepRun): string[] {
   if (!o.cache) return [];
   const cut = `${run.prepareKey}|${o.unfreeze ?? 'default'}`;
   const gates = [run.prepareKey, cut];
-  if (o.augment.length) gates.push(`${cut}|${o.augment.join('+')}|${o.seed}|${o.augmentViews}`);
+  if (o.augment.length)
+    gates.push(
+      `${cut}|${o.augment.join('+')}|${o.cropScale}|${o.cropRatio}|${o.seed}|${o.augmentViews}`,
+    );
   return gates;
 }
 
