@@ -27,6 +27,11 @@ export function builder(y: Argv) {
       describe:
         'Fine-tune runs at once, each in a child process with its share of the cores [default: 1]',
     })
+    .option('head-threads', {
+      type: 'number',
+      describe:
+        'Threads that train head-only runs after the embedding pass [default: the cores on wasm/cpu, 1 on native TensorFlow]',
+    })
     .option('export', {
       type: 'string',
       choices: EXPORT_CHOICES,
@@ -67,6 +72,7 @@ export async function handler(argv: Args): Promise<void> {
   const t0 = performance.now();
   const result = await sweep(argv.out !== undefined ? { ...config, out: argv.out } : config, {
     ...(argv.parallel !== undefined ? { parallel: argv.parallel } : {}),
+    ...(argv.headThreads !== undefined ? { headThreads: argv.headThreads } : {}),
     ...(argv.export !== undefined ? { export: argv.export as ExportChoice } : {}),
     ...(argv.metric !== undefined ? { metric: argv.metric as SweepMetric } : {}),
     onEvent(e) {

@@ -323,7 +323,10 @@ test('finetune sweep from a YAML file, on the real CLI', async () => {
       '',
     ].join('\n'),
   );
-  const run = await runCli(['sweep', '--config', 'sweep.yaml', '--metric', 'val_acc'], work);
+  const run = await runCli(
+    ['sweep', '--config', 'sweep.yaml', '--metric', 'val_acc', '--head-threads', '1'],
+    work,
+  );
   assert.equal(run.code, 0, run.stderr);
   assert.match(
     run.stdout,
@@ -332,6 +335,11 @@ test('finetune sweep from a YAML file, on the real CLI', async () => {
   assert.match(run.stderr, /embedded 33 images once for 4 runs/);
   const sweepJson = JSON.parse(await readFile(path.join(work, 'sw', 'sweep.json'), 'utf8'));
   assert.equal(sweepJson.metric, 'val_acc');
+  // --head-threads reaches the sweep (the default is every core).
+  assert.deepEqual(
+    sweepJson.embeddings.map((e: { headThreads: number }) => e.headThreads),
+    [1],
+  );
 
   const bad = await runCli(['sweep', '--config', 'sweep.yaml', '--metric', 'val_f1'], work);
   assert.equal(bad.code, 2);
