@@ -64,6 +64,10 @@ const RECIPES: Record<string, { readonly doc: string; readonly options: Partial<
   ema: { doc: '--average ema (both stages)', options: { average: 'ema' } },
   'lr-mult-10': { doc: '--lr-mult 10 (discriminative LRs)', options: { lrMult: 10 } },
   'dropout-0': { doc: '--dropout 0 (both stages)', options: { dropout: 0 } },
+  'crop-wide': {
+    doc: "--crop-scale 0.08,1 (torchvision's default range, not the recipe's 0.8–1)",
+    options: { cropScale: '0.08,1' },
+  },
 };
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
