@@ -315,6 +315,18 @@ export async function prefixActivations(
   return { data: result.features, rows: result.rows };
 }
 
+/**
+ * Whether the augmented view of `epoch` is used again by a later epoch (views cycle every
+ * `augmentViews` epochs). One that is not is dropped after its epoch: a view of 1,000
+ * images at `blocks:3` is 31 MB, and with the default (a view per epoch) keeping them all
+ * grew the fine-tune stage by that much every epoch.
+ *
+ * @example viewReturns(0, 2, 5) // → true (epoch 2 uses view 0 again)
+ */
+export function viewReturns(epoch: number, augmentViews: number, epochs: number): boolean {
+  return epoch + augmentViews < epochs;
+}
+
 /** Rows whose data is swapped per epoch (one augmented view at a time). */
 class ViewBatches implements Batches {
   data: Float32Array;
@@ -510,29 +522,36 @@ export async function runFineTune(
     const valActs = await activations(inputs.val.files, null);
     const pick = (labels: Int32Array, rows: readonly number[]) =>
       Int32Array.from(rows, (r) => labels[r]!);
-    const first = plainTrain ?? (await activations(inputs.train.files, 0));
+    let first: { data: Float32Array; rows: readonly number[] } | null =
+      plainTrain ?? (await activations(inputs.train.files, 0));
     const trainBatches = new ViewBatches(
       first.data,
       split.cutShape,
       pick(inputs.train.labels, first.rows),
     );
+    // Only trainBatches and views hold view 0 from here, so it can go after its epoch.
+    first = null;
     const valBatches = inputs.val.files.length
       ? new ArrayBatches(valActs.data, split.cutShape, pick(inputs.val.labels, valActs.rows))
       : null;
-    // Views are computed when first needed and kept (at most augmentViews of them).
-    const views = new Map<number, Float32Array>([[0, first.data]]);
+    // Views are computed when first needed and kept only while an epoch to come uses them
+    // again (at most augmentViews of them); by default each epoch has a view of its own.
+    const views = new Map<number, Float32Array>([[0, trainBatches.data]]);
     const viewCallback: TrainingCallback = {
       async onEpochBegin(epoch) {
         if (!s.augment.length) return;
         const v = epoch % s.augmentViews;
         let data = views.get(v);
         if (!data) {
+          // The previous epoch's view, if no epoch returns to it, goes before this one is made.
+          trainBatches.data = new Float32Array(0);
           const a = await activations(inputs.train.files, v);
           if (a.rows.length !== trainBatches.size)
             throw new FinetuneError('An image decoded differently between augmented views');
           data = a.data;
           views.set(v, data);
         }
+        if (!viewReturns(epoch, s.augmentViews, s.epochs)) views.delete(v);
         trainBatches.data = data;
       },
     };

@@ -436,3 +436,53 @@ describe('ClipByValue gradient (ReLU6) on wasm', () => {
     x.dispose();
   });
 });
+
+describe('Identity on wasm', () => {
+  test('a clone shares its buffer, keeps its values when the original goes, and frees it last', async () => {
+    await tf.setBackend('wasm');
+    registerWasmGradientKernels();
+    const backend = tf.backend() as unknown as { numDataIds(): number };
+    const x = tf.tensor2d(values(6, 50), [2, 3]);
+    const expected = Array.from(await x.data());
+    const ids = backend.numDataIds();
+    const y = tf.clone(x);
+    // shared, not copied: no new buffer in the backend
+    assert.equal(backend.numDataIds(), ids);
+    x.dispose();
+    assert.deepEqual(Array.from(await y.data()), expected);
+    assert.equal(backend.numDataIds(), ids);
+    y.dispose();
+    assert.equal(backend.numDataIds(), ids - 1);
+    // strings keep the native kernel
+    const s = tf.tensor1d(['a', 'b'], 'string');
+    const t = tf.clone(s);
+    assert.deepEqual(await t.data(), ['a', 'b']);
+    tf.dispose([s, t]);
+  });
+
+  test('a training step saves its tensors for the gradient without copying them', async () => {
+    await tf.setBackend('wasm');
+    registerWasmGradientKernels();
+    const backend = tf.backend() as unknown as { numDataIds(): number };
+    const x = tf.tensor4d(values(2 * 5 * 5 * 4, 51), [2, 5, 5, 4]);
+    const w = variable(tf.tensor4d(values(4 * 8, 52), [1, 1, 4, 8]));
+    const tensors = tf.memory().numTensors;
+    let buffersAdded = -1;
+    const { grads, value } = tf.variableGrads(() => {
+      const ids = backend.numDataIds();
+      // conv2d keeps x and the filter for its gradient: clones that share their buffers
+      const y = tf.conv2d(x, w, 1, 'same');
+      buffersAdded = backend.numDataIds() - ids;
+      return tf.sum(y) as tf.Scalar;
+    }, [w]);
+    assert.equal(buffersAdded, 1, 'only the output is a new buffer');
+    assert.equal(
+      (await grads[w.name]!.data()).length,
+      4 * 8,
+      'the gradient comes out of the shared tensors',
+    );
+    tf.dispose([value, ...Object.values(grads)]);
+    assert.equal(tf.memory().numTensors, tensors);
+    tf.dispose([x, w]);
+  });
+});

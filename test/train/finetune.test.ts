@@ -11,7 +11,12 @@ import { loadSplits } from '../../src/data/scan.js';
 import { resolveEngineContext } from '../../src/engine/index.js';
 import { buildHead } from '../../src/head/build.js';
 import { fileLoadHandler } from '../../src/io/files.js';
-import { firstUnfrozenLayer, parseUnfreeze, runFineTune } from '../../src/train/finetune.js';
+import {
+  firstUnfrozenLayer,
+  parseUnfreeze,
+  runFineTune,
+  viewReturns,
+} from '../../src/train/finetune.js';
 import { train } from '../../src/train/train.js';
 import { colourWorkspace } from '../helpers.js';
 
@@ -400,4 +405,17 @@ test('augmentViews: K views cycle over E > K epochs; by default every epoch has 
   // 5 epochs over 2 views: epochs 1–5 use views 0, 1, 0, 1, 0; only two are ever computed
   assert.deepEqual(await views('views-2-of-5', 5, 2), [0, 1]);
   assert.deepEqual(await views('views-default', 3), [0, 1, 2]);
+});
+
+test('viewReturns: a view stays in memory only while a later epoch uses it again', () => {
+  // 5 epochs over 2 views (0, 1, 0, 1, 0): view 0 serves epochs 0, 2 and 4, view 1 epochs 1 and 3
+  assert.deepEqual(
+    [0, 1, 2, 3, 4].map((e) => viewReturns(e, 2, 5)),
+    [true, true, true, false, false],
+  );
+  // the default, a view per epoch: none is kept past its epoch
+  assert.deepEqual(
+    [0, 1, 2].map((e) => viewReturns(e, 3, 3)),
+    [false, false, false],
+  );
 });
