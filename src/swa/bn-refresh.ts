@@ -84,8 +84,8 @@ export interface BatchNormState {
   refresh(train: Batches, batchSize: number, members: readonly number[]): Promise<void>;
 }
 
-/** The parts of a tfjs BatchNormalization layer the refresh reads and writes. */
-interface BatchNormLayer {
+/** The parts of a tfjs BatchNormalization layer the refresh (and the fine-tune stage's inference-mode call) reads and writes. */
+export interface BatchNormLayer {
   readonly name: string;
   call: (
     inputs: tf.Tensor | tf.Tensor[],

@@ -16,7 +16,7 @@ import { createFrozenModel, type EngineContext } from '../engine/index.js';
 import type { FrozenModel } from '../engine/types.js';
 import { FinetuneError, invalidOption } from '../errors.js';
 import { dropoutSeeder, logitsView } from '../head/build.js';
-import { layersBatchNorm } from '../swa/bn-refresh.js';
+import { type BatchNormLayer, layersBatchNorm } from '../swa/bn-refresh.js';
 import type { TrainingCallback } from './callbacks.js';
 import type { WeightsKind } from './events.js';
 import {
@@ -209,20 +209,6 @@ export function splitBody(body: tf.LayersModel, firstUnfrozen: string): SplitBod
   };
 }
 
-/** The parts of a tfjs BatchNormalization layer the inference-mode call reads. */
-interface BatchNormInternals {
-  call: (
-    inputs: tf.Tensor | tf.Tensor[],
-    kwargs: Record<string, unknown>,
-  ) => tf.Tensor | tf.Tensor[];
-  axis: number;
-  epsilon: number;
-  gamma: { read(): tf.Tensor } | null;
-  beta: { read(): tf.Tensor } | null;
-  movingMean: { read(): tf.Tensor };
-  movingVariance: { read(): tf.Tensor };
-}
-
 /**
  * Makes every BatchNormalization layer in `layers` normalise with its moving statistics
  * even when called with `training: true` (Keras's `training=False` rule for fine-tuning):
@@ -237,9 +223,9 @@ export function inferenceModeBatchNorm(layers: readonly tf.layers.Layer[]): () =
   const restores: (() => void)[] = [];
   for (const layer of layers) {
     if (layer.getClassName() !== 'BatchNormalization') continue;
-    const l = layer as unknown as BatchNormInternals;
+    const l = layer as unknown as BatchNormLayer;
     const original = l.call;
-    l.call = function (this: BatchNormInternals, inputs, kwargs) {
+    l.call = function (this: BatchNormLayer, inputs, kwargs) {
       const x = Array.isArray(inputs) ? inputs[0]! : inputs;
       const lastAxis = this.axis === -1 || this.axis === x.rank - 1;
       if (!lastAxis) return original.call(this, inputs, { ...kwargs, training: false });
