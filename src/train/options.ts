@@ -584,7 +584,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => 16,
     check: positiveInteger('embedBatchSize'),
     phase: 'embed',
-    doc: 'images per frozen-pass batch (a batch of pixels must fit in 1 GiB)',
+    doc: "images per frozen-pass batch (a batch of pixels must fit in 1 GiB); the fine-tune stage's prefix pass takes at most 8, which bounds ONNX Runtime's memory arena for the rest of the stage",
   },
   {
     key: 'decodeConcurrency',
