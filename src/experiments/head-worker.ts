@@ -15,7 +15,7 @@ import { buildHead } from '../head/build.js';
 import type { StageSummary, TrainEvent, ValFigures, WeightsChoice } from '../train/events.js';
 import type { PreparedInit } from '../train/init.js';
 import type { ResolvedTrainOptions } from '../train/options.js';
-import { type HeadJob, type HeadResult, trainHeads } from '../train/phases.js';
+import { type HeadJob, type HeadResult, headOptions, trainHeads } from '../train/phases.js';
 import type { Embedded, EmbeddedSplits, PreparedRun } from '../train/run.js';
 import type { StageResult } from '../train/stage.js';
 
@@ -179,11 +179,7 @@ function headResult(
   numClasses: number,
   o: ResolvedTrainOptions,
 ): HeadResult {
-  const head = buildHead(featureSize, numClasses, {
-    hidden: o.hidden,
-    dropout: o.dropout,
-    seed: o.seed,
-  });
+  const head = buildHead(featureSize, numClasses, headOptions(o));
   tf.tidy(() => head.setWeights(h.weights.map((w, i) => tf.tensor(w, [...h.shapes[i]!]))));
   return {
     head,

@@ -13,7 +13,7 @@ import { resolveTrainOptions } from '../../src/train/options.js';
 import type { HeadJob } from '../../src/train/phases.js';
 import type { EmbeddedSplits } from '../../src/train/run.js';
 import { train } from '../../src/train/train.js';
-import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
+import { RGB_CLASSES, tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
 
 let dir: string;
 let cleanup: () => Promise<void>;
@@ -25,16 +25,8 @@ before(async () => {
   ({ dir, cleanup } = await tempDir('head-worker'));
   backbone = await writeTinyBackbone(dir);
   data = path.join(dir, 'data');
-  await writeColourDataset(path.join(data, 'train'), 8, {
-    red: [220, 30, 30],
-    green: [30, 200, 40],
-    blue: [20, 40, 230],
-  });
-  await writeColourDataset(path.join(data, 'test'), 3, {
-    red: [220, 30, 30],
-    green: [30, 200, 40],
-    blue: [20, 40, 230],
-  });
+  await writeColourDataset(path.join(data, 'train'), 8, RGB_CLASSES);
+  await writeColourDataset(path.join(data, 'test'), 3, RGB_CLASSES);
 });
 after(async () => {
   await cleanup();
@@ -50,6 +42,31 @@ async function exportedWeights(out: string, ids: readonly string[]): Promise<Map
   }
   return files;
 }
+
+test('heads with BatchNorm (--head-bn) split across two threads come back as the unsplit ones', async () => {
+  const config = (name: string): SweepConfig => ({
+    out: path.join(dir, name),
+    base: {
+      data,
+      backbone,
+      epochs: 3,
+      hidden: 4,
+      headBn: true,
+      cacheDir: path.join(dir, 'cache-bn'),
+    },
+    grid: { lr: [0.01, 0.05] },
+  });
+  const before = tf.memory().numTensors;
+  const one = await sweep(config('bn-unsplit'), { headThreads: 1, export: 'all' });
+  const two = await sweep(config('bn-split'), { headThreads: 2, export: 'all' });
+  assert.equal(tf.memory().numTensors, before);
+  assert.ok(two.rows.every((r) => r.status === 'done'));
+  const ids = one.rows.map((r) => r.id);
+  const a = await exportedWeights(one.out, ids);
+  const b = await exportedWeights(two.out, ids);
+  assert.equal(b.size, a.size);
+  for (const [name, bytes] of a) assert.ok(b.get(name)?.equals(bytes), name);
+});
 
 test('heads split across two threads end exactly as unsplit: same figures, same weights, same order', async () => {
   const base = { data, backbone, epochs: 4, cacheDir: path.join(dir, 'cache-split') };
