@@ -1,5 +1,6 @@
 import * as tf from '@tensorflow/tfjs';
 import type { FinetuneError } from '../errors.js';
+import { negativeLogLikelihood } from '../export/calibration.js';
 import { WeightAverager } from '../swa/averager.js';
 import type { BatchNormState } from '../swa/bn-refresh.js';
 import {
@@ -639,7 +640,7 @@ export async function runMembers(
  * `--keep best`'s SWAG candidate: each of `list`'s validation figures under the Bayesian
  * model average of KEEP_SWAG_SAMPLES weight sets drawn from its SWAG posterior (sample s
  * seeded from the member's seed and s, as `predict --samples`), the probabilities averaged
- * and the loss their cross-entropy (probabilities clipped at 1e-7, as Keras). The samples
+ * and the loss their cross-entropy (negativeLogLikelihood: probabilities floored at 1e-7, as Keras). The samples
  * keep the BN statistics of the SWA mean (refreshed once, not per sample). The variables
  * hold the SWA means again afterwards. Other members get null.
  */
@@ -695,14 +696,9 @@ async function swagAverage(
   return members.map((_, m) => {
     if (!list.includes(m)) return null;
     const probs = Float32Array.from(sums[m]!, (x) => x / KEEP_SWAG_SAMPLES);
-    let loss = 0;
     let correct = 0;
-    for (let r = 0; r < val.size; r++) {
-      const label = val.labels[r]!;
-      loss -= Math.log(Math.max(probs[r * c + label]!, 1e-7));
-      if (argmax(probs, r * c, c) === label) correct++;
-    }
-    return { loss: loss / val.size, acc: correct / val.size, probs };
+    for (let r = 0; r < val.size; r++) if (argmax(probs, r * c, c) === val.labels[r]) correct++;
+    return { loss: negativeLogLikelihood(probs, val.labels, c), acc: correct / val.size, probs };
   });
 }
 
