@@ -109,3 +109,63 @@ export function dropoutSeeder(model: tf.LayersModel): (seeds: readonly number[])
     for (const l of layers) l.seed = Number.isNaN(seed) ? undefined : seed;
   };
 }
+
+/** A head's logits for a stage that trains it with its own dropout rate (see `stageHead`). */
+export interface StageHead {
+  /** Logits of features; `training` applies the stage's dropout. */
+  readonly forward: (x: tf.Tensor, training: boolean) => tf.Tensor;
+  /** Fresh dropout seeds for the next step, as `dropoutSeeder`'s. */
+  readonly reseed: (seeds: readonly number[]) => void;
+  /** Gives the head back its own rate. */
+  restore(): void;
+}
+
+/**
+ * The head's logits with dropout `rate` before the classifier, for a later stage that
+ * trains the head on (`--finetune-dropout`; undefined: the head's own rate). A head built
+ * with its Dropout layer trains with that layer at `rate` until `restore`. One built
+ * without (`dropout: 0`) gets a Dropout between its layers and the classifier, applied
+ * outside its graph: its layers, variables and saved config stay as built, and with
+ * `rate` 0 (or undefined) nothing is added, so it computes exactly what `logitsView` does.
+ *
+ * @example const s = stageHead(head, 0.5); s.forward(features, true); s.restore();
+ */
+export function stageHead(model: tf.LayersModel, rate?: number): StageHead {
+  const logits = logitsView(model);
+  const own = model.layers.find((l) => l.getClassName() === 'Dropout') as
+    | (tf.layers.Layer & { rate: number })
+    | undefined;
+  const kept = own?.rate;
+  if (own && rate !== undefined) own.rate = rate;
+  const restore = () => {
+    if (own) own.rate = kept!;
+  };
+  if (own || !(rate !== undefined && rate > 0))
+    return {
+      forward: (x, training) => logits.apply(x, { training }) as tf.Tensor,
+      reseed: dropoutSeeder(model),
+      restore,
+    };
+  const classifier = model.getLayer(HEAD_LOGITS);
+  const inner = classifier.input as tf.SymbolicTensor;
+  // The features straight into the classifier (no hidden layer, no BN) need no model in between.
+  const before =
+    inner === model.inputs[0] ? null : tf.model({ inputs: model.inputs, outputs: inner });
+  // Seeded per step by `reseed`, as dropoutSeeder seeds a built-in one.
+  const dropout = tf.layers.dropout({ rate, name: 'head_dropout' }) as unknown as {
+    seed?: number;
+    apply: tf.layers.Layer['apply'];
+  };
+  return {
+    // tidy inside a gradient is safe: the tape keeps its own copies of what backprop needs.
+    forward: (x, training) =>
+      tf.tidy(() => {
+        const h = before ? (before.apply(x, { training }) as tf.Tensor) : x;
+        return classifier.apply(dropout.apply(h, { training }) as tf.Tensor) as tf.Tensor;
+      }),
+    reseed: ([seed = Number.NaN]) => {
+      dropout.seed = Number.isNaN(seed) ? undefined : seed;
+    },
+    restore,
+  };
+}

@@ -15,7 +15,7 @@ import { PREPROCESS_CONTRACT } from '../data/preprocess.js';
 import { createFrozenModel, type EngineContext } from '../engine/index.js';
 import type { FrozenModel } from '../engine/types.js';
 import { FinetuneError, invalidOption } from '../errors.js';
-import { dropoutSeeder, logitsView } from '../head/build.js';
+import { stageHead } from '../head/build.js';
 import { type BatchNormLayer, layersBatchNorm } from '../swa/bn-refresh.js';
 import type { TrainingCallback } from './callbacks.js';
 import type { WeightsKind } from './events.js';
@@ -351,6 +351,13 @@ export interface FineTuneSettings {
    * (see `layerGroups`, `groupScales`).
    */
   readonly lrMult?: number;
+  /** Epochs of linear LR warm-up at the start, step by step (default 1; 0: none). */
+  readonly warmupEpochs?: number;
+  /**
+   * The head's dropout rate in this stage (default: the rate the head was built with);
+   * see `stageHead`.
+   */
+  readonly dropout?: number;
   readonly swa: SwaSettings | null;
   readonly earlyStop: EarlyStopSettings | null;
   readonly augment: readonly AugmentKind[];
@@ -410,6 +417,16 @@ export interface FineTuneResult {
 /** A `--keep best` candidate of the fine-tune stage: the head's weights, or one of the stage's. */
 export interface FineTuneCandidate extends Omit<WeightsCandidate, 'weights'> {
   readonly weights: 'head' | `finetune-${WeightsCandidate['weights']}`;
+}
+
+/**
+ * Steps of the stage's linear LR warm-up: `epochs` whole epochs of `size` rows in batches
+ * of `batchSize` (the last batch of an epoch may be short; it is still a step).
+ *
+ * @example warmupSteps(2, 24, 8) // → 6
+ */
+export function warmupSteps(epochs: number, size: number, batchSize: number): number {
+  return epochs * Math.ceil(size / batchSize);
 }
 
 /**
@@ -495,10 +512,11 @@ export async function runFineTune(
       l.trainable = was;
     };
   });
-  const logits = logitsView(head);
+  const stageLogits = stageHead(head, s.dropout);
   const forward: Forward = (x, training) =>
-    logits.apply(split.suffix.apply(x, { training }), { training }) as tf.Tensor;
+    stageLogits.forward(split.suffix.apply(x, { training }) as tf.Tensor, training);
   const cleanup = async (): Promise<void> => {
+    stageLogits.restore();
     restoreBn();
     for (const r of restoreTrainable) r();
     split.release();
@@ -573,7 +591,7 @@ export async function runFineTune(
       name: 'finetune',
       forward,
       variables,
-      reseed: dropoutSeeder(head),
+      reseed: stageLogits.reseed,
       epochs: s.epochs,
       batchSize,
       optimizer: s.optimizer,
@@ -587,7 +605,7 @@ export async function runFineTune(
       keep: s.keep,
       batchNorm,
       lrScales,
-      warmupSteps: Math.ceil(trainBatches.size / batchSize),
+      warmupSteps: warmupSteps(s.warmupEpochs ?? 1, trainBatches.size, batchSize),
       callbacks: [viewCallback, ...inputs.callbacks],
       ...(inputs.checkpoint
         ? {

@@ -80,9 +80,11 @@ export interface TrainOptions {
   finetuneEpochs?: number;
   unfreeze?: string;
   finetuneLr?: number;
+  finetuneWarmupEpochs?: number;
   lrMult?: number;
   freezeBn?: boolean;
   bn?: 'frozen' | 'train';
+  finetuneDropout?: number;
   finetuneSwaStart?: number;
   finetuneSwaFreq?: number | string;
   finetuneSwaLr?: number;
@@ -553,7 +555,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => 0,
     check: (v, r) => is.integerInRange('warmupEpochs', v, 0, r.epochs!),
     phase: 'head',
-    doc: 'head stage: linear LR warm-up over this many epochs, step by step (the fine-tune stage always warms up over its first epoch)',
+    doc: 'head stage: linear LR warm-up over this many epochs, step by step (the fine-tune stage: `--finetune-warmup-epochs`)',
   },
   {
     key: 'earlyStop',
@@ -670,7 +672,27 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     check: learningRate('finetuneLr'),
     phase: 'finetune',
     needs: ['finetune'],
-    doc: 'fine-tune learning rate, reached by a linear warm-up over the first epoch; a fresh optimizer for the new trainable set',
+    doc: 'fine-tune learning rate, reached by a linear warm-up (`--finetune-warmup-epochs`); a fresh optimizer for the new trainable set',
+  },
+  {
+    key: 'finetuneWarmupEpochs',
+    flag: 'finetune-warmup-epochs',
+    type: 'number',
+    defaultText: '1',
+    fallback: () => 1,
+    // Up to the whole stage, as the head's --warmup-epochs: a longer ramp would never reach the LR.
+    check: (v, r) => {
+      if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v > r.finetuneEpochs!)
+        throw invalidOption(
+          'finetuneWarmupEpochs',
+          `an integer from 0 to ${r.finetuneEpochs} (the fine-tune stage's epochs)`,
+          v,
+        );
+      return v;
+    },
+    phase: 'finetune',
+    needs: ['finetune'],
+    doc: "fine-tune stage: linear LR warm-up over this many epochs, step by step (0: the full LR from the first step; at most the stage's epochs)",
   },
   {
     key: 'lrMult',
@@ -705,6 +727,17 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     phase: 'finetune',
     needs: ['finetune'],
     doc: "BatchNorm of the unfrozen blocks: `frozen` normalises with the backbone's statistics (inference mode); `train` with batch statistics, updating the moving ones and recomputing them after averaging; the frozen prefix's BN is never touched",
+  },
+  {
+    key: 'finetuneDropout',
+    flag: 'finetune-dropout',
+    type: 'number',
+    defaultText: 'dropout',
+    fallback: (r) => r.dropout,
+    check: fraction('finetuneDropout'),
+    phase: 'finetune',
+    needs: ['finetune'],
+    doc: "the head's dropout rate in the fine-tune stage only (the head stage keeps `--dropout`; after `--dropout 0` the stage adds one before the classifier); the export is built as without it (dropout does nothing at inference)",
   },
   {
     key: 'finetuneSwaStart',

@@ -15,7 +15,7 @@ import {
   type WeightsKind,
   weightsName,
 } from './events.js';
-import { type FineTuneResult, runFineTune } from './finetune.js';
+import { type FineTuneResult, runFineTune, warmupSteps } from './finetune.js';
 import { ArrayBatches, argmax, balancedWeights, type Evaluation, evaluateBatches } from './fit.js';
 import { headInit } from './init.js';
 import type { ResolvedTrainOptions } from './options.js';
@@ -196,7 +196,7 @@ export async function trainHeads(
         classWeights: classWeights(m, embedded.train.labels, numClasses),
         swa: averaging(m, 'head'),
         lrSchedule: m.lrSchedule,
-        warmupSteps: m.warmupEpochs * Math.ceil(embedded.train.labels.length / m.batchSize),
+        warmupSteps: warmupSteps(m.warmupEpochs, embedded.train.labels.length, m.batchSize),
         earlyStop: earlyStopping(m, embedded),
         keep: m.keep,
         callbacks: [epochLogger(run, m.epochs)],
@@ -302,6 +302,8 @@ export async function trainFinetune(
       unfreeze: plan.unfreeze,
       lr: o.finetuneLr,
       lrMult: o.lrMult,
+      warmupEpochs: o.finetuneWarmupEpochs,
+      dropout: o.finetuneDropout,
       batchSize: o.batchSize,
       optimizer: o.optimizer,
       freezeBn: o.freezeBn,
