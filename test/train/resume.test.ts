@@ -147,7 +147,7 @@ test('head stage with early stopping, EMA, momentum and class weights: resumed e
   await sameExport(whole, cut);
 });
 
-test('fine-tune stage: resumed inside the stage (averaging spanning the interruption) ends as the uninterrupted run, without training the head again', async () => {
+test('fine-tune stage: resumed inside the stage (averaging and warm-up spanning the interruption, a stage dropout rate) ends as the uninterrupted run, without training the head again', async () => {
   const options: TrainOptions = {
     data,
     backbone,
@@ -158,6 +158,8 @@ test('fine-tune stage: resumed inside the stage (averaging spanning the interrup
     finetuneEpochs: 4,
     unfreeze: 'from:dw1',
     finetuneLr: 0.01,
+    finetuneWarmupEpochs: 3,
+    finetuneDropout: 0.5,
     finetuneSwaStart: 1,
     finetuneSwaFreq: 1,
     augment: 'flip,crop',
@@ -196,7 +198,7 @@ test('fine-tune stage: resumed inside the stage (averaging spanning the interrup
   await sameExport(whole, cut);
 });
 
-test('BatchNorm in training mode (--head-bn, --bn train): resumed in either stage equals uninterrupted, refreshed statistics included', async () => {
+test('BatchNorm in training mode (--head-bn, --bn train), stage dropout after --dropout 0: resumed in either stage equals uninterrupted, refreshed statistics included', async () => {
   const options: TrainOptions = {
     data,
     backbone,
@@ -206,6 +208,8 @@ test('BatchNorm in training mode (--head-bn, --bn train): resumed in either stag
     lr: 0.05,
     hidden: 4,
     headBn: true,
+    dropout: 0,
+    finetuneDropout: 0.3,
     swaStart: 1,
     finetuneEpochs: 3,
     unfreeze: 'from:dw1',
