@@ -44,6 +44,10 @@
  * less spread over seeds; the PyTorch recipe's SWA (epochs 5–8 at a constant 1e-4) is the
  * same again. The only difference beyond the noise is the crop's range: torchvision's
  * default 0.08–1 costs about 4 points here, so the recipe's 0.8–1 stays the default.
+ *
+ * The stage's warm-up (`warmup-0`, `warmup-2`: 0 or 2 epochs, not 1) and its own dropout
+ * rate (`stage-dropout-0`, `stage-dropout-0.5`: the head stage keeps 0.2) are recipes
+ * here too, not measured yet.
  */
 
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -51,7 +55,7 @@ import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { type TrainOptions, train } from '../src/index.js';
+import { FinetuneError, resolveTrainOptions, type TrainOptions, train } from '../src/index.js';
 
 const { jStat } = createRequire(import.meta.url)('jstat') as {
   jStat: { studentt: { cdf(t: number, dof: number): number } };
@@ -74,6 +78,22 @@ const RECIPES: Record<string, { readonly doc: string; readonly options: Partial<
   ema: { doc: '--average ema (both stages)', options: { average: 'ema' } },
   'lr-mult-10': { doc: '--lr-mult 10 (discriminative LRs)', options: { lrMult: 10 } },
   'dropout-0': { doc: '--dropout 0 (both stages)', options: { dropout: 0 } },
+  'warmup-0': {
+    doc: '--finetune-warmup-epochs 0 (the stage at its full LR from the first step)',
+    options: { finetuneWarmupEpochs: 0 },
+  },
+  'warmup-2': {
+    doc: '--finetune-warmup-epochs 2 (a ramp over two epochs, not one)',
+    options: { finetuneWarmupEpochs: 2 },
+  },
+  'stage-dropout-0': {
+    doc: '--finetune-dropout 0 (no dropout in the stage; the head stage keeps 0.2)',
+    options: { finetuneDropout: 0 },
+  },
+  'stage-dropout-0.5': {
+    doc: '--finetune-dropout 0.5 (the head stage keeps 0.2)',
+    options: { finetuneDropout: 0.5 },
+  },
   'crop-wide': {
     doc: "--crop-scale 0.08,1 (torchvision's default range, not the recipe's 0.8–1)",
     options: { cropScale: '0.08,1' },
@@ -110,6 +130,8 @@ const seeds = (flag('--seeds') ?? '1,2,3').split(',').map(Number);
 if (!seeds.every((s) => Number.isInteger(s) && s >= 0))
   fail(`--seeds must be non-negative integers, not ${flag('--seeds')}`);
 const jsonOut = flag('--json');
+/** Width of the recipe column. */
+const W = Math.max(12, ...recipes.map((r) => r.length + 1));
 const cacheDir = flag('--cache-dir') ?? path.join(os.tmpdir(), 'finetune-recipes-cache');
 
 const BASE: Partial<TrainOptions> = {
@@ -118,6 +140,15 @@ const BASE: Partial<TrainOptions> = {
   unfreeze: 'blocks:3',
   augment: 'flip,crop',
 };
+// Every recipe's options are checked before the first run (a study is hours long).
+for (const r of recipes) {
+  try {
+    resolveTrainOptions({ ...BASE, ...RECIPES[r]!.options, data });
+  } catch (err) {
+    if (!(err instanceof FinetuneError)) throw err;
+    fail(`--recipes: recipe '${r}': ${err.message}`);
+  }
+}
 
 interface RunRow {
   readonly recipe: string;
@@ -230,7 +261,7 @@ for (const seed of seeds) {
       };
       rows.push(row);
       process.stdout.write(
-        `${new Date().toISOString().slice(11, 19)} ${recipe.padEnd(12)} seed ${seed}: test acc ${row.testAcc.toFixed(4)}, loss ${row.testLoss.toFixed(4)} (${row.seconds.toFixed(0)} s)\n`,
+        `${new Date().toISOString().slice(11, 19)} ${recipe.padEnd(W)} seed ${seed}: test acc ${row.testAcc.toFixed(4)}, loss ${row.testLoss.toFixed(4)} (${row.seconds.toFixed(0)} s)\n`,
       );
       await save(rows);
     } finally {
@@ -243,12 +274,12 @@ await save(rows);
 const f = (x: number | null, d = 4) => (x === null ? '—' : x.toFixed(d));
 process.stdout.write(
   `\ndata ${data}; base ${JSON.stringify(BASE)}; seeds ${seeds.join(',')}\n` +
-    'recipe        n  test acc          SE      Welch t (p)      paired Δ (p)     test loss\n',
+    `${'recipe'.padEnd(W)}  n  test acc          SE      Welch t (p)      paired Δ (p)     test loss\n`,
 );
 for (const r of table(rows)) {
   const w = r.welch ? `${f(r.welch.t, 2)} (${f(r.welch.p, 3)})` : '—';
   const p = r.paired ? `${f(r.paired.meanDiff)} (${f(r.paired.p, 3)})` : '—';
   process.stdout.write(
-    `${r.recipe.padEnd(12)}${String(r.n).padStart(3)}  ${f(r.mean)} ± ${f(r.std)}  ${f(r.se)}  ${w.padEnd(15)}  ${p.padEnd(15)}  ${f(r.lossMean)} ± ${f(r.lossStd)}\n`,
+    `${r.recipe.padEnd(W)}${String(r.n).padStart(3)}  ${f(r.mean)} ± ${f(r.std)}  ${f(r.se)}  ${w.padEnd(15)}  ${p.padEnd(15)}  ${f(r.lossMean)} ± ${f(r.lossStd)}\n`,
   );
 }
