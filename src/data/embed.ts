@@ -1,16 +1,14 @@
 import type { FrozenModel } from '../engine/types.js';
 import { sha256 } from '../io/hash.js';
-import { nonNegativeInteger, positiveInteger } from '../util/is.js';
+import { positiveInteger } from '../util/is.js';
 import type { CacheNamespace, EmbeddingCache } from './cache.js';
 import {
   DEFAULT_MAX_BYTES,
-  DEFAULT_MAX_PIXELS,
   decodeImage,
   mapConcurrent,
   readImageFile,
   toModelInput,
 } from './decode.js';
-import { DecodePool } from './decode-pool.js';
 
 /** A file that could not be used, and why. */
 export interface SkippedFile {
@@ -36,12 +34,6 @@ export interface EmbedOptions {
   maxPixels?: number;
   /** Largest file read, in bytes; larger files are skipped unread. Default DEFAULT_MAX_BYTES (256 MiB). */
   maxBytes?: number;
-  /**
-   * Worker threads that decode, resize and convert images (DecodePool), so the engine's
-   * thread only reads files and runs batches; 0 does that work on the calling thread.
-   * Not used with `transform`. Default DEFAULT_DECODE_WORKERS.
-   */
-  decodeWorkers?: number;
   onProgress?: (p: EmbedProgress) => void;
   /**
    * Changes the decoded pixels before the engine sees them (augmentation). `key` is the
@@ -73,14 +65,6 @@ export interface EmbedResult {
  */
 export const EMBED_CONCURRENCY = 8;
 
-/**
- * Decode workers of `embedFiles` (started at the first cache miss, ended when it returns).
- * 0: on a loaded 2-core machine one worker measured no faster than the calling thread
- * (cold embedding 0.72–0.78 of the engine alone against 0.86–0.89), since ONNX Runtime
- * already keeps both cores busy.
- */
-export const DEFAULT_DECODE_WORKERS = 0;
-
 // Raw 0–255 pixels: every backbone carries its own normalisation as its first layer.
 const RAW = { mean: [0, 0, 0], std: [1 / 255, 1 / 255, 1 / 255] } as const;
 
@@ -94,31 +78,7 @@ export interface LazyFrozenModel {
 type Prepared =
   | { readonly kind: 'hit'; readonly values: Float32Array }
   | { readonly kind: 'pixels'; readonly pixels: Uint8Array; readonly key: string }
-  /** Decoded by a worker into `slot` of the staging buffer, in the model's layout. */
-  | { readonly kind: 'staged'; readonly slot: number; readonly key: string }
   | { readonly kind: 'skip'; readonly reason: string };
-
-/**
- * Slots of a shared buffer that decode workers write images into, handed out and taken
- * back; `acquire` waits while every slot is taken.
- */
-class Slots {
-  private readonly free: number[];
-  private readonly waiting: ((slot: number) => void)[] = [];
-  constructor(count: number) {
-    this.free = Array.from({ length: count }, (_, i) => count - 1 - i);
-  }
-  acquire(): Promise<number> {
-    const slot = this.free.pop();
-    if (slot !== undefined) return Promise.resolve(slot);
-    return new Promise((resolve) => this.waiting.push(resolve));
-  }
-  release(slot: number): void {
-    const next = this.waiting.shift();
-    if (next) next(slot);
-    else this.free.push(slot);
-  }
-}
 
 /**
  * Decodes files and runs them through a frozen model in streamed batches: the next
@@ -140,21 +100,10 @@ export async function embedFiles(
   const maxBytes = positiveInteger('maxBytes', options.maxBytes ?? DEFAULT_MAX_BYTES);
   const size = source.inputSize;
   const width = source.outputSize;
-  const concurrency = positiveInteger('concurrency', options.concurrency ?? EMBED_CONCURRENCY);
-  const workers = options.transform
-    ? 0
-    : nonNegativeInteger('decodeWorkers', options.decodeWorkers ?? DEFAULT_DECODE_WORKERS);
   let model: FrozenModel | null = 'run' in source ? source : null;
-  let opening: Promise<FrozenModel> | null = null;
-  // Opened once, however many decodes ask for it at the same time.
-  const engine = (): Promise<FrozenModel> => {
-    opening ??= model
-      ? Promise.resolve(model)
-      : (source as LazyFrozenModel).open().then((m) => {
-          model = m;
-          return m;
-        });
-    return opening;
+  const engine = async (): Promise<FrozenModel> => {
+    model ??= await (source as LazyFrozenModel).open();
+    return model;
   };
   const imageLength = size * size * 3;
   const slots = new Float32Array(files.length * width);
@@ -201,34 +150,6 @@ export async function embedFiles(
     maxBytes,
     ...(options.maxPixels !== undefined ? { maxPixels: options.maxPixels } : {}),
   };
-  // With workers: at most `concurrency` decodes in flight plus the one being placed in a
-  // batch hold a staging slot (mapConcurrent's bound), so that many slots never wait.
-  // Pool and staging buffer come with the first cache miss: a warm cache starts no worker.
-  let pool: DecodePool | null = null;
-  let staging: Float32Array | null = null;
-  const free = new Slots(concurrency + 1);
-  const stage = async (bytes: Buffer, key: string): Promise<Prepared> => {
-    const m = await engine();
-    pool ??= DecodePool.start(workers);
-    staging ??= new Float32Array(new SharedArrayBuffer((concurrency + 1) * imageLength * 4));
-    const slot = await free.acquire();
-    try {
-      const job = {
-        size,
-        maxPixels: options.maxPixels ?? DEFAULT_MAX_PIXELS,
-        maxBytes,
-        pre: RAW,
-        layout: m.layout,
-      };
-      const r = await pool.decodeInto(bytes, job, staging, slot * imageLength);
-      if (r.ok) return { kind: 'staged', slot, key };
-      free.release(slot);
-      return { kind: 'skip', reason: r.reason };
-    } catch (err) {
-      free.release(slot);
-      throw err;
-    }
-  };
   const prepare = async (file: string): Promise<Prepared> => {
     const read = await readImageFile(file, maxBytes);
     if (!read.ok) return { kind: 'skip', reason: read.reason };
@@ -238,7 +159,6 @@ export async function embedFiles(
       const values = await cache.store.get(cache.namespace, key, width);
       if (values) return { kind: 'hit', values };
     }
-    if (workers > 0) return stage(bytes, key);
     const decoded = await decodeImage(bytes, decodeOptions);
     if (!decoded.ok) return { kind: 'skip', reason: decoded.reason };
     return { kind: 'pixels', pixels: decoded.pixels, key };
@@ -246,7 +166,11 @@ export async function embedFiles(
 
   let index = 0;
   try {
-    for await (const item of mapConcurrent(files, concurrency, prepare)) {
+    for await (const item of mapConcurrent(
+      files,
+      options.concurrency ?? EMBED_CONCURRENCY,
+      prepare,
+    )) {
       const i = index++;
       if (item.kind === 'skip') {
         skipped.push({ path: files[i]!, reason: item.reason });
@@ -262,18 +186,11 @@ export async function embedFiles(
         progress();
         continue;
       }
+      const pixels = options.transform
+        ? options.transform(item.pixels, item.key, size)
+        : item.pixels;
       const m = await engine();
-      const at = batch.length * imageLength;
-      if (item.kind === 'staged') {
-        const from = item.slot * imageLength;
-        buffers[current]!.set(staging!.subarray(from, from + imageLength), at);
-        free.release(item.slot);
-      } else {
-        const pixels = options.transform
-          ? options.transform(item.pixels, item.key, size)
-          : item.pixels;
-        toModelInput(pixels, RAW, m.layout, buffers[current]!, at);
-      }
+      toModelInput(pixels, RAW, m.layout, buffers[current]!, batch.length * imageLength);
       batch.push({ index: i, key: item.key });
       if (batch.length === batchSize) {
         if (inFlight) await inFlight;
@@ -292,8 +209,6 @@ export async function embedFiles(
     // Leaving the loop above already waited for the decodes in flight; now the engine.
     if (inFlight) await inFlight.catch(() => {});
     throw err;
-  } finally {
-    await (pool as DecodePool | null)?.close();
   }
 
   const rows: number[] = [];
