@@ -1,7 +1,7 @@
 /**
  * `npm run bench`: the speed and memory figures, printed as one JSON object.
  *
- *   node dist/scripts/bench.js [--quick] [--photo PATH.jpg] [--sweep] [--finetune-epoch]
+ *   node dist/scripts/bench.js [--quick] [--photo PATH.jpg] [--sweep] [--finetune-epoch] [--embed]
  *
  * Everything runs on this machine in one sitting: the frozen MobileNetV2 on ONNX Runtime
  * (1 and all threads) and on tfjs in the same process, decoding, cold and warm `train`
@@ -13,6 +13,8 @@
  * run with 1,000 validation images (`--only-report`: that section alone); last, the sweep
  * targets on 1,000 images: a 12-configuration head-only `finetune sweep` against one cold
  * `train`, and against twelve warm `train` processes (`--sweep` runs only this part).
+ * `--embed` runs only issue 16's embedding target: the cold `train` embedding phase on 1,000
+ * images over the engine alone (`cold_embed_over_engine`), about a minute.
  */
 import { execFile } from 'node:child_process';
 import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
@@ -150,10 +152,11 @@ async function trainInChild(
   data: string,
   cache: string,
   out: string,
+  epochs?: number,
 ): Promise<Record<string, unknown>> {
   const { stdout } = await run(
     process.execPath,
-    [path.join(here, 'bench-train.js'), data, cache, out],
+    [path.join(here, 'bench-train.js'), data, cache, out, ...(epochs ? [String(epochs)] : [])],
     { maxBuffer: 1 << 24 },
   );
   return JSON.parse(stdout.trim().split('\n').pop()!) as Record<string, unknown>;
@@ -459,6 +462,58 @@ async function sweepTargets(): Promise<Record<string, unknown>> {
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
+}
+
+/**
+ * Issue 16's embedding target: the cold `train` embedding phase (read, hash, decode,
+ * resize, engine, cache writes; a child process on an empty cache, 1 head epoch) on 1,000
+ * small images against the engine alone on as many images of synthetic pixels (ONNX
+ * Runtime with all threads, as `train` opens it), timed before and after the cold run so
+ * a change in the machine's load shows as a spread between the two.
+ */
+async function embedTargets(): Promise<Record<string, unknown>> {
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'finetune-bench-embed-'));
+  try {
+    const data = path.join(dir, 'd1000');
+    await makeDataset(data, 1000);
+    const backend = await initBackend('wasm');
+    const bb = await loadBackbone();
+    const threads = os.availableParallelism();
+    const c = await createFrozenModel(
+      {
+        layersModel: bb.model,
+        inputSize: 224,
+        outputSize: bb.featureSize,
+        forward: (x: tf.Tensor4D) => bb.embed(x),
+      },
+      resolveEngineContext({ engine: 'onnx', backend, threads }),
+    );
+    const before = await imagesPerSecond(c.model, 16, Math.ceil(1000 / 16));
+    const cold = await trainInChild(data, path.join(dir, 'cache'), path.join(dir, 'run'), 1);
+    const after = await imagesPerSecond(c.model, 16, Math.ceil(1000 / 16));
+    await c.model.dispose();
+    bb.dispose();
+    const engine = (before + after) / 2;
+    const coldRate = 1000 / (cold['seconds'] as Record<string, number>)['embed']!;
+    return {
+      images: 1000,
+      threads,
+      engine_images_per_s: { before: round(before), after: round(after) },
+      cold_embed_images_per_s: round(coldRate),
+      cold_embed_over_engine: round(coldRate / engine, 2),
+      target: 0.8,
+      load_average: os.loadavg().map((x) => round(x, 2)),
+    };
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+if (process.argv.includes('--embed')) {
+  process.stdout.write(
+    `${JSON.stringify({ machine: { cpus: os.availableParallelism(), model: os.cpus()[0]?.model ?? null }, embed_1000: await embedTargets() }, null, 2)}\n`,
+  );
+  process.exit(0);
 }
 
 if (process.argv.includes('--finetune-epoch')) {

@@ -67,12 +67,11 @@ function axisTaps(
 function axisRuns(
   taps: ReturnType<typeof axisTaps>,
   inSize: number,
-): { start: Int32Array; first: Int32Array; count: Int32Array; most: number } {
+): { start: Int32Array; first: Int32Array; count: Int32Array } {
   const outSize = taps.start.length;
   const start: number[] = [];
   const first: number[] = [];
   const count: number[] = [];
-  let most = 0;
   let done = 0; // outputs whose window ended at or before x
   let begun = 0; // outputs whose window starts at or before x
   for (let x = 0; x < inSize; ) {
@@ -83,7 +82,6 @@ function axisRuns(
     start.push(x);
     first.push(done);
     count.push(begun - done);
-    most = Math.max(most, begun - done);
     x = end;
   }
   start.push(inSize);
@@ -91,7 +89,6 @@ function axisRuns(
     start: Int32Array.from(start),
     first: Int32Array.from(first),
     count: Int32Array.from(count),
-    most,
   };
 }
 
@@ -162,6 +159,37 @@ function horizontalRow(
   }
 }
 
+type AxisTaps = ReturnType<typeof axisTaps>;
+type AxisRuns = ReturnType<typeof axisRuns>;
+
+// Taps and runs depend only on the two sizes, and a data set's images mostly share one
+// size: computed once per pair, not once per image. Bounded so odd sizes cannot pile up.
+const axisPlans = new Map<string, { taps: AxisTaps; runs: AxisRuns }>();
+
+function axisPlan(inSize: number, outSize: number): { taps: AxisTaps; runs: AxisRuns } {
+  const key = `${inSize}>${outSize}`;
+  let plan = axisPlans.get(key);
+  if (!plan) {
+    const taps = axisTaps(inSize, outSize);
+    plan = { taps, runs: axisRuns(taps, inSize) };
+    if (axisPlans.size >= 64) axisPlans.clear();
+    axisPlans.set(key, plan);
+  }
+  return plan;
+}
+
+/** A plain Uint8Array view (not a Buffer or an Array) keeps the loops monomorphic. */
+function rgbView(rgb: ArrayLike<number>, width: number, height: number): Uint8Array {
+  if (rgb.length !== width * height * 3) {
+    throw new RangeError(
+      `Expected ${width}×${height}×3 = ${width * height * 3} values for pixels but received ${rgb.length}`,
+    );
+  }
+  return rgb instanceof Uint8Array
+    ? new Uint8Array(rgb.buffer, rgb.byteOffset, rgb.length)
+    : Uint8Array.from(rgb, (v) => Math.min(255, Math.max(0, Math.round(v))));
+}
+
 /**
  * Resizes interleaved 8-bit RGB to `outWidth × outHeight` (aspect ratio not kept: `fill`).
  *
@@ -175,9 +203,9 @@ function horizontalRow(
  *     v[o][x] = (…((0 + h[lo][x] · w[o][0]) + h[lo + 1][x] · w[o][1]) + …)
  *     out     = min(255, max(0, floor(v + 0.5)))
  *
- * The loops below compute exactly these float64 operations in this order, only arranged
- * for speed: each source row is read once (`horizontalRow`) and added at once into the
- * output rows whose window holds it, so no full-height intermediate image is kept.
+ * The loops compute exactly these float64 operations in this order, only arranged for
+ * speed: each source row is read once (`horizontalRow`), the taps of a pair of sizes are
+ * computed once, and each output row is summed and rounded in one loop.
  *
  * @example const rgb = resizeRgb(pixels, 28, 28, 224, 224);
  */
@@ -188,42 +216,57 @@ export function resizeRgb(
   outWidth: number,
   outHeight: number,
 ): Uint8Array {
-  if (rgb.length !== width * height * 3) {
-    throw new RangeError(
-      `Expected ${width}×${height}×3 = ${width * height * 3} values for pixels but received ${rgb.length}`,
-    );
-  }
-  // A plain Uint8Array view (not a Buffer or an Array) keeps the loops monomorphic.
-  const src =
-    rgb instanceof Uint8Array
-      ? new Uint8Array(rgb.buffer, rgb.byteOffset, rgb.length)
-      : Uint8Array.from(rgb, (v) => Math.min(255, Math.max(0, Math.round(v))));
-  const h = axisTaps(width, outWidth);
-  const hRuns = axisRuns(h, width);
-  const v = axisTaps(height, outHeight);
+  const src = rgbView(rgb, width, height);
+  const { taps: h, runs: hRuns } = axisPlan(width, outWidth);
+  const { taps: v } = axisPlan(height, outHeight);
   const stride = outWidth * 3;
-  // Output rows being summed: a window of consecutive rows, kept in a ring.
-  const live = Math.max(1, axisRuns(v, height).most);
-  const sums = Array.from({ length: live }, () => new Float64Array(stride));
-  const hRow = new Float64Array(stride);
+  // Horizontal sums of the input rows in the current output row's window, kept in a ring:
+  // windows only move down, so each input row is summed once and no full-height
+  // intermediate image is kept.
+  let most = 1;
+  for (let o = 0; o < outHeight; o++) most = Math.max(most, v.count[o]!);
+  const ring = Array.from({ length: most }, () => new Float64Array(stride));
+  const sum = new Float64Array(stride);
   const out = new Uint8Array(outWidth * outHeight * 3);
-  let done = 0; // output rows written
-  let begun = 0; // output rows whose window starts at or before y
-  for (let y = 0; y < height; y++) {
-    horizontalRow(src, y * width * 3, hRow, h, hRuns);
-    while (begun < outHeight && v.start[begun]! <= y) begun++;
-    for (let o = done; o < begun; o++) {
-      const w = v.weights[o * v.width + y - v.start[o]!]!;
-      const sum = sums[o % live]!;
-      for (let c = 0; c < stride; c++) sum[c]! += hRow[c]! * w;
+  let summed = 0; // input rows horizontally summed so far
+  for (let o = 0; o < outHeight; o++) {
+    const lo = v.start[o]!;
+    const n = v.count[o]!;
+    for (; summed < lo + n; summed++) {
+      horizontalRow(src, summed * width * 3, ring[summed % most]!, h, hRuns);
     }
-    while (done < begun && v.start[done]! + v.count[done]! <= y + 1) {
-      const sum = sums[done % live]!;
-      const at = done * stride;
-      for (let c = 0; c < stride; c++)
-        out[at + c] = Math.min(255, Math.max(0, Math.floor(sum[c]! + 0.5)));
+    const w = o * v.width;
+    const at = o * stride;
+    // Rounding is floor(v + 0.5) clamped to 0–255; every product is ≥ 0, so the sums are,
+    // and truncation (| 0) is the floor. 0 + a · w0 is exactly a · w0, so the first tap
+    // starts the sum. One or two taps (every row when enlarging) sum and round in one loop.
+    if (n === 2) {
+      const a = ring[lo % most]!;
+      const b = ring[(lo + 1) % most]!;
+      const w0 = v.weights[w]!;
+      const w1 = v.weights[w + 1]!;
+      for (let c = 0; c < stride; c++) {
+        const r = (a[c]! * w0 + b[c]! * w1 + 0.5) | 0;
+        out[at + c] = Math.min(r, 255);
+      }
+    } else if (n === 1) {
+      const a = ring[lo % most]!;
+      const w0 = v.weights[w]!;
+      for (let c = 0; c < stride; c++) {
+        const r = (a[c]! * w0 + 0.5) | 0;
+        out[at + c] = Math.min(r, 255);
+      }
+    } else {
       sum.fill(0);
-      done++;
+      for (let k = 0; k < n; k++) {
+        const a = ring[(lo + k) % most]!;
+        const wk = v.weights[w + k]!;
+        for (let c = 0; c < stride; c++) sum[c]! += a[c]! * wk;
+      }
+      for (let c = 0; c < stride; c++) {
+        const r = (sum[c]! + 0.5) | 0;
+        out[at + c] = Math.min(r, 255);
+      }
     }
   }
   return out;
