@@ -2,9 +2,14 @@ import * as tf from '@tensorflow/tfjs';
 import { type BatchNormState, MomentAccumulator, passBatches } from '../swa/bn-refresh.js';
 import type { Batches } from '../train/fit.js';
 import { seededRandom } from '../util/random.js';
+import { Scratch } from '../util/scratch.js';
 import { buildHead, HEAD_BN_EPSILON, HEAD_BN_MOMENTUM, HEAD_LOGITS, headBnName } from './build.js';
 
 type GradFunc = Parameters<typeof tf.customGrad>[0];
+
+/** Where memberSlices reads a stacked tensor, and dropout draws its masks (see Scratch). */
+const SLICES = new Scratch();
+const MASKS = new Scratch();
 
 /**
  * Each member's slice of a stacked tensor, copied through JavaScript: on wasm, Slice,
@@ -16,7 +21,8 @@ function memberSlices(t: tf.Tensor, transposed: true): [tf.Tensor[], tf.Tensor[]
 function memberSlices(t: tf.Tensor, transposed = false): tf.Tensor[] | [tf.Tensor[], tf.Tensor[]] {
   const [k, ...rest] = t.shape;
   const size = rest.reduce((a, b) => a * b, 1);
-  const data = t.dataSync() as Float32Array;
+  // Read into reused space: each slice below is copied into its tensor at once.
+  const data = SLICES.read(t);
   const slices = Array.from({ length: k! }, (_, i) =>
     tf.tensor(data.subarray(i * size, (i + 1) * size), rest),
   );
@@ -25,7 +31,7 @@ function memberSlices(t: tf.Tensor, transposed = false): tf.Tensor[] | [tf.Tenso
   // Transposed by wasm's Transpose, which beats a strided loop in JavaScript (a 12-head step's
   // rows: 3.5 ms against 6 ms).
   const t2 = tf.transpose(t, [0, 2, 1]);
-  const flippedData = t2.dataSync() as Float32Array;
+  const flippedData = SLICES.read(t2);
   t2.dispose();
   const flipped = Array.from({ length: k! }, (_, i) =>
     tf.tensor(flippedData.subarray(i * size, (i + 1) * size), [cols, rows]),
@@ -392,7 +398,7 @@ export class HeadPopulation {
     if (!this.members.some((m) => m.dropout > 0)) return h;
     const [k, ...rowShape] = h.shape;
     const size = rowShape.reduce((a, b) => a * b, 1);
-    const multipliers = new Float32Array(k! * size);
+    const multipliers = MASKS.take(k! * size);
     this.members.forEach((m, i) => {
       const out = multipliers.subarray(i * size, (i + 1) * size);
       if (!(m.dropout > 0)) {

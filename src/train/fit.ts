@@ -1,6 +1,7 @@
 import * as tf from '@tensorflow/tfjs';
 import { FinetuneError } from '../errors.js';
 import { seededRandom, shuffleInPlace } from '../util/random.js';
+import { Scratch } from '../util/scratch.js';
 import { CallbackList, type EpochLogs, type TrainingCallback } from './callbacks.js';
 
 /** Rows of inputs with integer labels, served as tensors in batches. */
@@ -15,6 +16,7 @@ export interface Batches {
 export class ArrayBatches implements Batches {
   readonly size: number;
   private readonly rowLength: number;
+  private readonly scratch = new Scratch();
   constructor(
     private readonly data: Float32Array,
     private readonly rowShape: readonly number[],
@@ -29,7 +31,8 @@ export class ArrayBatches implements Batches {
     }
   }
   take(rows: ArrayLike<number>): tf.Tensor {
-    const out = new Float32Array(rows.length * this.rowLength);
+    // Every element is written below, and the tensor copies the values (see Scratch).
+    const out = this.scratch.take(rows.length * this.rowLength);
     for (let i = 0; i < rows.length; i++) {
       const r = rows[i]!;
       out.set(this.data.subarray(r * this.rowLength, (r + 1) * this.rowLength), i * this.rowLength);
