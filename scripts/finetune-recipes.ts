@@ -94,6 +94,10 @@ const RECIPES: Record<string, { readonly doc: string; readonly options: Partial<
     doc: '--finetune-dropout 0.5 (the head stage keeps 0.2)',
     options: { finetuneDropout: 0.5 },
   },
+  'crop-square': {
+    doc: "--crop-ratio 1,1 (square crops only, not the recipe's 3/4–4/3)",
+    options: { cropRatio: '1,1' },
+  },
   'crop-wide': {
     doc: "--crop-scale 0.08,1 (torchvision's default range, not the recipe's 0.8–1)",
     options: { cropScale: '0.08,1' },
