@@ -49,6 +49,16 @@ const photo = photoArg > 0 ? process.argv[photoArg + 1] : undefined;
 const now = (): number => performance.now() / 1000;
 const round = (x: number, d = 1): number => Math.round(x * 10 ** d) / 10 ** d;
 
+/** The backbone's frozen pass at 224 (pooled features), as `createFrozenModel` takes it. */
+function backboneSource(bb: Awaited<ReturnType<typeof loadBackbone>>) {
+  return {
+    layersModel: bb.model,
+    inputSize: 224,
+    outputSize: bb.featureSize,
+    forward: (x: tf.Tensor4D) => bb.embed(x),
+  };
+}
+
 async function imagesPerSecond(
   model: FrozenModel,
   batch: number,
@@ -480,12 +490,7 @@ async function embedTargets(): Promise<Record<string, unknown>> {
     const bb = await loadBackbone();
     const threads = os.availableParallelism();
     const c = await createFrozenModel(
-      {
-        layersModel: bb.model,
-        inputSize: 224,
-        outputSize: bb.featureSize,
-        forward: (x: tf.Tensor4D) => bb.embed(x),
-      },
+      backboneSource(bb),
       resolveEngineContext({ engine: 'onnx', backend, threads }),
     );
     const before = await imagesPerSecond(c.model, 16, Math.ceil(1000 / 16));
@@ -509,30 +514,21 @@ async function embedTargets(): Promise<Record<string, unknown>> {
   }
 }
 
-if (process.argv.includes('--embed')) {
-  process.stdout.write(
-    `${JSON.stringify({ machine: { cpus: os.availableParallelism(), model: os.cpus()[0]?.model ?? null }, embed_1000: await embedTargets() }, null, 2)}\n`,
-  );
-  process.exit(0);
+const machine = { cpus: os.availableParallelism(), model: os.cpus()[0]?.model ?? null };
+
+// Switches that run one section alone and print it beside the machine.
+for (const [flag, key, section] of [
+  ['--embed', 'embed_1000', embedTargets],
+  ['--finetune-epoch', 'finetune_epoch_1000', finetuneEpochTargets],
+  ['--sweep', 'sweep_1000', sweepTargets],
+] as const) {
+  if (process.argv.includes(flag)) {
+    process.stdout.write(`${JSON.stringify({ machine, [key]: await section() }, null, 2)}\n`);
+    process.exit(0);
+  }
 }
 
-if (process.argv.includes('--finetune-epoch')) {
-  process.stdout.write(
-    `${JSON.stringify({ machine: { cpus: os.availableParallelism(), model: os.cpus()[0]?.model ?? null }, finetune_epoch_1000: await finetuneEpochTargets() }, null, 2)}\n`,
-  );
-  process.exit(0);
-}
-
-if (process.argv.includes('--sweep')) {
-  process.stdout.write(
-    `${JSON.stringify({ machine: { cpus: os.availableParallelism(), model: os.cpus()[0]?.model ?? null }, sweep_1000: await sweepTargets() }, null, 2)}\n`,
-  );
-  process.exit(0);
-}
-
-const result: Record<string, unknown> = {
-  machine: { cpus: os.availableParallelism(), model: os.cpus()[0]?.model ?? null },
-};
+const result: Record<string, unknown> = { machine };
 if (process.argv.includes('--only-report')) {
   result['report_40_epochs_1000_val'] = await reportSeconds();
   process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
@@ -544,12 +540,7 @@ result['versions'] = versions();
 
 // 1. frozen MobileNetV2 at 224, batch 16
 const bb = await loadBackbone();
-const source = {
-  layersModel: bb.model,
-  inputSize: 224,
-  outputSize: bb.featureSize,
-  forward: (x: tf.Tensor4D) => bb.embed(x),
-};
+const source = backboneSource(bb);
 const batches = quick ? 4 : 10;
 const embed: Record<string, number> = {};
 for (const [name, engine, threads] of [
