@@ -1,3 +1,4 @@
+import os from 'node:os';
 import * as tf from '@tensorflow/tfjs';
 import { FinetuneError } from '../errors.js';
 import { oneOfValues } from '../util/is.js';
@@ -143,6 +144,15 @@ export interface BackendReport {
  *
  * @example const { auto, backends } = await probeBackends(); // auto: 'wasm' without tfjs-node
  */
+/**
+ * Threads a training loop uses by default: one per core on backends that train on one
+ * thread (wasm has no threads in Node; cpu is plain JavaScript), one with native
+ * TensorFlow (it spreads its own kernels over the cores).
+ */
+export function trainingThreads(backend: BackendInfo): number {
+  return backend.tfBackend === 'tensorflow' ? 1 : os.availableParallelism();
+}
+
 export async function probeBackends(): Promise<BackendReport> {
   const before = tf.engine().backendName as string | undefined;
   const backends: BackendProbe[] = [];

@@ -6,6 +6,7 @@ import {
   type TrainOptions,
   train,
 } from '../index.js';
+import { listed } from '../train/checkpoint.js';
 import { createOutput } from './output.js';
 
 export const command = 'train';
@@ -30,7 +31,7 @@ export function builder(y: Argv) {
   return b
     .option('resume', {
       type: 'string',
-      describe: `Continue the interrupted run in this folder from its checkpoint (--checkpoint-every), with its own options; only ${RESUME_OVERRIDES.map((k) => `--${TRAIN_OPTIONS.find((r) => r.key === k)!.flag}`).join(' and ')} may be given with it`,
+      describe: `Continue the interrupted run in this folder from its checkpoint (--checkpoint-every), with its own options; only ${listed(RESUME_OVERRIDES.map((k) => `--${TRAIN_OPTIONS.find((r) => r.key === k)!.flag}`))} may be given with it`,
     })
     .option('quiet', { type: 'boolean', describe: 'No progress, warnings or summary line' })
     .option('json', { type: 'boolean', describe: 'Print only the summary JSON on stdout' });

@@ -43,6 +43,7 @@ const NOT_IN_ID: readonly OptionKey[] = [
   'cacheDir',
   'threads',
   'workers',
+  'finetuneThreads',
   'decodeConcurrency',
   'embedBatchSize',
 ];

@@ -3,11 +3,12 @@ import { mkdir, readdir, rm, stat } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { trainingThreads } from '../backend/index.js';
 import { FinetuneError } from '../errors.js';
 import { MODEL_DIR } from '../export/model-dir.js';
 import type { TrainEvent } from '../train/events.js';
 import { type HeadJob, type HeadResult, headShapeKey, trainHeads } from '../train/phases.js';
-import { type EmbeddedSplits, embedSplits, type PreparedRun, prepareRun } from '../train/run.js';
+import { type EmbeddedSplits, embedSplits, prepareRun } from '../train/run.js';
 import { checkCounts } from '../train/train.js';
 import { closest } from '../util/closest.js';
 import * as is from '../util/is.js';
@@ -379,7 +380,7 @@ async function runHeadJobs(group: readonly SweepRun[], s: HeadJobSettings): Prom
     });
     const chunks = headChunks(group);
     const parts = Math.min(
-      s.threads ?? defaultHeadThreads(prepared),
+      s.threads ?? trainingThreads(prepared.backend),
       Math.max(...chunks.map((c) => c.length)),
     );
     // Started before the embedding pass: loading their tfjs (about half a second) overlaps it.
@@ -460,14 +461,6 @@ async function runHeadJobs(group: readonly SweepRun[], s: HeadJobSettings): Prom
     await Promise.all(workers.map((w) => w.close()));
   }
   return results;
-}
-
-/**
- * Threads for head training by default: one per core on backends that train on one thread
- * (wasm has no threads in Node; cpu is plain JavaScript), one with native TensorFlow.
- */
-function defaultHeadThreads(prepared: PreparedRun): number {
-  return prepared.backend.tfBackend === 'tensorflow' ? 1 : os.availableParallelism();
 }
 
 /**

@@ -26,7 +26,11 @@ const VERSION = 1;
  * Options that may be given with `resume`: they change how a run goes, never what it
  * computes (the others must be the checkpointed run's own).
  */
-export const RESUME_OVERRIDES = ['checkpointEvery', 'decodeConcurrency'] as const;
+export const RESUME_OVERRIDES = [
+  'checkpointEvery',
+  'decodeConcurrency',
+  'finetuneThreads',
+] as const;
 
 /**
  * Options the options hash leaves out: the run folder's place, the overrides, and the
@@ -40,6 +44,7 @@ export interface ResumeOptions {
   readonly resume: string;
   readonly checkpointEvery?: number;
   readonly decodeConcurrency?: number;
+  readonly finetuneThreads?: number;
   readonly onEvent?: TrainOptions['onEvent'];
 }
 
@@ -267,6 +272,11 @@ export async function readCheckpoint(dir: string): Promise<LoadedCheckpoint> {
 /** Options whose relative paths are read from the folder the run was started in. */
 const PATH_OPTIONS = ['data', 'init', 'cacheDir', 'backbone'] as const;
 
+/** `a`, `a and b`, `a, b and c`. */
+export function listed(items: readonly string[]): string {
+  return items.length < 2 ? items.join('') : `${items.slice(0, -1).join(', ')} and ${items.at(-1)}`;
+}
+
 /**
  * The options of a run to resume, with the checkpoint: RUN's own options, plus those of
  * `RESUME_OVERRIDES` given now. Any other option is refused (it would change the run), as
@@ -285,7 +295,7 @@ export async function resumeOptions(
   );
   if (others.length) {
     const say = (shown: (k: string) => string) =>
-      `a resumed run keeps its own options: drop ${others.map(shown).join(', ')} (only ${RESUME_OVERRIDES.map(shown).join(' and ')} may be given)`;
+      `a resumed run keeps its own options: drop ${others.map(shown).join(', ')} (only ${listed(RESUME_OVERRIDES.map(shown))} may be given)`;
     throw new FinetuneError(
       say((k) => k),
       { renamed: say },

@@ -78,6 +78,11 @@ export interface StageSummary {
   readonly init?: InitRecord;
   readonly unfreezeFrom?: string;
   readonly batchSize?: number;
+  /**
+   * Fine-tune stage: threads that computed its steps (2: a worker thread took each step's
+   * second half; a worker that fails leaves a warning and the rest of the stage on one).
+   */
+  readonly threads?: number;
   readonly trainableVariables?: number;
   /** With --lr-mult above 1: each layer group's base LR, named by its first layer (the head last). */
   readonly lrGroups?: readonly { readonly from: string; readonly lr: number }[];

@@ -22,9 +22,11 @@ import type { WeightsKind } from './events.js';
 import {
   ArrayBatches,
   type Batches,
+  CHUNK_ROWS,
   type Evaluation,
   evaluateBatches,
   type Forward,
+  type StepPart,
 } from './fit.js';
 import type { OptimizerName } from './optimizers.js';
 import {
@@ -35,6 +37,7 @@ import {
   type SwaSettings,
   type WeightsCandidate,
 } from './stage.js';
+import { StepWorker } from './step-worker.js';
 
 /** What `--unfreeze` asks for. */
 export type Unfreeze =
@@ -247,6 +250,66 @@ export function inferenceModeBatchNorm(layers: readonly tf.layers.Layer[]): () =
   };
 }
 
+/** What shapes the fine-tune stage's model (see stageModel). */
+export interface StageModelSettings {
+  readonly bn?: 'frozen' | 'train';
+  readonly freezeBn: boolean;
+  readonly dropout?: number;
+}
+
+/** The model the fine-tune stage trains: the body after the cut, then the head. */
+export interface StageModel {
+  readonly split: SplitBody;
+  /** Cut tensor → logits; `training` applies dropout (and BN's batch statistics with `bn: 'train'`). */
+  readonly forward: Forward;
+  /** What trains: the unfrozen layers' trainable weights in order, then the head's. */
+  readonly variables: readonly tf.Variable[];
+  /** Fresh dropout seeds for the next step (see stageHead). */
+  readonly reseed: (seeds: readonly number[]) => void;
+  /** Gives the body and head back as they were (BN mode, trainable flags, dropout, the split's hold). */
+  restore(): void;
+}
+
+/**
+ * Cuts `body` at `firstUnfrozen` and makes the suffix and `head` into the stage's model:
+ * the suffix's BatchNorm in inference mode unless `bn: 'train'`, its BN frozen with
+ * `freezeBn`, the head's dropout at the stage's rate. The stage and its step worker build
+ * their models with this one function, so both compute the same.
+ */
+export function stageModel(
+  body: tf.LayersModel,
+  head: tf.LayersModel,
+  firstUnfrozen: string,
+  s: StageModelSettings,
+): StageModel {
+  const split = splitBody(body, firstUnfrozen);
+  const restoreBn = s.bn === 'train' ? () => undefined : inferenceModeBatchNorm(split.layers);
+  const restoreTrainable = split.layers.map((l) => {
+    const was = l.trainable;
+    l.trainable = !(s.freezeBn && l.getClassName() === 'BatchNormalization');
+    return () => {
+      l.trainable = was;
+    };
+  });
+  const logits = stageHead(head, s.dropout);
+  const variables = [...split.layers, ...head.layers].flatMap((l) =>
+    l.trainableWeights.map((w) => w.read() as tf.Variable),
+  );
+  return {
+    split,
+    forward: (x, training) =>
+      logits.forward(split.suffix.apply(x, { training }) as tf.Tensor, training),
+    variables,
+    reseed: logits.reseed,
+    restore: () => {
+      logits.restore();
+      restoreBn();
+      for (const r of restoreTrainable) r();
+      split.release();
+    },
+  };
+}
+
 /**
  * Rough bytes a training step keeps per image in the suffix: every layer's output,
  * kept for the backward pass, about three times over (activation, its gradient, and
@@ -371,6 +434,13 @@ export interface FineTuneSettings {
   readonly seed: number;
   readonly decodeConcurrency: number;
   readonly embedBatchSize: number;
+  /**
+   * Threads that compute a step (default 1): each step's gradient is the sum of its two
+   * halves', and with 2 the second half runs in a worker thread meanwhile. The figures are
+   * the same either way. Steps are whole (one thread) when BatchNorm trains on batch
+   * statistics (`bn: 'train'`, a head with BN).
+   */
+  readonly threads?: number;
 }
 
 export interface FineTuneInputs {
@@ -399,6 +469,8 @@ export interface FineTuneResult {
   readonly firstUnfrozen: string;
   readonly cutLayer: string;
   readonly batchSize: number;
+  /** Threads that computed the steps (see FineTuneSettings.threads). */
+  readonly threads: number;
   readonly trainableVariables: number;
   /** Each layer group's base LR (before warm-up and SWA), body groups first, then `head`. */
   readonly lrGroups: readonly { readonly from: string; readonly lr: number }[];
@@ -446,6 +518,25 @@ export function fittingBatchSize(
 }
 
 /**
+ * The largest batch up to `requested` whose step fits `budget` bytes (at least 1). A step in
+ * halves holds one chunk at a time (CHUNK_ROWS rows, or half the batch when that is fewer),
+ * so only a chunk must fit; a whole step holds the batch.
+ *
+ * @example stepBatchSize(bodyLayers, 32, true, WASM_STEP_BUDGET) // → 32 (chunks of 8 fit)
+ */
+export function stepBatchSize(
+  layers: readonly tf.layers.Layer[],
+  requested: number,
+  halved: boolean,
+  budget: number,
+): number {
+  const live = halved ? Math.min(CHUNK_ROWS, Math.ceil(requested / 2)) : requested;
+  const fits = fittingBatchSize(layers, live, budget);
+  if (fits >= live) return requested;
+  return halved ? 2 * fits : fits;
+}
+
+/**
  * Most images per batch of the fine-tune stage's frozen prefix pass (`embedBatchSize` when
  * smaller). ONNX Runtime's CPU arena keeps the largest batch's activations at 224 for the
  * session's life, and the session lives through the stage, beside the wasm heap the
@@ -472,23 +563,64 @@ export async function runFineTune(
   const body = backbone.model;
   if (!body) throw graphModelError(backbone.spec.id);
   const firstUnfrozen = firstUnfrozenLayer(backbone, parseUnfreeze(s.unfreeze));
-  const split = splitBody(body, firstUnfrozen);
+  const model = stageModel(body, head, firstUnfrozen, s);
+  const { split, forward } = model;
   const rowLength = split.cutShape.reduce((a, b) => a * b, 1);
-  const choice = await createFrozenModel(
-    {
-      layersModel: split.prefix,
-      inputSize: backbone.inputSize,
-      outputSize: rowLength,
-      forward: (x) => split.prefix.predict(x) as tf.Tensor,
-      cacheKey: {
-        backboneId: backbone.spec.id,
-        weightsHash: backbone.weightsHash,
-        cut: split.cutLayer,
-      },
-      recipe: backboneRecipe(backbone, firstUnfrozen),
-    },
-    inputs.engine,
+  // BN in training mode: the head's (--head-bn) and, with --bn train, the unfrozen body's.
+  const batchNorm = layersBatchNorm(
+    [...(s.bn === 'train' ? split.layers : []), ...head.layers],
+    (x) => forward(x, false),
   );
+  // Steps in halves unless BatchNorm trains on batch statistics (the halves' would differ).
+  const halved = batchNorm.layers.length === 0;
+  const threads = halved ? Math.min(s.threads ?? 1, 2) : 1;
+  // Started now: its tfjs and model load while the prefix pass runs.
+  const worker =
+    threads > 1
+      ? new StepWorker(
+          inputs.engine.backend.option,
+          {
+            body: body.toJSON(null, false),
+            suffix: split.layers.map((l) => ({
+              name: l.name,
+              weights: l.getWeights().map((w) => w.dataSync().slice() as Float32Array),
+            })),
+            head: {
+              topology: head.toJSON(null, false),
+              weights: head.getWeights().map((w) => w.dataSync().slice() as Float32Array),
+            },
+            firstUnfrozen,
+            settings: { bn: s.bn, freezeBn: s.freezeBn, dropout: s.dropout },
+            numClasses: inputs.numClasses,
+          },
+          (reason) =>
+            inputs.warn(
+              `fine-tune step worker failed (${reason}); the stage goes on in one thread`,
+            ),
+        )
+      : null;
+  let choice: Awaited<ReturnType<typeof createFrozenModel>>;
+  try {
+    choice = await createFrozenModel(
+      {
+        layersModel: split.prefix,
+        inputSize: backbone.inputSize,
+        outputSize: rowLength,
+        forward: (x) => split.prefix.predict(x) as tf.Tensor,
+        cacheKey: {
+          backboneId: backbone.spec.id,
+          weightsHash: backbone.weightsHash,
+          cut: split.cutLayer,
+        },
+        recipe: backboneRecipe(backbone, firstUnfrozen),
+      },
+      inputs.engine,
+    );
+  } catch (err) {
+    await worker?.close();
+    model.restore();
+    throw err;
+  }
   const prefix = choice.model;
   const cache = inputs.cache
     ? { store: inputs.cache, namespace: cacheNamespace(backbone, split.cutLayer) }
@@ -503,29 +635,15 @@ export async function runFineTune(
       concurrency: s.decodeConcurrency,
       cache,
     });
-  const trainBn = s.bn === 'train';
-  const restoreBn = trainBn ? () => undefined : inferenceModeBatchNorm(split.layers);
-  const restoreTrainable = split.layers.map((l) => {
-    const was = l.trainable;
-    l.trainable = !(s.freezeBn && l.getClassName() === 'BatchNormalization');
-    return () => {
-      l.trainable = was;
-    };
-  });
-  const stageLogits = stageHead(head, s.dropout);
-  const forward: Forward = (x, training) =>
-    stageLogits.forward(split.suffix.apply(x, { training }) as tf.Tensor, training);
   const cleanup = async (): Promise<void> => {
-    stageLogits.restore();
-    restoreBn();
-    for (const r of restoreTrainable) r();
-    split.release();
+    await worker?.close();
+    model.restore();
     await prefix.dispose();
   };
   try {
     let batchSize = s.batchSize;
     if (inputs.engine.backend.tfBackend === 'wasm') {
-      const fits = fittingBatchSize(split.layers, batchSize, WASM_STEP_BUDGET);
+      const fits = stepBatchSize(split.layers, batchSize, halved, WASM_STEP_BUDGET);
       if (fits < batchSize) {
         inputs.warn(
           `fine-tune batch size lowered from ${batchSize} to ${fits}: a larger batch would not fit the 4 GiB wasm heap`,
@@ -579,11 +697,9 @@ export async function runFineTune(
       head.trainableWeights.map((w) => w.read() as tf.Variable),
     ];
     const variables = groupVariables.flat();
+    if (variables.some((v, i) => v !== model.variables[i]))
+      throw new Error('runFineTune: the layer groups do not cover the stage model in order');
     const lrScales = groupVariables.flatMap((vs, i) => vs.map(() => scales[i]!));
-    // BN in training mode: the head's (--head-bn) and, with --bn train, the unfrozen body's.
-    const batchNorm = layersBatchNorm([...(trainBn ? split.layers : []), ...head.layers], (x) =>
-      forward(x, false),
-    );
     const weights = [...variables, ...batchNorm.variables];
     const before = s.keep === 'best' ? weights.map((v) => v.clone()) : null;
     // An interrupted stage (a callback that throws) must not strand the copies for --keep best.
@@ -591,7 +707,20 @@ export async function runFineTune(
       name: 'finetune',
       forward,
       variables,
-      reseed: stageLogits.reseed,
+      reseed: model.reseed,
+      ...(halved
+        ? {
+            halves: {
+              second: worker
+                ? (part: StepPart) =>
+                    worker.gradients(
+                      part,
+                      variables.map((v) => v.dataSync().slice() as Float32Array),
+                    )
+                : null,
+            },
+          }
+        : {}),
       epochs: s.epochs,
       batchSize,
       optimizer: s.optimizer,
@@ -652,6 +781,7 @@ export async function runFineTune(
       firstUnfrozen,
       cutLayer: split.cutLayer,
       batchSize,
+      threads,
       trainableVariables: variables.length,
       lrGroups: [...groups.map((g) => g.from), 'head'].map((from, i) => ({
         from,

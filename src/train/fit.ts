@@ -90,6 +90,12 @@ export interface FitOptions {
   readonly hooks?: FitHooks;
   /** Continue a fit from the state `hooks.epochDone` was given (the variables are the caller's to restore). */
   readonly resume?: FitLoopState;
+  /**
+   * Each step's gradient as the sum of its two halves' (one member only), the second
+   * perhaps computed in a worker thread meanwhile. The figures do not depend on where the
+   * second half runs. Not for BatchNorm in training mode: its statistics would be the halves'.
+   */
+  readonly halves?: HalvedSteps;
 }
 
 /**
@@ -147,14 +153,156 @@ function memberLosses(
   labels: tf.Tensor,
   numClasses: number,
   s: LossSettings,
+  divisor?: number,
 ): tf.Tensor1D {
   let onehot = tf.oneHot(labels, numClasses);
   if (s.smoothing)
     onehot = tf.add(tf.mul(onehot, tf.sub(1, s.smoothing)), tf.div(s.smoothing, numClasses));
   const losses = tf.losses.softmaxCrossEntropy(onehot, logits, undefined, 0, tf.Reduction.NONE);
-  if (!s.weights) return tf.div(tf.sum(losses, -1), losses.shape[1]!) as tf.Tensor1D;
+  const summed = s.weights ? tf.sum(tf.mul(losses, s.weights), -1) : tf.sum(losses, -1);
+  if (divisor !== undefined) return tf.div(summed, divisor) as tf.Tensor1D;
+  if (!s.weights) return tf.div(summed, losses.shape[1]!) as tf.Tensor1D;
   const nonZero = tf.cast(tf.sum(tf.notEqual(s.weights, 0), -1), 'float32');
-  return tf.div(tf.sum(tf.mul(losses, s.weights), -1), nonZero) as tf.Tensor1D;
+  return tf.div(summed, nonZero) as tf.Tensor1D;
+}
+
+/**
+ * One part of a training step's batch, as plain arrays (what a worker thread is sent): its
+ * rows' inputs and labels, and what makes its loss that part's share of the batch's.
+ */
+export interface StepPart {
+  readonly x: Float32Array;
+  /** [rows, ...row shape]. */
+  readonly shape: readonly number[];
+  readonly labels: Int32Array;
+  /** Each row's class weight (null: no class weights). */
+  readonly rowWeights: Float32Array | null;
+  readonly labelSmoothing: number;
+  /** What the part's summed loss is divided by: the whole batch's rows (of non-zero weight). */
+  readonly divisor: number;
+  /** The dropout seed of the part (of its first chunk, see halfGradients). */
+  readonly seed: number;
+}
+
+/** A part's share of a step: its loss (summed over its rows ÷ divisor), correct rows, gradients. */
+export interface PartOutcome<G = tf.Tensor> {
+  readonly loss: number;
+  readonly hits: number;
+  /** One per variable, in the order of the variables. */
+  readonly grads: readonly G[];
+}
+
+/**
+ * The gradient of one part of a batch (see StepPart) at the variables' current values:
+ * the loss is the part's rows' summed softmax cross-entropy (label smoothing, class
+ * weights) divided by `part.divisor`, so the parts' gradients add up to the whole batch's.
+ * The gradients are the caller's to dispose. The same function serves this thread and a
+ * step worker, so a part comes out bit for bit the same wherever it runs.
+ */
+export function partGradients(
+  forward: Forward,
+  variables: readonly tf.Variable[],
+  numClasses: number,
+  x: tf.Tensor,
+  part: Omit<StepPart, 'x' | 'shape' | 'seed'>,
+): { loss: tf.Scalar; hits: tf.Scalar; grads: tf.Tensor[] } {
+  return tf.tidy(() => {
+    const labels = tf.tensor2d(part.labels, [1, part.labels.length], 'int32');
+    const settings: LossSettings = {
+      smoothing: part.labelSmoothing > 0 ? tf.tensor([part.labelSmoothing], [1, 1, 1]) : null,
+      weights: part.rowWeights ? tf.tensor2d(part.rowWeights, [1, part.labels.length]) : null,
+    };
+    let hits: tf.Scalar | null = null;
+    const { value, grads } = tf.variableGrads(() => {
+      const logits = tf.expandDims(forward(x, true), 0);
+      hits = tf.keep(tf.sum(tf.equal(tf.argMax(logits, -1), labels)) as tf.Scalar);
+      return tf.sum(memberLosses(logits, labels, numClasses, settings, part.divisor)) as tf.Scalar;
+    }, variables as tf.Variable[]);
+    return {
+      loss: value as tf.Scalar,
+      hits: hits as unknown as tf.Scalar,
+      grads: variables.map((v) => grads[v.name]!),
+    };
+  });
+}
+
+/**
+ * Most rows one forward and backward pass of a half takes (see halfGradients): a pass's
+ * live tensors grow with its rows, and each thread's wasm heap keeps its peak for good.
+ * The bench's fine-tune recipe (`blocks:3`) peaked at 272 MB for 16 rows, 146 MB for 8, at the same
+ * speed per row (4 rows: 15% slower).
+ */
+export const CHUNK_ROWS = 8;
+
+/**
+ * One half of a step (see FitOptions.halves): its rows in chunks of CHUNK_ROWS, each
+ * chunk's dropout seeded from the half's seed and its place, the chunks' gradients added
+ * in order. `xOf(a, b)` gives the half's rows a to b as a tensor (the caller's to make,
+ * this function's to dispose). The step's thread and its worker both compute a half with
+ * this function, so a half is bit for bit the same wherever it runs.
+ */
+export function halfGradients(
+  forward: Forward,
+  variables: readonly tf.Variable[],
+  numClasses: number,
+  reseed: (seeds: readonly number[]) => void,
+  half: Omit<StepPart, 'x' | 'shape'>,
+  xOf: (a: number, b: number) => tf.Tensor,
+): PartOutcome {
+  const rows = half.labels.length;
+  let loss = 0;
+  let hits = 0;
+  let sum: tf.Tensor[] | null = null;
+  try {
+    for (let a = 0, chunk = 0; a < rows; a += CHUNK_ROWS, chunk++) {
+      const b = Math.min(rows, a + CHUNK_ROWS);
+      reseed([chunkSeed(half.seed, chunk)]);
+      const x = xOf(a, b);
+      let r: ReturnType<typeof partGradients>;
+      try {
+        r = partGradients(forward, variables, numClasses, x, {
+          labels: half.labels.subarray(a, b),
+          rowWeights: half.rowWeights?.subarray(a, b) ?? null,
+          labelSmoothing: half.labelSmoothing,
+          divisor: half.divisor,
+        });
+      } finally {
+        x.dispose();
+      }
+      loss += r.loss.dataSync()[0]!;
+      hits += r.hits.dataSync()[0]!;
+      tf.dispose([r.loss, r.hits]);
+      const before: tf.Tensor[] | null = sum;
+      sum = before ? r.grads.map((g, i) => tf.add(before[i]!, g)) : r.grads;
+      if (before) tf.dispose([...before, ...r.grads]);
+    }
+  } catch (err) {
+    tf.dispose(sum ?? []);
+    throw err;
+  }
+  return { loss, hits, grads: sum ?? [] };
+}
+
+/** The dropout seed of a half's chunk: the half's own for its first. */
+export function chunkSeed(seed: number, chunk: number): number {
+  return (seed + chunk * 0x6a09e667) % 2 ** 31;
+}
+
+/**
+ * A step taken as the sum of two halves' gradients (see FitOptions.halves): the batch's
+ * first ⌈n/2⌉ rows, then the rest, each with its own dropout seed.
+ */
+export interface HalvedSteps {
+  /**
+   * Computes the second half elsewhere (a step worker) at the variables' current values;
+   * null, or a promise of null (the worker failed), computes it here after the first.
+   */
+  readonly second: ((part: StepPart) => Promise<PartOutcome<Float32Array> | null>) | null;
+}
+
+/** The second half's dropout seed, from the step's seed (the first half's). */
+export function secondHalfSeed(seed: number): number {
+  return (seed + 0x9e3779b1) % 2 ** 31;
 }
 
 /**
@@ -265,6 +413,76 @@ function lossSettings(members: readonly FitMember[], rowLabels: readonly number[
   return { smoothing, weights };
 }
 
+/**
+ * One step of a one-member fit in two halves (see FitOptions.halves): the second half is
+ * sent out first (when there is somewhere to send it), the first computed here, then the
+ * gradients are added, first half plus second, and applied. Returns the batch's loss (the
+ * halves' shares added) and its correct rows.
+ */
+async function halvedStep(
+  train: Batches,
+  rows: readonly number[],
+  seed: number,
+  options: FitOptions,
+): Promise<{ loss: number; hits: number }> {
+  const { forward, variables, numClasses, members, optimizer } = options;
+  const member = members[0]!;
+  if (members.length !== 1 || options.stacked) throw new Error('fit: halves need one member');
+  const cw = member.classWeights;
+  const divisor = cw ? rows.filter((i) => cw[train.labels[i]!] !== 0).length : rows.length;
+  const half = (r: readonly number[], halfSeed: number): Omit<StepPart, 'x' | 'shape'> => {
+    const labels = Int32Array.from(r, (i) => train.labels[i]!);
+    return {
+      labels,
+      rowWeights: cw ? Float32Array.from(labels, (c) => cw[c]!) : null,
+      labelSmoothing: member.labelSmoothing,
+      divisor,
+      seed: halfSeed,
+    };
+  };
+  const reseed = options.reseed ?? (() => undefined);
+  const here = (r: readonly number[], halfSeed: number) =>
+    halfGradients(forward, variables, numClasses, reseed, half(r, halfSeed), (a, b) =>
+      train.take(r.slice(a, b)),
+    );
+  const mid = Math.ceil(rows.length / 2);
+  const firstRows = rows.slice(0, mid);
+  const secondRows = rows.slice(mid);
+  const seed2 = secondHalfSeed(seed);
+  let sent: Promise<PartOutcome<Float32Array> | null> | null = null;
+  if (secondRows.length && options.halves?.second) {
+    const x = train.take(secondRows);
+    const values = x.dataSync().slice() as Float32Array;
+    x.dispose();
+    sent = options.halves.second({ ...half(secondRows, seed2), x: values, shape: x.shape });
+  }
+  const outcomes: PartOutcome[] = [here(firstRows, seed)];
+  try {
+    if (secondRows.length) {
+      const got = sent ? await sent : null;
+      outcomes.push(
+        got
+          ? { ...got, grads: got.grads.map((g, i) => tf.tensor(g, variables[i]!.shape)) }
+          : here(secondRows, seed2),
+      );
+    }
+    tf.tidy(() => {
+      const grads: tf.NamedTensorMap = {};
+      variables.forEach((v, i) => {
+        const [a, b] = outcomes.map((o) => o.grads[i]!);
+        grads[v.name] = b ? tf.add(a!, b) : a!;
+      });
+      optimizer.applyGradients(grads);
+    });
+    return {
+      loss: outcomes.reduce((t, o) => t + o.loss, 0),
+      hits: outcomes.reduce((t, o) => t + o.hits, 0),
+    };
+  } finally {
+    for (const o of outcomes) tf.dispose(o.grads as tf.Tensor[]);
+  }
+}
+
 /** What a fit leaves: each member's epoch logs, and why a member stopped counting (null: it did not). */
 export interface FitResult {
   readonly histories: EpochLogs[][];
@@ -335,7 +553,18 @@ export async function fit(
       const rows = orders.map((order) => order.slice(start, start + batchSize));
       const size = rows[0]!.length;
       await each((c) => c.batchBegin(batch));
-      options.reseed?.(randoms.map((random) => Math.floor(random() * 2 ** 31)));
+      const seeds = randoms.map((random) => Math.floor(random() * 2 ** 31));
+      if (options.halves) {
+        const { loss, hits } = await halvedStep(train, rows[0]!, seeds[0]!, options);
+        if (!Number.isFinite(loss)) throw divergedError(options.stage, epoch + 1, batch + 1, loss);
+        correct[0]! += hits;
+        lossSum[0]! += loss * size;
+        options.hooks?.afterStep?.(epoch, batch, stepsPerEpoch, activeList());
+        await each((c) => c.batchEnd(batch, { batch, size, loss }));
+        await new Promise<void>((resolve) => setImmediate(resolve));
+        continue;
+      }
+      options.reseed?.(seeds);
       const [lossT, correctT] = tf.tidy(() => {
         const flat = rows.flat();
         const taken = train.take(flat);

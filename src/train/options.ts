@@ -85,6 +85,7 @@ export interface TrainOptions {
   freezeBn?: boolean;
   bn?: 'frozen' | 'train';
   finetuneDropout?: number;
+  finetuneThreads?: number;
   finetuneSwaStart?: number;
   finetuneSwaFreq?: number | string;
   finetuneSwaLr?: number;
@@ -108,6 +109,7 @@ type Optional =
   | 'init'
   | 'threads'
   | 'workers'
+  | 'finetuneThreads'
   | 'unfreeze'
   | 'checkpointEvery';
 
@@ -738,6 +740,16 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     phase: 'finetune',
     needs: ['finetune'],
     doc: "the head's dropout rate in the fine-tune stage only (the head stage keeps `--dropout`; after `--dropout 0` the stage adds one before the classifier); the export is built as without it (dropout does nothing at inference)",
+  },
+  {
+    key: 'finetuneThreads',
+    flag: 'finetune-threads',
+    type: 'number',
+    defaultText: '2 on wasm/cpu with 2+ cores, else 1',
+    check: (v) => is.integerInRange('finetuneThreads', v, 1, 2),
+    phase: 'finetune',
+    needs: ['finetune'],
+    doc: "threads that compute a fine-tune step: its gradient is the sum of the batch's two halves' (each with its own dropout seed), and with 2 a worker thread computes the second half meanwhile; the figures are the same either way; steps are whole, on one thread, when BatchNorm trains (`--bn train`, `--head-bn`)",
   },
   {
     key: 'finetuneSwaStart',

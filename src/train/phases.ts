@@ -1,5 +1,6 @@
 import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
+import { trainingThreads } from '../backend/index.js';
 import { FinetuneError } from '../errors.js';
 import { classificationReport } from '../export/metrics.js';
 import { buildHead, type HeadOptions } from '../head/build.js';
@@ -304,6 +305,7 @@ export async function trainFinetune(
       lrMult: o.lrMult,
       warmupEpochs: o.finetuneWarmupEpochs,
       dropout: o.finetuneDropout,
+      threads: o.finetuneThreads ?? trainingThreads(run.backend),
       batchSize: o.batchSize,
       optimizer: o.optimizer,
       freezeBn: o.freezeBn,
@@ -340,6 +342,7 @@ export async function trainFinetune(
       kept: result.kept,
       unfreezeFrom: result.firstUnfrozen,
       batchSize: result.batchSize,
+      threads: result.threads,
       trainableVariables: result.trainableVariables,
       ...(o.lrMult !== 1 ? { lrGroups: result.lrGroups } : {}),
       ...(result.candidates ? { candidates: result.candidates } : {}),

@@ -34,6 +34,7 @@ import {
   type FitMember,
   type Forward,
   fit,
+  type HalvedSteps,
 } from './fit.js';
 import { type OptimizerName, StageOptimizer } from './optimizers.js';
 
@@ -111,6 +112,8 @@ export interface StageShared {
    * are recomputed for the averaged weights at the end of the stage (bn-refresh.ts).
    */
   readonly batchNorm?: BatchNormState | null;
+  /** Steps in two halves, the second perhaps in a worker (see FitOptions.halves). */
+  readonly halves?: HalvedSteps;
 }
 
 /**
@@ -536,6 +539,7 @@ export async function runMembers(
       hooks,
       ...(shared.reseed ? { reseed: shared.reseed } : {}),
       ...(resume ? { resume: resume.loop } : {}),
+      ...(shared.halves ? { halves: shared.halves } : {}),
     });
     // Early stopping without averaging (or before it): the best raw weights come back.
     const restore = (which: 'raw' | 'averaged') => {

@@ -4,10 +4,12 @@ import * as tf from '@tensorflow/tfjs';
 import { loadBackbone } from '../../src/backbones/load.js';
 import { initBackend } from '../../src/backend/index.js';
 import {
+  bytesPerImage,
   firstUnfrozenLayer,
   fittingBatchSize,
   inferenceModeBatchNorm,
   splitBody,
+  stepBatchSize,
   WASM_STEP_BUDGET,
 } from '../../src/train/finetune.js';
 
@@ -56,6 +58,13 @@ test('the default backbone: --unfreeze picks its blocks, the cut is exact, big b
   const lowered = fittingBatchSize(whole.layers, 32, WASM_STEP_BUDGET);
   assert.ok(lowered >= 4 && lowered <= 12, `lowered to ${lowered}`);
   assert.equal(fittingBatchSize(top.layers, 32, WASM_STEP_BUDGET), 32);
+  // Steps in halves hold a chunk of 8 rows at a time: the whole body keeps batch 32.
+  assert.equal(stepBatchSize(whole.layers, 32, false, WASM_STEP_BUDGET), lowered);
+  assert.equal(stepBatchSize(whole.layers, 32, true, WASM_STEP_BUDGET), 32);
+  // A budget for 3 rows at a time: halves of 3, so a batch of 6.
+  const three = 3 * bytesPerImage(whole.layers);
+  assert.equal(stepBatchSize(whole.layers, 32, true, three), 6);
+  assert.equal(stepBatchSize(whole.layers, 32, false, three), 3);
   whole.release();
   top.release();
   bb.dispose();

@@ -147,7 +147,7 @@ test('head stage with early stopping, EMA, momentum and class weights: resumed e
   await sameExport(whole, cut);
 });
 
-test('fine-tune stage: resumed inside the stage (averaging and warm-up spanning the interruption, a stage dropout rate) ends as the uninterrupted run, without training the head again', async () => {
+test('fine-tune stage: resumed inside the stage (averaging and warm-up spanning the interruption, a stage dropout rate, another --finetune-threads) ends as the uninterrupted run, without training the head again', async () => {
   const options: TrainOptions = {
     data,
     backbone,
@@ -173,7 +173,12 @@ test('fine-tune stage: resumed inside the stage (averaging and warm-up spanning 
   const before = tf.memory().numTensors;
   await train({ ...options, out: whole });
   await assert.rejects(
-    train({ ...options, out: cut, onEvent: interruptAfter('finetune', 3) }),
+    train({
+      ...options,
+      out: cut,
+      finetuneThreads: 1,
+      onEvent: interruptAfter('finetune', 3),
+    }),
     Interrupt,
   );
   assert.equal(tf.memory().numTensors, before);
@@ -187,12 +192,15 @@ test('fine-tune stage: resumed inside the stage (averaging and warm-up spanning 
     cp.dispose();
   }
   const stages: string[] = [];
-  await train({
+  // Cut on one thread, resumed on two (the uninterrupted run had the default).
+  const resumed = await train({
     resume: cut,
+    finetuneThreads: 2,
     onEvent: (e) => {
       if (e.type === 'epoch') stages.push(`${e.logs.stage} ${e.logs.epoch}`);
     },
   });
+  assert.equal(resumed.stages['finetune']!.threads, 2);
   assert.deepEqual(stages, ['finetune 3', 'finetune 4']);
   assert.equal(tf.memory().numTensors, before);
   await sameExport(whole, cut);
@@ -271,7 +279,7 @@ test('resume refuses a folder without a checkpoint, a complete run and other opt
   });
   await assert.rejects(train({ resume: plain, epochs: 3 } as never), {
     message:
-      'a resumed run keeps its own options: drop epochs (only checkpointEvery and decodeConcurrency may be given)',
+      'a resumed run keeps its own options: drop epochs (only checkpointEvery, decodeConcurrency and finetuneThreads may be given)',
   });
   for (const [args, line] of [
     [
@@ -280,7 +288,7 @@ test('resume refuses a folder without a checkpoint, a complete run and other opt
     ],
     [
       ['--resume', plain, '--epochs', '3'],
-      'finetune: a resumed run keeps its own options: drop --epochs (only --checkpoint-every and --decode-concurrency may be given)',
+      'finetune: a resumed run keeps its own options: drop --epochs (only --checkpoint-every, --decode-concurrency and --finetune-threads may be given)',
     ],
   ] as const) {
     const r = await runCli(['train', ...args], dir);

@@ -1,0 +1,259 @@
+import assert from 'node:assert/strict';
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import * as tf from '@tensorflow/tfjs';
+import { initBackend } from '../../src/backend/index.js';
+import { FinetuneError } from '../../src/errors.js';
+import { expandSweep } from '../../src/experiments/config.js';
+import { optionsHash } from '../../src/train/checkpoint.js';
+import {
+  ArrayBatches,
+  CHUNK_ROWS,
+  type FitOptions,
+  fit,
+  type HalvedSteps,
+} from '../../src/train/fit.js';
+import { resolveTrainOptions, type TrainOptions } from '../../src/train/options.js';
+import { StepWorker } from '../../src/train/step-worker.js';
+import { train } from '../../src/train/train.js';
+import { colourWorkspace } from '../helpers.js';
+
+let dir: string;
+let cleanup: () => Promise<void>;
+let tiny: string;
+let data: string;
+
+before(async () => {
+  await initBackend('wasm');
+  ({ dir, cleanup, backbone: tiny, data } = await colourWorkspace('step-worker'));
+});
+after(async () => {
+  await cleanup();
+});
+
+/** Counts what StepWorker.gradients answers while `body` runs: outcomes, and nulls (failures). */
+async function countWorkerSteps<T>(
+  body: () => Promise<T>,
+): Promise<{ result: T; answered: number; failed: number }> {
+  const proto = StepWorker.prototype;
+  const original = proto.gradients;
+  let answered = 0;
+  let failed = 0;
+  proto.gradients = async function (this: StepWorker, ...args) {
+    const r = await original.apply(this, args);
+    if (r) answered++;
+    else failed++;
+    return r;
+  };
+  try {
+    return { result: await body(), answered, failed };
+  } finally {
+    proto.gradients = original;
+  }
+}
+
+const withoutSeconds = (jsonl: string) =>
+  jsonl
+    .trim()
+    .split('\n')
+    .map((l) => {
+      const { seconds: _, ...rest } = JSON.parse(l) as Record<string, unknown>;
+      return rest;
+    });
+
+test('fine-tune steps in halves: 1 and 2 threads give the same weights and figures bit for bit, the worker answers every step, no tensor leak', async () => {
+  // 18 training images in batches of 17 (halves of 9, in chunks of 8 and 1, and 8; then a
+  // batch of one row, with no second half), dropout, label smoothing, balanced class weights
+  // and a flip view per epoch: every part setting counts.
+  const options: TrainOptions = {
+    data,
+    backbone: tiny,
+    backend: 'wasm',
+    valSplit: 0.25,
+    epochs: 2,
+    batchSize: 17,
+    finetuneEpochs: 3,
+    unfreeze: 'from:dw1',
+    finetuneLr: 0.01,
+    dropout: 0.3,
+    labelSmoothing: 0.1,
+    classWeights: 'balanced',
+    augment: 'flip',
+    cache: false,
+  };
+  const runs: { weights: Buffer; metrics: unknown[]; steps: number }[] = [];
+  for (const finetuneThreads of [1, 2]) {
+    const before = tf.memory().numTensors;
+    const out = path.join(dir, `threads-${finetuneThreads}`);
+    const { result, answered, failed } = await countWorkerSteps(() =>
+      train({ ...options, out, finetuneThreads }),
+    );
+    assert.equal(tf.memory().numTensors, before, `threads ${finetuneThreads}: tensors`);
+    assert.equal(failed, 0);
+    assert.equal(result.stages['finetune']!.threads, finetuneThreads);
+    assert.deepEqual(result.warnings, []);
+    runs.push({
+      weights: await readFile(path.join(out, 'model', 'weights.bin')),
+      metrics: withoutSeconds(await readFile(path.join(out, 'metrics.jsonl'), 'utf8')),
+      steps: answered,
+    });
+  }
+  const [one, two] = runs;
+  assert.equal(one!.steps, 0, 'one thread: no worker');
+  assert.equal(two!.steps, 3, 'two threads: a worker half in every step that has one');
+  assert.ok(one!.weights.equals(two!.weights), 'the same exported weights');
+  assert.deepEqual(one!.metrics, two!.metrics);
+});
+
+/** A softmax regression fitted on 21 rows for two epochs, with or without halved steps. */
+async function fitRegression(
+  halves: HalvedSteps | undefined,
+  classWeights: number[] | null,
+  batchSize: number,
+) {
+  const optimizer = tf.train.sgd(0.5);
+  const w = tf.variable(tf.tensor2d([0.1, -0.2, 0.3, 0.05, -0.1, 0.2, 0.4, -0.3, 0.1], [3, 3]));
+  const b = tf.variable(tf.zeros([3]));
+  const x = Float32Array.from({ length: 63 }, (_, i) => Math.sin(i * 1.7));
+  const labels = Int32Array.from({ length: 21 }, (_, i) => (i * 7) % 3);
+  const options: FitOptions = {
+    stage: 'test',
+    epochs: 2,
+    batchSize,
+    optimizer,
+    variables: [w, b],
+    forward: (t) => tf.add(tf.matMul(t, w), b),
+    numClasses: 3,
+    members: [
+      {
+        seed: 3,
+        labelSmoothing: 0.1,
+        classWeights,
+        callbacks: [],
+        lr: () => 0.5,
+      },
+    ],
+    ...(halves ? { halves } : {}),
+  };
+  const before = tf.memory().numTensors;
+  const { histories } = await fit(new ArrayBatches(x, [3], labels), null, options);
+  assert.equal(tf.memory().numTensors, before, 'fit leaves no tensor');
+  const out = { w: w.dataSync().slice(), b: b.dataSync().slice(), logs: histories[0]! };
+  tf.dispose([w, b]);
+  optimizer.dispose();
+  return out;
+}
+
+test("halves add up to the whole batch's step: class weights, label smoothing, odd and one-row batches, halves over CHUNK_ROWS", async () => {
+  assert.equal(CHUNK_ROWS, 8);
+  // Batches of 4 (halves 2 + 2, the last batch one row) and of 20 (halves 10 + 10, each two
+  // chunks, then one row).
+  for (const [classWeights, batchSize] of [
+    [null, 4],
+    [[1, 0.5, 2.5], 4],
+    [null, 20],
+    [[1, 0.5, 2.5], 20],
+  ] as const) {
+    const whole = await fitRegression(
+      undefined,
+      classWeights ? [...classWeights] : null,
+      batchSize,
+    );
+    const halved = await fitRegression(
+      { second: null },
+      classWeights ? [...classWeights] : null,
+      batchSize,
+    );
+    const near = (a: ArrayLike<number>, c: ArrayLike<number>, what: string) => {
+      for (let i = 0; i < a.length; i++)
+        assert.ok(Math.abs(a[i]! - c[i]!) < 1e-6, `${what}[${i}]: ${a[i]} vs ${c[i]}`);
+    };
+    near(halved.w, whole.w, 'w');
+    near(halved.b, whole.b, 'b');
+    near(
+      halved.logs.map((l) => l.loss),
+      whole.logs.map((l) => l.loss),
+      'loss',
+    );
+    assert.deepEqual(
+      halved.logs.map((l) => l.acc),
+      whole.logs.map((l) => l.acc),
+    );
+    // The steps moved the weights: the comparison is not of two untouched copies.
+    assert.ok(Math.abs(whole.w[0]! - 0.1) > 1e-3);
+  }
+});
+
+test('a step worker that fails answers null, says why once, and is not asked again', async () => {
+  const reasons: string[] = [];
+  const worker = new StepWorker(
+    'wasm',
+    {
+      body: { class_name: 'Model', config: { name: 'broken', layers: [] } },
+      suffix: [],
+      head: { topology: {}, weights: [] },
+      firstUnfrozen: 'missing',
+      settings: { freezeBn: false },
+      numClasses: 2,
+    },
+    (reason) => reasons.push(reason),
+  );
+  try {
+    const part = () => ({
+      x: new Float32Array(4),
+      shape: [1, 4],
+      labels: Int32Array.from([0]),
+      rowWeights: null,
+      labelSmoothing: 0,
+      divisor: 1,
+      seed: 1,
+    });
+    assert.equal(await worker.gradients(part(), []), null);
+    assert.equal(await worker.gradients(part(), []), null);
+    assert.equal(reasons.length, 1, reasons.join('\n'));
+  } finally {
+    await worker.close();
+  }
+});
+
+test('--finetune-threads: 1 or 2, only with a fine-tune stage, out of the options hash and the sweep run id', () => {
+  assert.equal(resolveTrainOptions({ data: 'x', finetuneEpochs: 2 }).finetuneThreads, undefined);
+  assert.equal(
+    resolveTrainOptions({ data: 'x', finetuneEpochs: 2, finetuneThreads: 1 }).finetuneThreads,
+    1,
+  );
+  for (const [options, message] of [
+    [
+      { finetuneEpochs: 2, finetuneThreads: 3 },
+      'Expected an integer from 1 to 2 for finetuneThreads but received 3',
+    ],
+    [{ finetuneThreads: 2 }, 'finetuneThreads need a fine-tune stage (finetuneEpochs > 0)'],
+  ] as const) {
+    assert.throws(
+      () => resolveTrainOptions({ data: 'x', ...options }),
+      (err: unknown) => err instanceof FinetuneError && err.message === message,
+      message,
+    );
+  }
+  const hash = (o: Partial<TrainOptions>) =>
+    optionsHash(resolveTrainOptions({ data: 'x', finetuneEpochs: 2, ...o }));
+  assert.equal(hash({}), hash({ finetuneThreads: 1 }));
+  assert.notEqual(hash({}), hash({ finetuneEpochs: 3 }));
+  const id = (finetuneThreads: number) =>
+    expandSweep({
+      out: path.join(dir, 'sweep'),
+      base: { data, finetuneEpochs: 2, finetuneThreads },
+    })[0]!.id;
+  assert.equal(id(1), id(2));
+  // A grid over it would repeat one run: refused as such.
+  assert.throws(
+    () =>
+      expandSweep({
+        out: path.join(dir, 'sweep'),
+        base: { data, finetuneEpochs: 2 },
+        grid: { finetuneThreads: [1, 2] },
+      }),
+    /resolves to the same options as run 1/,
+  );
+});
