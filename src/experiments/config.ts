@@ -270,3 +270,20 @@ function pickSeed(base: SweepOptions): { seed?: number } {
   if (base.seed === undefined) return {};
   return { seed: is.integer('seed', base.seed) };
 }
+
+/**
+ * A child's share of the cores as options: the engine's threads and workers, and the
+ * fine-tune stage's threads (at most 2) unless the run gives its own.
+ */
+export function childThreadOptions(
+  o: SweepRun['options'],
+  threads: number,
+): { threads: number; workers: number; finetuneThreads?: number } {
+  return {
+    threads,
+    workers: threads,
+    ...(o.finetuneEpochs > 0 && o.finetuneThreads === undefined
+      ? { finetuneThreads: Math.min(2, threads) }
+      : {}),
+  };
+}

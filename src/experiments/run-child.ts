@@ -7,6 +7,7 @@ import { FinetuneError } from '../errors.js';
 import type { TrainEvent } from '../train/events.js';
 import { embedSplits, prepareRun } from '../train/run.js';
 import { checkCounts } from '../train/train.js';
+import { childThreadOptions } from './config.js';
 import { CountingCache, executeRun, type RunJob } from './execute.js';
 import type { ResultRow } from './results.js';
 
@@ -32,7 +33,7 @@ async function runJob(job: RunJob): Promise<void> {
     ...run.given,
     seed: run.splitSeed,
     out: run.options.out,
-    ...(job.threads !== undefined ? { threads: job.threads, workers: job.threads } : {}),
+    ...(job.threads !== undefined ? childThreadOptions(run.options, job.threads) : {}),
     onEvent: emit,
   });
   try {

@@ -119,15 +119,15 @@ interface EmbeddingRecord {
 
 const CHILD = fileURLToPath(new URL('./run-child.js', import.meta.url));
 
-/** Engine threads per child so that threads × parallel stays within the cores. */
+/** Threads per child (engine, and fine-tune unless a run says) so that threads × parallel stays within the cores. */
 function childThreads(runs: readonly SweepRun[], parallel: number): number | undefined {
   const cores = os.availableParallelism();
   for (const run of runs) {
-    for (const key of ['threads', 'workers'] as const) {
+    for (const key of ['threads', 'workers', 'finetuneThreads'] as const) {
       const n = run.options[key];
       if (n !== undefined && n * parallel > cores)
         throw new FinetuneError(
-          `run ${run.index}: ${key} ${n} × parallel ${parallel} would run ${n * parallel} engine threads on ${cores} cores; lower ${key} or parallel`,
+          `run ${run.index}: ${key} ${n} × parallel ${parallel} would run ${n * parallel} ${key === 'finetuneThreads' ? 'training' : 'engine'} threads on ${cores} cores; lower ${key} or parallel`,
         );
     }
   }

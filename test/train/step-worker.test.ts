@@ -5,7 +5,7 @@ import { after, before, test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
 import { initBackend } from '../../src/backend/index.js';
 import { FinetuneError } from '../../src/errors.js';
-import { expandSweep } from '../../src/experiments/config.js';
+import { childThreadOptions, expandSweep } from '../../src/experiments/config.js';
 import { optionsHash } from '../../src/train/checkpoint.js';
 import {
   ArrayBatches,
@@ -256,4 +256,24 @@ test('--finetune-threads: 1 or 2, only with a fine-tune stage, out of the option
       }),
     /resolves to the same options as run 1/,
   );
+});
+
+test("a sweep's child processes share the cores: the fine-tune stage's threads follow the child's share (at most 2) unless the run sets them", () => {
+  const options = (o: Partial<TrainOptions>) => resolveTrainOptions({ data: 'x', ...o });
+  assert.deepEqual(childThreadOptions(options({ finetuneEpochs: 2 }), 1), {
+    threads: 1,
+    workers: 1,
+    finetuneThreads: 1,
+  });
+  assert.deepEqual(childThreadOptions(options({ finetuneEpochs: 2 }), 4), {
+    threads: 4,
+    workers: 4,
+    finetuneThreads: 2,
+  });
+  assert.deepEqual(childThreadOptions(options({ finetuneEpochs: 2, finetuneThreads: 2 }), 1), {
+    threads: 1,
+    workers: 1,
+  });
+  // Without the stage the option would be refused.
+  assert.deepEqual(childThreadOptions(options({}), 1), { threads: 1, workers: 1 });
 });
