@@ -30,6 +30,7 @@ export {
   type BackendReport,
   initBackend,
   probeBackends,
+  trainingThreads,
 } from './backend/index.js';
 export {
   AUGMENT_KINDS,

@@ -14,6 +14,7 @@ import {
   initBackend,
   probeBackends,
   resolveEngineContext,
+  trainingThreads,
   VERSION,
   versions,
 } from '../index.js';
@@ -379,7 +380,7 @@ function render(report: ReturnType<typeof assemble>): string {
     ['  extensions', ext],
     [
       'engine',
-      `frozen passes on ${engine.auto} (--engine auto), ${engine.threads} ONNX Runtime threads, ${engine.workers} tfjs workers on wasm`,
+      `frozen passes on ${engine.auto} (--engine auto), ${engine.threads} ONNX Runtime threads, ${engine.workers} tfjs workers on wasm; fine-tune steps on ${engine.finetuneThreads} thread${engine.finetuneThreads === 1 ? '' : 's'}`,
     ],
     ['cache', `${cache.dir} (${cacheState})`],
     ['  size', cacheSize],
@@ -399,7 +400,7 @@ function assemble(
   probed: BackendReport,
   onnxRuntime: OnnxRuntimeReport,
   cpu: CpuReport,
-  engine: { auto: 'onnx' | 'tfjs'; threads: number; workers: number },
+  engine: { auto: 'onnx' | 'tfjs'; threads: number; workers: number; finetuneThreads: number },
   cache: CacheReport,
   problems: Problem[],
 ) {
@@ -432,6 +433,8 @@ export async function handler(argv: Args): Promise<void> {
     auto: context.backend.gpu ? ('tfjs' as const) : ('onnx' as const),
     threads: context.threads,
     workers: context.workers,
+    // --finetune-threads' default on this backend (a step is two halves: at most 2).
+    finetuneThreads: Math.min(2, trainingThreads(context.backend)),
   };
   const cache = await probeCache(cacheDir);
   const problems = problemsOf(probed, onnxRuntime);

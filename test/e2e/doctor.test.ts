@@ -129,6 +129,13 @@ describe('finetune doctor', () => {
     assert.equal(report.cpu.availableParallelism, os.availableParallelism());
     assert.equal(report.engine.threads, os.availableParallelism());
     assert.equal(report.engine.workers, os.availableParallelism());
+    // --finetune-threads' default: the cores, at most 2, on a backend that trains on one thread.
+    assert.equal(
+      report.engine.finetuneThreads,
+      report.autoBackend === 'node' || report.autoBackend === 'node-gpu'
+        ? 1
+        : Math.min(2, os.availableParallelism()),
+    );
     assert.equal(report.engine.auto, report.autoBackend === 'node-gpu' ? 'tfjs' : 'onnx');
     if (process.platform === 'linux' && report.cpu.extensions) {
       const flags = readFileSync('/proc/cpuinfo', 'utf8')
