@@ -1,6 +1,7 @@
 import { availableParallelism } from 'node:os';
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
 import { FinetuneError, invalidOption } from '../errors.js';
+import { quietWorker } from '../util/worker.js';
 import type { FrozenModel } from './types.js';
 
 /**
@@ -55,8 +56,6 @@ export type PoolWorkerMessage =
 
 // Resolved next to this file: dist/src/engine/pool-worker.js once compiled.
 const WORKER_URL = new URL('./pool-worker.js', import.meta.url);
-/** How much of a worker's stderr is kept to explain a crash. */
-const STDERR_TAIL = 2000;
 
 interface Pending {
   resolve(data: Float32Array): void;
@@ -83,23 +82,22 @@ class Slot {
   readonly ready: Promise<{ inputSize: number; outputSize: number }>;
   failure: FinetuneError | null = null;
   closing = false;
-  private stderr = '';
   private resolveReady!: (info: { inputSize: number; outputSize: number }) => void;
   private rejectReady!: (err: Error) => void;
 
+  readonly worker: Worker;
+  private readonly stderr: () => string;
+
   constructor(
-    readonly worker: Worker,
+    started: { worker: Worker; stderr: () => string },
     readonly index: number,
   ) {
+    const { worker } = started;
+    this.worker = worker;
+    this.stderr = started.stderr;
     this.ready = new Promise((resolve, reject) => {
       this.resolveReady = resolve;
       this.rejectReady = reject;
-    });
-    // The library never prints: the worker's output is captured, not inherited.
-    worker.stdout.resume();
-    worker.stderr.setEncoding('utf8');
-    worker.stderr.on('data', (chunk: string) => {
-      this.stderr = (this.stderr + chunk).slice(-STDERR_TAIL);
     });
     worker.on('message', (m: PoolWorkerMessage) => this.onMessage(m));
     worker.on('messageerror', (err) => this.fail(`could not deserialise a message`, err));
@@ -126,7 +124,7 @@ class Slot {
   /** Rejects everything waiting on this worker; the first reason wins. */
   fail(reason: string, cause?: unknown): void {
     if (this.failure) return;
-    const tail = this.stderr.trim().split('\n').slice(-3).join(' | ');
+    const tail = this.stderr().split('\n').slice(-3).join(' | ');
     this.failure = this.closing
       ? new FinetuneError('The tfjs worker pool was disposed', { exitCode: 1 })
       : new FinetuneError(
@@ -201,8 +199,7 @@ export class WorkerPoolFrozenModel implements FrozenModel {
     const data: PoolWorkerData = { recipe, backend };
     const slots = Array.from(
       { length: count },
-      (_, i) =>
-        new Slot(new Worker(WORKER_URL, { workerData: data, stdout: true, stderr: true }), i),
+      (_, i) => new Slot(quietWorker(WORKER_URL, data), i),
     );
     let infos: { inputSize: number; outputSize: number }[];
     try {

@@ -7,7 +7,7 @@
  * its stage's records, and becomes the same model `trainHeads` would have returned here
  * (a member of a stack ends bit for bit as it would alone, so a split changes no figure).
  */
-import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
+import { isMainThread, parentPort, type Worker, workerData } from 'node:worker_threads';
 import * as tf from '@tensorflow/tfjs';
 import { type BackendOption, initBackend } from '../backend/index.js';
 import { type ErrorKind, FinetuneError } from '../errors.js';
@@ -18,6 +18,7 @@ import type { ResolvedTrainOptions } from '../train/options.js';
 import { type HeadJob, type HeadResult, headOptions, trainHeads } from '../train/phases.js';
 import type { Embedded, EmbeddedSplits, PreparedRun } from '../train/run.js';
 import type { StageResult } from '../train/stage.js';
+import { quietWorker } from '../util/worker.js';
 
 /** What the worker is started with. */
 interface HeadWorkerData {
@@ -98,13 +99,8 @@ export class HeadWorker {
 
   constructor(backend: Exclude<BackendOption, 'auto'>) {
     const data: HeadWorkerData = { role: 'head-worker', backend };
-    this.worker = new Worker(SCRIPT, { workerData: data, stdout: true, stderr: true });
-    // Its output is not ours to print (the library is silent), and left unread it would fill.
-    this.worker.stdout.resume();
-    let stderr = '';
-    this.worker.stderr.on('data', (d: Buffer) => {
-      stderr = (stderr + d.toString()).slice(-2000);
-    });
+    const { worker, stderr } = quietWorker(SCRIPT, data);
+    this.worker = worker;
     this.worker.on('message', (m: WorkerMessage) => {
       const p = this.pending;
       if (!p) return;
@@ -124,11 +120,7 @@ export class HeadWorker {
     };
     this.worker.on('error', (err) => end(new Error(`head worker failed: ${err.message}`)));
     this.worker.on('exit', (code) =>
-      end(
-        new Error(
-          `head worker ended (exit code ${code})${stderr.trim() ? `: ${stderr.trim()}` : ''}`,
-        ),
-      ),
+      end(new Error(`head worker ended (exit code ${code})${stderr() ? `: ${stderr()}` : ''}`)),
     );
   }
 

@@ -9,9 +9,10 @@
  * not depend on the thread count. Should the worker fail, the step computes the half here
  * and the stage goes on in one thread (`onFail` is told once).
  */
-import { isMainThread, parentPort, Worker, workerData } from 'node:worker_threads';
+import { isMainThread, parentPort, type Worker, workerData } from 'node:worker_threads';
 import * as tf from '@tensorflow/tfjs';
 import { type BackendOption, initBackend } from '../backend/index.js';
+import { quietWorker } from '../util/worker.js';
 import { type StageModel, type StageModelSettings, stageModel } from './finetune.js';
 import { halfGradients, type PartOutcome, type StepPart } from './fit.js';
 
@@ -60,13 +61,8 @@ export class StepWorker {
     private readonly onFail: (reason: string) => void = () => undefined,
   ) {
     const data: StepWorkerData = { role: 'step-worker', backend, model };
-    this.worker = new Worker(SCRIPT, { workerData: data, stdout: true, stderr: true });
-    // Its output is not ours to print (the library is silent), and left unread it would fill.
-    this.worker.stdout.resume();
-    let stderr = '';
-    this.worker.stderr.on('data', (d: Buffer) => {
-      stderr = (stderr + d.toString()).slice(-2000);
-    });
+    const { worker, stderr } = quietWorker(SCRIPT, data);
+    this.worker = worker;
     this.worker.on('message', (m: WorkerMessage) => {
       const p = this.pending;
       this.pending = null;
@@ -78,7 +74,7 @@ export class StepWorker {
     });
     this.worker.on('error', (err) => this.end(err.message));
     this.worker.on('exit', (code) =>
-      this.end(`it ended (exit code ${code})${stderr.trim() ? `: ${stderr.trim()}` : ''}`),
+      this.end(`it ended (exit code ${code})${stderr() ? `: ${stderr()}` : ''}`),
     );
   }
 
