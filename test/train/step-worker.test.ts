@@ -185,6 +185,47 @@ test("halves add up to the whole batch's step: class weights, label smoothing, o
   }
 });
 
+test('a worker that dies mid-stage: one warning, the stage ends on one thread with the same weights', async () => {
+  const options: TrainOptions = {
+    data,
+    backbone: tiny,
+    backend: 'wasm',
+    epochs: 1,
+    batchSize: 8,
+    finetuneEpochs: 2,
+    unfreeze: 'from:dw1',
+    finetuneLr: 0.01,
+    dropout: 0.3,
+    cache: false,
+  };
+  const one = path.join(dir, 'dies-reference');
+  await train({ ...options, out: one, finetuneThreads: 1 });
+  const proto = StepWorker.prototype;
+  const original = proto.gradients;
+  let calls = 0;
+  proto.gradients = async function (this: StepWorker, ...args) {
+    // The worker is killed before the third step reaches it.
+    if (++calls === 3)
+      await (this as unknown as { worker: { terminate(): Promise<number> } }).worker.terminate();
+    return original.apply(this, args);
+  };
+  const out = path.join(dir, 'dies');
+  const before = tf.memory().numTensors;
+  let summary: Awaited<ReturnType<typeof train>>;
+  try {
+    summary = await train({ ...options, out, finetuneThreads: 2 });
+  } finally {
+    proto.gradients = original;
+  }
+  assert.equal(tf.memory().numTensors, before);
+  assert.ok(calls > 3, `${calls} steps`);
+  const failed = summary.warnings.filter((w) => w.startsWith('fine-tune step worker failed'));
+  assert.equal(failed.length, 1, summary.warnings.join('\n'));
+  assert.match(failed[0]!, /the stage goes on in one thread$/);
+  const weights = (run: string) => readFile(path.join(run, 'model', 'weights.bin'));
+  assert.ok((await weights(one)).equals(await weights(out)));
+});
+
 test('a step worker that fails answers null, says why once, and is not asked again', async () => {
   const reasons: string[] = [];
   const worker = new StepWorker(
