@@ -749,6 +749,8 @@ export async function runFineTune(
       tf.dispose(before ?? []);
       throw err;
     });
+    // Its heap (a chunk's step) is not needed for what follows: test figures, the export.
+    await worker?.close();
     let kept: FineTuneResult['kept'] = `finetune-${stage.kept}`;
     let candidates: FineTuneCandidate[] | null = null;
     let chosen: FineTuneResult['chosen'] = null;
