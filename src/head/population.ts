@@ -61,7 +61,7 @@ function memberMatMul(x: tf.Tensor, w: tf.Tensor, inputGrad: boolean): tf.Tensor
           const xT = tf.transpose(saved[0]!);
           const dys = memberSlices(dy);
           return [
-            tf.zerosLike(a),
+            tf.zeros(a.shape),
             tf.stack(dys.map((d) => tf.matMul(xT as tf.Tensor2D, d as tf.Tensor2D))),
           ];
         },
@@ -83,7 +83,8 @@ function memberMatMul(x: tf.Tensor, w: tf.Tensor, inputGrad: boolean): tf.Tensor
               // An explicit transpose: a MatMul with a transpose flag misses XNNPACK.
               dys.map((d, i) => tf.matMul(d as tf.Tensor2D, tf.transpose(sw[i]!) as tf.Tensor2D)),
             )
-          : tf.zerosLike(a);
+          : // Its shape only: `a` is freed by now, and tfjs-node's ZerosLike reads its input.
+            tf.zeros(a.shape);
         return [dx, dw];
       },
     };

@@ -165,6 +165,31 @@ test('heads trained side by side end exactly as each would alone; every tensor f
   assert.equal(tf.memory().numTensors, before);
 });
 
+test("a head step reads no tensor its forward pass freed (tfjs-node's kernels read every input, even ZerosLike's)", async () => {
+  // wasm's ZerosLike reads only its input's shape; tfjs-node's looks the input up and
+  // crashes on a freed one. This stand-in fails the same way.
+  const native = tf.getKernel('ZerosLike', 'wasm')!;
+  const freed: string[] = [];
+  tf.unregisterKernel('ZerosLike', 'wasm');
+  tf.registerKernel({
+    ...native,
+    kernelFunc: (args) => {
+      const x = args.inputs['x'] as tf.TensorInfo;
+      const info = (tf.engine() as unknown as { state: { tensorInfo: WeakMap<object, unknown> } })
+        .state.tensorInfo;
+      if (!info.has(x.dataId)) freed.push(`[${x.shape}]`);
+      return native.kernelFunc(args);
+    },
+  });
+  try {
+    for (const hidden of [0, 6]) await trainTogether(MEMBERS.slice(0, 2), hidden);
+  } finally {
+    tf.unregisterKernel('ZerosLike', 'wasm');
+    tf.registerKernel(native);
+  }
+  assert.deepEqual(freed, []);
+});
+
 test('heads with BatchNorm side by side end exactly as each would alone, statistics and early stopping included', async () => {
   const before = tf.memory().numTensors;
   // member 0 stops early (its statistics must stop moving with it); 1 and 2 average (refresh).
