@@ -745,11 +745,11 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     key: 'finetuneThreads',
     flag: 'finetune-threads',
     type: 'number',
-    defaultText: '2 on wasm/cpu with 2+ cores, else 1',
+    defaultText: '2 on wasm/cpu with 2+ cores; whole steps on native TF',
     check: (v) => is.integerInRange('finetuneThreads', v, 1, 2),
     phase: 'finetune',
     needs: ['finetune'],
-    doc: "threads that compute a fine-tune step: its gradient is the sum of the batch's two halves' (each with its own dropout seed), and with 2 a worker thread computes the second half meanwhile; the figures are the same either way; steps are whole, on one thread, when BatchNorm trains (`--bn train`, `--head-bn`)",
+    doc: "threads that compute a fine-tune step: its gradient is the sum of the batch's two halves' (each with its own dropout seed), and with 2 a worker thread computes the second half meanwhile; the figures are the same either way; steps are whole, on one thread, when BatchNorm trains (`--bn train`, `--head-bn`), and by default on native TensorFlow",
   },
   {
     key: 'finetuneSwaStart',

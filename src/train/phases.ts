@@ -1,6 +1,5 @@
 import path from 'node:path';
 import * as tf from '@tensorflow/tfjs';
-import { trainingThreads } from '../backend/index.js';
 import { FinetuneError } from '../errors.js';
 import { classificationReport } from '../export/metrics.js';
 import { buildHead, type HeadOptions } from '../head/build.js';
@@ -305,7 +304,7 @@ export async function trainFinetune(
       lrMult: o.lrMult,
       warmupEpochs: o.finetuneWarmupEpochs,
       dropout: o.finetuneDropout,
-      threads: o.finetuneThreads ?? trainingThreads(run.backend),
+      ...(o.finetuneThreads !== undefined ? { threads: o.finetuneThreads } : {}),
       batchSize: o.batchSize,
       optimizer: o.optimizer,
       freezeBn: o.freezeBn,

@@ -1,12 +1,15 @@
 import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
+import type { BackendInfo } from '../../src/backend/index.js';
 import { initBackend } from '../../src/backend/index.js';
 import { FinetuneError } from '../../src/errors.js';
 import { childThreadOptions, expandSweep } from '../../src/experiments/config.js';
 import { optionsHash } from '../../src/train/checkpoint.js';
+import { stepPlan } from '../../src/train/finetune.js';
 import {
   ArrayBatches,
   CHUNK_ROWS,
@@ -317,4 +320,21 @@ test("a sweep's child processes share the cores: the fine-tune stage's threads f
   });
   // Without the stage the option would be refused.
   assert.deepEqual(childThreadOptions(options({}), 1), { threads: 1, workers: 1 });
+});
+
+test('stepPlan: halves on backends that train on one thread, whole steps on native TensorFlow unless asked, and whole with BatchNorm training', () => {
+  const backend = (tfBackend: string, option: 'wasm' | 'cpu' | 'node') =>
+    ({ requested: option, option, tfBackend, gpu: false, skipped: [] }) as unknown as BackendInfo;
+  const wasm = backend('wasm', 'wasm');
+  const node = backend('tensorflow', 'node');
+  const cores = Math.min(2, os.availableParallelism());
+  assert.deepEqual(stepPlan(wasm, false, undefined), { halved: true, threads: cores });
+  assert.deepEqual(stepPlan(backend('cpu', 'cpu'), false, undefined), {
+    halved: true,
+    threads: cores,
+  });
+  assert.deepEqual(stepPlan(wasm, false, 1), { halved: true, threads: 1 });
+  assert.deepEqual(stepPlan(node, false, undefined), { halved: false, threads: 1 });
+  assert.deepEqual(stepPlan(node, false, 2), { halved: true, threads: 2 });
+  assert.deepEqual(stepPlan(wasm, true, 2), { halved: false, threads: 1 });
 });
