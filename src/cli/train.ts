@@ -89,7 +89,8 @@ export async function handler(argv: Args): Promise<void> {
             l.val_acc !== undefined
               ? ` val_loss ${l.val_loss!.toFixed(4)} val_acc ${l.val_acc.toFixed(4)}`
               : '';
-          const swa = l.snapshots ? ` swa ${l.snapshots}` : '';
+          // SWA's snapshots or EMA's updates so far.
+          const swa = l.snapshots ? ` ${e.average ?? 'swa'} ${l.snapshots}` : '';
           out.info(
             `${l.stage} epoch ${l.epoch}/${e.epochs} loss ${l.loss.toFixed(4)} acc ${l.acc.toFixed(4)}${val} lr ${l.lr.toPrecision(3)}${swa} (${l.seconds.toFixed(2)} s)`,
           );
@@ -97,7 +98,7 @@ export async function handler(argv: Args): Promise<void> {
         }
         case 'stage-end':
           out.info(
-            `${e.stage} stage val acc: raw ${fmt(e.raw)}${e.swa !== null ? `, swa ${fmt(e.swa)}` : ''}`,
+            `${e.stage} stage val acc: raw ${fmt(e.raw)}${e.swa !== null ? `, ${e.average ?? 'swa'} ${fmt(e.swa)}` : ''}`,
           );
           break;
         case 'done':

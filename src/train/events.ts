@@ -1,6 +1,7 @@
 import type { BackendInfo } from '../backend/index.js';
 import type { EmbedProgress, SkippedFile } from '../data/embed.js';
 import type { EngineName } from '../engine/types.js';
+import type { AverageKind } from '../swa/schedule.js';
 import type { EpochLogs } from './callbacks.js';
 import type { InitRecord } from './init.js';
 
@@ -33,8 +34,21 @@ export type TrainEvent =
   | { type: 'warning'; message: string }
   | { type: 'embed-progress'; progress: EmbedProgress }
   | { type: 'skipped'; file: SkippedFile }
-  | { type: 'epoch'; logs: EpochLogs; epochs: number }
-  | { type: 'stage-end'; stage: StageName; raw: number | null; swa: number | null }
+  | {
+      type: 'epoch';
+      logs: EpochLogs;
+      epochs: number;
+      /** What `logs.snapshots` counts: SWA snapshots or EMA updates (null: no averaging). */
+      average: AverageKind | null;
+    }
+  | {
+      type: 'stage-end';
+      stage: StageName;
+      raw: number | null;
+      /** The averaged weights' accuracy (SWA or EMA, as `average` says). */
+      swa: number | null;
+      average: AverageKind | null;
+    }
   | { type: 'done'; summary: TrainSummary };
 
 export interface ValFigures {

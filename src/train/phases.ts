@@ -4,6 +4,7 @@ import { FinetuneError } from '../errors.js';
 import { classificationReport } from '../export/metrics.js';
 import { buildHead, type HeadOptions } from '../head/build.js';
 import { HeadPopulation } from '../head/population.js';
+import type { AverageKind } from '../swa/schedule.js';
 import type { SwagState } from '../swa/swag.js';
 import type { EpochLogs, TrainingCallback } from './callbacks.js';
 import type { HeadCarry, RunCheckpoints } from './checkpoint.js';
@@ -65,15 +66,24 @@ function classWeights(o: ResolvedTrainOptions, labels: Int32Array, numClasses: n
 }
 
 /** Emits an event per epoch (the logs reach metrics.jsonl through the stage's history). */
-function epochLogger(run: PreparedRun, epochs: number): TrainingCallback {
+function epochLogger(
+  run: PreparedRun,
+  epochs: number,
+  average: AverageKind | null,
+): TrainingCallback {
   return {
     onEpochEnd(_epoch, logs) {
-      run.emit({ type: 'epoch', logs, epochs });
+      run.emit({ type: 'epoch', logs, epochs, average });
     },
   };
 }
 
 /** A stage's averaging settings from the options (null: `--average none`). */
+/** The run's kind of averaging, or null without. */
+function averageName(o: ResolvedTrainOptions): AverageKind | null {
+  return o.average === 'none' ? null : o.average;
+}
+
 function averaging(o: ResolvedTrainOptions, stage: 'head' | 'finetune'): SwaSettings | null {
   if (o.average === 'none') return null;
   const head = stage === 'head';
@@ -199,7 +209,7 @@ export async function trainHeads(
         warmupSteps: warmupSteps(m.warmupEpochs, embedded.train.labels.length, m.batchSize),
         earlyStop: earlyStopping(m, embedded),
         keep: m.keep,
-        callbacks: [epochLogger(run, m.epochs)],
+        callbacks: [epochLogger(run, m.epochs, averageName(m))],
       })),
     );
     return jobs.map(({ run }, i) => {
@@ -212,6 +222,7 @@ export async function trainHeads(
         stage: 'head',
         raw: stage.raw?.acc ?? null,
         swa: stage.swa?.acc ?? null,
+        average: stage.average,
       });
       return {
         head,
@@ -287,7 +298,7 @@ export async function trainFinetune(
       headLoss: head.val?.loss ?? null,
       headAcc: head.val?.acc ?? null,
       engine: run.engine,
-      callbacks: [epochLogger(run, o.finetuneEpochs)],
+      callbacks: [epochLogger(run, o.finetuneEpochs, averageName(o))],
       cache: run.cache,
       warn: (message) => run.warn(message),
       ...(checkpoints
@@ -328,6 +339,7 @@ export async function trainFinetune(
     stage: 'finetune',
     raw: st.raw?.acc ?? null,
     swa: st.swa?.acc ?? null,
+    average: st.average,
   });
   const kept: WeightsChoice =
     result.kept === 'head'
@@ -609,6 +621,7 @@ function restoreHead(
     stage: 'head',
     raw: carry.raw?.acc ?? null,
     swa: carry.swa?.acc ?? null,
+    average: carry.stage.average,
   });
   return {
     head,

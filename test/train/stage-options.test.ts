@@ -126,6 +126,38 @@ test('--finetune-warmup-epochs and --finetune-dropout: defaults, ranges, and onl
   }
 });
 
+test("the CLI's epoch and stage lines name the averaging kind: ema for EMA, swa for SWA", async () => {
+  for (const average of ['ema', 'swa'] as const) {
+    const r = await runCli(
+      [
+        'train',
+        '--data',
+        data,
+        '--out',
+        path.join(dir, `labels-${average}`),
+        '--backbone',
+        tiny,
+        '--backend',
+        'wasm',
+        '--no-cache',
+        '--epochs',
+        '3',
+        '--swa-start',
+        '1',
+        '--average',
+        average,
+      ],
+      dir,
+    );
+    assert.equal(r.code, 0, r.stderr);
+    // The progress lines go to stderr, the result to stdout.
+    const other = average === 'ema' ? 'swa' : 'ema';
+    assert.match(r.stderr, new RegExp(`\\nhead epoch 3/3 .* ${average} \\d+ \\(`), r.stderr);
+    assert.match(r.stderr, new RegExp(`\\nhead stage val acc: raw [\\d.]+, ${average} [\\d.]+\\n`));
+    assert.doesNotMatch(r.stderr, new RegExp(`epoch .* ${other} \\d+ \\(|, ${other} [\\d.]+\\n`));
+  }
+});
+
 test('the CLI refuses either option without a fine-tune stage, and a warm-up longer than the stage, in one line (usage exit code)', async () => {
   for (const [args, line] of [
     [
