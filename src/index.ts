@@ -197,7 +197,7 @@ export {
   predict,
 } from './export/predict.js';
 // Heads, training loop, SWA
-export { applyHead, buildHead, type HeadOptions } from './head/build.js';
+export { applyHead, buildHead, type HeadOptions, type StageHead, stageHead } from './head/build.js';
 export { type HeadMember, HeadPopulation } from './head/population.js';
 export { openRunFolder, type RunFolder, removePendingSync } from './io/run-folder.js';
 export { type AveragerKind, type AveragerState, WeightAverager } from './swa/averager.js';
@@ -270,17 +270,26 @@ export {
   parseUnfreeze,
   runFineTune,
   type SplitBody,
+  type StageModel,
+  type StageModelSettings,
   splitBody,
+  stageModel,
+  stepPlan,
   type Unfreeze,
 } from './train/finetune.js';
 export {
   ArrayBatches,
   type Batches,
+  CHUNK_ROWS,
   evaluateBatches,
   evaluateMembers,
   type FitMember,
   type FitOptions,
   fit,
+  type HalvedSteps,
+  halfGradients,
+  type PartOutcome,
+  type StepPart,
 } from './train/fit.js';
 export { OPTIMIZERS, type OptimizerName, StageOptimizer } from './train/optimizers.js';
 export {

@@ -8,8 +8,9 @@ import type { BackendInfo } from '../../src/backend/index.js';
 import { initBackend } from '../../src/backend/index.js';
 import { FinetuneError } from '../../src/errors.js';
 import { childThreadOptions, expandSweep } from '../../src/experiments/config.js';
+import * as lib from '../../src/index.js';
 import { optionsHash } from '../../src/train/checkpoint.js';
-import { stepPlan } from '../../src/train/finetune.js';
+import { stageModel, stepPlan } from '../../src/train/finetune.js';
 import {
   ArrayBatches,
   CHUNK_ROWS,
@@ -337,4 +338,10 @@ test('stepPlan: halves on backends that train on one thread, whole steps on nati
   assert.deepEqual(stepPlan(node, false, undefined), { halved: false, threads: 1 });
   assert.deepEqual(stepPlan(node, false, 2), { halved: true, threads: 2 });
   assert.deepEqual(stepPlan(wasm, true, 2), { halved: false, threads: 1 });
+  // The library exports what a script needs to build the stage's model or its own loop.
+  assert.equal(lib.stepPlan, stepPlan);
+  assert.equal(lib.stageModel, stageModel);
+  assert.equal(typeof lib.stageHead, 'function');
+  assert.equal(typeof lib.halfGradients, 'function');
+  assert.equal(lib.CHUNK_ROWS, 8);
 });
