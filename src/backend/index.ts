@@ -138,13 +138,6 @@ export interface BackendReport {
 }
 
 /**
- * Tries to load every backend (node-gpu, node, wasm, cpu) and says which load, why the
- * others do not, and what `auto` would pick. The backend in use before the call stays in
- * use; when there was none, `auto`'s pick is (as after `initBackend('auto')`).
- *
- * @example const { auto, backends } = await probeBackends(); // auto: 'wasm' without tfjs-node
- */
-/**
  * Threads a training loop uses by default: one per core on backends that train on one
  * thread (wasm has no threads in Node; cpu is plain JavaScript), one with native
  * TensorFlow (it spreads its own kernels over the cores).
@@ -153,6 +146,13 @@ export function trainingThreads(backend: BackendInfo): number {
   return backend.tfBackend === 'tensorflow' ? 1 : os.availableParallelism();
 }
 
+/**
+ * Tries to load every backend (node-gpu, node, wasm, cpu) and says which load, why the
+ * others do not, and what `auto` would pick. The backend in use before the call stays in
+ * use; when there was none, `auto`'s pick is (as after `initBackend('auto')`).
+ *
+ * @example const { auto, backends } = await probeBackends(); // auto: 'wasm' without tfjs-node
+ */
 export async function probeBackends(): Promise<BackendReport> {
   const before = tf.engine().backendName as string | undefined;
   const backends: BackendProbe[] = [];

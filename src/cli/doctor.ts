@@ -14,7 +14,7 @@ import {
   initBackend,
   probeBackends,
   resolveEngineContext,
-  trainingThreads,
+  stepPlan,
   VERSION,
   versions,
 } from '../index.js';
@@ -433,8 +433,8 @@ export async function handler(argv: Args): Promise<void> {
     auto: context.backend.gpu ? ('tfjs' as const) : ('onnx' as const),
     threads: context.threads,
     workers: context.workers,
-    // --finetune-threads' default on this backend (a step is two halves: at most 2).
-    finetuneThreads: Math.min(2, trainingThreads(context.backend)),
+    // --finetune-threads' default on this backend.
+    finetuneThreads: stepPlan(context.backend, false, undefined).threads,
   };
   const cache = await probeCache(cacheDir);
   const problems = problemsOf(probed, onnxRuntime);

@@ -715,16 +715,14 @@ export async function runFineTune(
     };
     const groups = layerGroups(split.layers, backbone.spec.blocks);
     const scales = groupScales(groups.length, s.lrMult ?? 1);
-    const groupVariables = [
-      ...groups.map((g) =>
-        g.layers.flatMap((l) => l.trainableWeights.map((w) => w.read() as tf.Variable)),
+    // Each body variable's group factor; the head's variables take the last one.
+    const groupScale = new Map(
+      groups.flatMap((g, i) =>
+        g.layers.flatMap((l) => l.trainableWeights.map((w) => [w.read(), scales[i]!] as const)),
       ),
-      head.trainableWeights.map((w) => w.read() as tf.Variable),
-    ];
-    const variables = groupVariables.flat();
-    if (variables.some((v, i) => v !== model.variables[i]))
-      throw new Error('runFineTune: the layer groups do not cover the stage model in order');
-    const lrScales = groupVariables.flatMap((vs, i) => vs.map(() => scales[i]!));
+    );
+    const variables = model.variables;
+    const lrScales = variables.map((v) => groupScale.get(v) ?? scales[groups.length]!);
     const weights = [...variables, ...batchNorm.variables];
     const before = s.keep === 'best' ? weights.map((v) => v.clone()) : null;
     // An interrupted stage (a callback that throws) must not strand the copies for --keep best.

@@ -414,6 +414,47 @@ function lossSettings(members: readonly FitMember[], rowLabels: readonly number[
 }
 
 /**
+ * One step on the whole batch (every member's rows stacked when there are several): each
+ * member's loss and correct rows.
+ */
+async function wholeStep(
+  train: Batches,
+  rows: readonly number[][],
+  seeds: readonly number[],
+  options: FitOptions,
+): Promise<{ losses: ArrayLike<number>; hitCounts: ArrayLike<number> }> {
+  const { forward, variables, numClasses, members, optimizer } = options;
+  const k = members.length;
+  const stacked = options.stacked ?? false;
+  const size = rows[0]!.length;
+  options.reseed?.(seeds);
+  const [lossT, correctT] = tf.tidy(() => {
+    const flat = rows.flat();
+    const taken = train.take(flat);
+    const x = stacked ? taken.reshape([k, size, ...taken.shape.slice(1)]) : taken;
+    const rowLabels = rows.map((r) => r.map((i) => train.labels[i]!));
+    const labels = tf.tensor2d(rowLabels, [k, size], 'int32');
+    const settings = lossSettings(members, rowLabels);
+    let hits: tf.Tensor | null = null;
+    let perMember: tf.Tensor | null = null;
+    const { grads } = tf.variableGrads(() => {
+      let logits = forward(x, true);
+      if (!stacked) logits = tf.expandDims(logits, 0);
+      hits = tf.keep(tf.sum(tf.equal(tf.argMax(logits, -1), labels), -1));
+      const losses = memberLosses(logits, labels, numClasses, settings);
+      perMember = tf.keep(losses);
+      return tf.sum(losses) as tf.Scalar;
+    }, variables as tf.Variable[]);
+    optimizer.applyGradients(grads);
+    return [perMember as unknown as tf.Tensor, hits as unknown as tf.Tensor];
+  });
+  const losses = await lossT.data();
+  const hitCounts = await correctT.data();
+  tf.dispose([lossT, correctT]);
+  return { losses, hitCounts };
+}
+
+/**
  * One step of a one-member fit in two halves (see FitOptions.halves): the second half is
  * sent out first (when there is somewhere to send it), the first computed here, then the
  * gradients are added, first half plus second, and applied. Returns the batch's loss (the
@@ -503,7 +544,7 @@ export async function fit(
   val: Batches | null,
   options: FitOptions,
 ): Promise<FitResult> {
-  const { epochs, batchSize, optimizer, variables, forward, numClasses, members } = options;
+  const { epochs, batchSize, forward, numClasses, members } = options;
   const k = members.length;
   const stacked = options.stacked ?? false;
   if (k > 1 && !stacked) throw new Error('fit: several members must be stacked');
@@ -554,40 +595,12 @@ export async function fit(
       const size = rows[0]!.length;
       await each((c) => c.batchBegin(batch));
       const seeds = randoms.map((random) => Math.floor(random() * 2 ** 31));
-      if (options.halves) {
-        const { loss, hits } = await halvedStep(train, rows[0]!, seeds[0]!, options);
-        if (!Number.isFinite(loss)) throw divergedError(options.stage, epoch + 1, batch + 1, loss);
-        correct[0]! += hits;
-        lossSum[0]! += loss * size;
-        options.hooks?.afterStep?.(epoch, batch, stepsPerEpoch, activeList());
-        await each((c) => c.batchEnd(batch, { batch, size, loss }));
-        await new Promise<void>((resolve) => setImmediate(resolve));
-        continue;
-      }
-      options.reseed?.(seeds);
-      const [lossT, correctT] = tf.tidy(() => {
-        const flat = rows.flat();
-        const taken = train.take(flat);
-        const x = stacked ? taken.reshape([k, size, ...taken.shape.slice(1)]) : taken;
-        const rowLabels = rows.map((r) => r.map((i) => train.labels[i]!));
-        const labels = tf.tensor2d(rowLabels, [k, size], 'int32');
-        const settings = lossSettings(members, rowLabels);
-        let hits: tf.Tensor | null = null;
-        let perMember: tf.Tensor | null = null;
-        const { grads } = tf.variableGrads(() => {
-          let logits = forward(x, true);
-          if (!stacked) logits = tf.expandDims(logits, 0);
-          hits = tf.keep(tf.sum(tf.equal(tf.argMax(logits, -1), labels), -1));
-          const losses = memberLosses(logits, labels, numClasses, settings);
-          perMember = tf.keep(losses);
-          return tf.sum(losses) as tf.Scalar;
-        }, variables as tf.Variable[]);
-        optimizer.applyGradients(grads);
-        return [perMember as unknown as tf.Tensor, hits as unknown as tf.Tensor];
-      });
-      const losses = await lossT.data();
-      const hitCounts = await correctT.data();
-      tf.dispose([lossT, correctT]);
+      const { losses, hitCounts } = options.halves
+        ? await halvedStep(train, rows[0]!, seeds[0]!, options).then((r) => ({
+            losses: [r.loss],
+            hitCounts: [r.hits],
+          }))
+        : await wholeStep(train, rows, seeds, options);
       for (let m = 0; m < k; m++) {
         const loss = losses[m]!;
         // A NaN or infinite loss never comes back: the weights are already poisoned, and

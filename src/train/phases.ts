@@ -78,12 +78,12 @@ function epochLogger(
   };
 }
 
-/** A stage's averaging settings from the options (null: `--average none`). */
 /** The run's kind of averaging, or null without. */
 function averageName(o: ResolvedTrainOptions): AverageKind | null {
   return o.average === 'none' ? null : o.average;
 }
 
+/** A stage's averaging settings from the options (null: `--average none`). */
 function averaging(o: ResolvedTrainOptions, stage: 'head' | 'finetune'): SwaSettings | null {
   if (o.average === 'none') return null;
   const head = stage === 'head';
