@@ -486,3 +486,58 @@ describe('Identity on wasm', () => {
     tf.dispose([x, w]);
   });
 });
+
+describe('Sum over leading axes on wasm', () => {
+  test('the same values as on cpu, with keepDims or not; other reductions keep the native kernel', async () => {
+    const shape = [2, 3, 4, 5];
+    const x = values(2 * 3 * 4 * 5, 60);
+    const cases: { axes: number[]; keepDims: boolean; dtype: 'float32' | 'int32' }[] = [
+      { axes: [0], keepDims: false, dtype: 'float32' },
+      { axes: [0, 1], keepDims: false, dtype: 'float32' },
+      { axes: [1, 0, 2], keepDims: true, dtype: 'float32' },
+      { axes: [-4, -3], keepDims: true, dtype: 'float32' },
+      { axes: [1], keepDims: false, dtype: 'float32' },
+      { axes: [0, 2], keepDims: false, dtype: 'float32' },
+      { axes: [0, 1, 2, 3], keepDims: false, dtype: 'float32' },
+      { axes: [0, 1], keepDims: false, dtype: 'int32' },
+    ];
+    const sum = async (backend: Backend, c: (typeof cases)[number]) => {
+      await tf.setBackend(backend);
+      const t = tf.tensor(
+        c.dtype === 'int32' ? x.map((v) => Math.round(v * 10)) : x,
+        shape,
+        c.dtype,
+      );
+      const tensors = tf.memory().numTensors;
+      const s = tf.sum(t, c.axes, c.keepDims);
+      const out = { shape: s.shape, data: Array.from(await s.data()) };
+      s.dispose();
+      assert.equal(tf.memory().numTensors, tensors);
+      t.dispose();
+      return out;
+    };
+    for (const c of cases) {
+      const cpu = await sum('cpu', c);
+      const wasm = await sum('wasm', c);
+      assert.deepEqual(wasm.shape, cpu.shape, JSON.stringify(c));
+      wasm.data.forEach((v, i) => {
+        assert.ok(
+          Math.abs(v - cpu.data[i]!) < 1e-5,
+          `${JSON.stringify(c)}[${i}]: ${v} vs ${cpu.data[i]}`,
+        );
+      });
+    }
+    // Leading axes of a rank-3+ tensor are summed as the 2-D [rows, cols] they are.
+    await tf.setBackend('wasm');
+    registerWasmGradientKernels();
+    const t = tf.tensor(x, shape);
+    const profile = await tf.profile(() => {
+      tf.sum(t, [0, 1]).dispose();
+    });
+    assert.ok(
+      profile.kernels.some((k) => k.name === 'Sum' && JSON.stringify(k.inputShapes) === '[[6,20]]'),
+      JSON.stringify(profile.kernels.map((k) => [k.name, k.inputShapes])),
+    );
+    t.dispose();
+  });
+});
