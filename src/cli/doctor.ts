@@ -380,7 +380,7 @@ function render(report: ReturnType<typeof assemble>): string {
     ['  extensions', ext],
     [
       'engine',
-      `frozen passes on ${engine.auto} (--engine auto), ${engine.threads} ONNX Runtime threads, ${engine.workers} tfjs workers on wasm; fine-tune steps on ${engine.finetuneThreads} thread${engine.finetuneThreads === 1 ? '' : 's'}`,
+      `frozen passes on ${engine.auto} (--engine auto), ${engine.threads} ONNX Runtime threads, ${engine.workers} tfjs workers on wasm; fine-tune steps ${engine.auto === 'onnx' ? `on onnx (${engine.threads} threads) where the step graph covers the model, else ` : ''}on tfjs (${engine.finetuneThreads} thread${engine.finetuneThreads === 1 ? '' : 's'})`,
     ],
     ['cache', `${cache.dir} (${cacheState})`],
     ['  size', cacheSize],

@@ -116,6 +116,8 @@ export interface StageHead {
   readonly forward: (x: tf.Tensor, training: boolean) => tf.Tensor;
   /** Fresh dropout seeds for the next step, as `dropoutSeeder`'s. */
   readonly reseed: (seeds: readonly number[]) => void;
+  /** Rate of the dropout added before the classifier, outside the head's graph (0: none added). */
+  readonly addedDropout: number;
   /** Gives the head back its own rate. */
   restore(): void;
 }
@@ -144,6 +146,7 @@ export function stageHead(model: tf.LayersModel, rate?: number): StageHead {
     return {
       forward: (x, training) => logits.apply(x, { training }) as tf.Tensor,
       reseed: dropoutSeeder(model),
+      addedDropout: 0,
       restore,
     };
   const classifier = model.getLayer(HEAD_LOGITS);
@@ -166,6 +169,7 @@ export function stageHead(model: tf.LayersModel, rate?: number): StageHead {
     reseed: ([seed = Number.NaN]) => {
       dropout.seed = Number.isNaN(seed) ? undefined : seed;
     },
+    addedDropout: rate,
     restore,
   };
 }

@@ -97,6 +97,11 @@ export interface StageSummary {
    * second half; a worker that fails leaves a warning and the rest of the stage on one).
    */
   readonly threads?: number;
+  /**
+   * Fine-tune stage: what computed its steps, `onnx` (ONNX Runtime, on `threads` threads) or
+   * `tfjs`, and why not onnx when it is tfjs.
+   */
+  readonly steps?: { readonly engine: 'onnx' | 'tfjs'; readonly reason: string | null };
   readonly trainableVariables?: number;
   /** With --lr-mult above 1: each layer group's base LR, named by its first layer (the head last). */
   readonly lrGroups?: readonly { readonly from: string; readonly lr: number }[];

@@ -29,6 +29,7 @@ import {
   type Forward,
   type StepPart,
 } from './fit.js';
+import { GradGraphUnsupported, OnnxSteps } from './onnx-step.js';
 import type { OptimizerName } from './optimizers.js';
 import {
   type EarlyStopSettings,
@@ -267,6 +268,9 @@ export interface StageModel {
   readonly variables: readonly tf.Variable[];
   /** Fresh dropout seeds for the next step (see stageHead). */
   readonly reseed: (seeds: readonly number[]) => void;
+  /** The head, and the rate of a dropout the stage adds before its classifier (see stageHead). */
+  readonly head: tf.LayersModel;
+  readonly addedDropout: number;
   /** Gives the body and head back as they were (BN mode, trainable flags, dropout, the split's hold). */
   restore(): void;
 }
@@ -302,6 +306,8 @@ export function stageModel(
       logits.forward(split.suffix.apply(x, { training }) as tf.Tensor, training),
     variables,
     reseed: logits.reseed,
+    head,
+    addedDropout: logits.addedDropout,
     restore: () => {
       logits.restore();
       restoreBn();
@@ -309,6 +315,19 @@ export function stageModel(
       split.release();
     },
   };
+}
+
+/**
+ * Why the stage's steps run on tfjs rather than ONNX Runtime, or null when they may run on
+ * ONNX Runtime (if its graph covers the model: see buildGradGraph). `--engine` decides, as
+ * for the frozen passes: `tfjs` asks for tfjs, and `auto` keeps tfjs on a GPU backend.
+ * BatchNorm on batch statistics (`--bn train`, `--head-bn`) needs tfjs.
+ */
+export function tfjsStepsReason(engine: EngineContext, bnTrains: boolean): string | null {
+  if (engine.engine === 'tfjs') return '--engine tfjs';
+  if (engine.engine === 'auto' && engine.backend.gpu) return 'the tfjs backend runs on a GPU';
+  if (bnTrains) return 'BatchNorm trains on batch statistics';
+  return null;
 }
 
 /**
@@ -458,10 +477,11 @@ export interface FineTuneSettings {
   readonly decodeConcurrency: number;
   readonly embedBatchSize: number;
   /**
-   * Threads that compute a step (default: see stepPlan): each step's gradient is the sum of
-   * its two halves', and with 2 the second half runs in a worker thread meanwhile. The
-   * figures are the same either way. Steps are whole (one thread) when BatchNorm trains on
-   * batch statistics (`bn: 'train'`, a head with BN), and by default on native TensorFlow.
+   * Threads that compute a step. On ONNX Runtime (see tfjsStepsReason), its threads (default:
+   * the engine's). On tfjs (default: see stepPlan), each step's gradient is the sum of its two
+   * halves', and with 2 the second half runs in a worker thread meanwhile. The figures are
+   * the same either way. tfjs steps are whole (one thread) when BatchNorm trains on batch
+   * statistics (`bn: 'train'`, a head with BN), and by default on native TensorFlow.
    */
   readonly threads?: number;
 }
@@ -492,8 +512,10 @@ export interface FineTuneResult {
   readonly firstUnfrozen: string;
   readonly cutLayer: string;
   readonly batchSize: number;
-  /** Threads that computed the steps (see FineTuneSettings.threads). */
+  /** Threads that computed the steps (see FineTuneSettings.threads, and `steps`). */
   readonly threads: number;
+  /** What computed the steps, and why not ONNX Runtime when tfjs did (see stepEngine). */
+  readonly steps: { readonly engine: 'onnx' | 'tfjs'; readonly reason: string | null };
   readonly trainableVariables: number;
   /** Each layer group's base LR (before warm-up and SWA), body groups first, then `head`. */
   readonly lrGroups: readonly { readonly from: string; readonly lr: number }[];
@@ -594,14 +616,36 @@ export async function runFineTune(
     [...(s.bn === 'train' ? split.layers : []), ...head.layers],
     (x) => forward(x, false),
   );
-  const { halved, threads } = stepPlan(
-    inputs.engine.backend,
-    batchNorm.layers.length > 0,
-    s.threads,
-  );
+  let onnxSteps: OnnxSteps | null = null;
+  let reason = tfjsStepsReason(inputs.engine, batchNorm.layers.length > 0);
+  if (reason === null) {
+    try {
+      onnxSteps = await OnnxSteps.open(
+        {
+          suffix: split.suffix,
+          head: model.head,
+          addedDropout: model.addedDropout,
+          variables: model.variables,
+          numClasses: inputs.numClasses,
+        },
+        s.threads ?? inputs.engine.threads,
+      );
+    } catch (err) {
+      if (!(err instanceof GradGraphUnsupported)) {
+        model.restore();
+        throw err;
+      }
+      reason = err.message;
+    }
+  }
+  if (reason !== null && inputs.engine.engine === 'onnx')
+    inputs.warn(`fine-tune steps run on tfjs: ${reason}`);
+  const plan = stepPlan(inputs.engine.backend, batchNorm.layers.length > 0, s.threads);
+  const halved = !onnxSteps && plan.halved;
+  const threads = onnxSteps ? onnxSteps.threads : plan.threads;
   // Started now: its tfjs and model load while the prefix pass runs.
   const worker =
-    threads > 1
+    !onnxSteps && threads > 1
       ? new StepWorker(
           inputs.engine.backend.option,
           {
@@ -643,6 +687,7 @@ export async function runFineTune(
     );
   } catch (err) {
     await worker?.close();
+    await onnxSteps?.close();
     model.restore();
     throw err;
   }
@@ -662,12 +707,13 @@ export async function runFineTune(
     });
   const cleanup = async (): Promise<void> => {
     await worker?.close();
+    await onnxSteps?.close();
     model.restore();
     await prefix.dispose();
   };
   try {
     let batchSize = s.batchSize;
-    if (inputs.engine.backend.tfBackend === 'wasm') {
+    if (!onnxSteps && inputs.engine.backend.tfBackend === 'wasm') {
       const fits = stepBatchSize(split.layers, batchSize, halved, WASM_STEP_BUDGET);
       if (fits < batchSize) {
         inputs.warn(
@@ -731,6 +777,7 @@ export async function runFineTune(
       forward,
       variables,
       reseed: model.reseed,
+      ...(onnxSteps ? { external: onnxSteps } : {}),
       ...(halved
         ? {
             halves: {
@@ -774,6 +821,7 @@ export async function runFineTune(
     });
     // Its heap (a chunk's step) is not needed for what follows: test figures, the export.
     await worker?.close();
+    await onnxSteps?.close();
     let kept: FineTuneResult['kept'] = `finetune-${stage.kept}`;
     let candidates: FineTuneCandidate[] | null = null;
     let chosen: FineTuneResult['chosen'] = null;
@@ -807,6 +855,7 @@ export async function runFineTune(
       cutLayer: split.cutLayer,
       batchSize,
       threads,
+      steps: { engine: onnxSteps ? 'onnx' : 'tfjs', reason },
       trainableVariables: variables.length,
       lrGroups: [...groups.map((g) => g.from), 'head'].map((from, i) => ({
         from,

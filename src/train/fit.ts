@@ -96,6 +96,17 @@ export interface FitOptions {
    * second half runs. Not for BatchNorm in training mode: its statistics would be the halves'.
    */
   readonly halves?: HalvedSteps;
+  /**
+   * Computes each step's loss, correct rows and gradients elsewhere (one member only), from
+   * the variables' current values: the fine-tune stage's steps on ONNX Runtime. The
+   * gradients are applied here, by `optimizer`.
+   */
+  readonly external?: ExternalSteps;
+}
+
+/** Where a step's gradients come from instead of this thread's tfjs (see FitOptions.external). */
+export interface ExternalSteps {
+  gradients(part: StepPart): Promise<PartOutcome<Float32Array>>;
 }
 
 /**
@@ -467,20 +478,8 @@ async function halvedStep(
   options: FitOptions,
 ): Promise<{ loss: number; hits: number }> {
   const { forward, variables, numClasses, members, optimizer } = options;
-  const member = members[0]!;
   if (members.length !== 1 || options.stacked) throw new Error('fit: halves need one member');
-  const cw = member.classWeights;
-  const divisor = cw ? rows.filter((i) => cw[train.labels[i]!] !== 0).length : rows.length;
-  const half = (r: readonly number[], halfSeed: number): Omit<StepPart, 'x' | 'shape'> => {
-    const labels = Int32Array.from(r, (i) => train.labels[i]!);
-    return {
-      labels,
-      rowWeights: cw ? Float32Array.from(labels, (c) => cw[c]!) : null,
-      labelSmoothing: member.labelSmoothing,
-      divisor,
-      seed: halfSeed,
-    };
-  };
+  const half = stepParts(train, rows, members[0]!);
   const reseed = options.reseed ?? (() => undefined);
   const here = (r: readonly number[], halfSeed: number) =>
     halfGradients(forward, variables, numClasses, reseed, half(r, halfSeed), (a, b) =>
@@ -522,6 +521,65 @@ async function halvedStep(
   } finally {
     for (const o of outcomes) tf.dispose(o.grads as tf.Tensor[]);
   }
+}
+
+/**
+ * The parts of a one-member step over `rows`: each part's labels, row weights and seed,
+ * with the whole batch's divisor (its rows, or its rows of non-zero class weight).
+ */
+function stepParts(
+  train: Batches,
+  rows: readonly number[],
+  member: FitMember,
+): (part: readonly number[], seed: number) => Omit<StepPart, 'x' | 'shape'> {
+  const cw = member.classWeights;
+  const divisor = cw ? rows.filter((i) => cw[train.labels[i]!] !== 0).length : rows.length;
+  return (part, seed) => {
+    const labels = Int32Array.from(part, (i) => train.labels[i]!);
+    return {
+      labels,
+      rowWeights: cw ? Float32Array.from(labels, (c) => cw[c]!) : null,
+      labelSmoothing: member.labelSmoothing,
+      divisor,
+      seed,
+    };
+  };
+}
+
+/**
+ * One step of a one-member fit computed by `options.external` (see FitOptions.external):
+ * the batch goes out whole with the step's seed, and the gradients that come back are
+ * applied here. Returns the batch's loss and correct rows.
+ */
+async function externalStep(
+  train: Batches,
+  rows: readonly number[],
+  seed: number,
+  options: FitOptions,
+): Promise<{ loss: number; hits: number }> {
+  const { variables, members, optimizer } = options;
+  if (members.length !== 1 || options.stacked)
+    throw new Error('fit: external steps need one member');
+  const x = train.take(rows);
+  let got: PartOutcome<Float32Array>;
+  try {
+    // x stays alive until the step is back: on the cpu backend dataSync is its own storage.
+    got = await options.external!.gradients({
+      ...stepParts(train, rows, members[0]!)(rows, seed),
+      x: x.dataSync() as Float32Array,
+      shape: x.shape,
+    });
+  } finally {
+    x.dispose();
+  }
+  tf.tidy(() => {
+    const grads: tf.NamedTensorMap = {};
+    variables.forEach((v, i) => {
+      grads[v.name] = tf.tensor(got.grads[i]!, v.shape);
+    });
+    optimizer.applyGradients(grads);
+  });
+  return { loss: got.loss, hits: got.hits };
 }
 
 /** What a fit leaves: each member's epoch logs, and why a member stopped counting (null: it did not). */
@@ -595,11 +653,13 @@ export async function fit(
       const size = rows[0]!.length;
       await each((c) => c.batchBegin(batch));
       const seeds = randoms.map((random) => Math.floor(random() * 2 ** 31));
-      const { losses, hitCounts } = options.halves
-        ? await halvedStep(train, rows[0]!, seeds[0]!, options).then((r) => ({
-            losses: [r.loss],
-            hitCounts: [r.hits],
-          }))
+      const oneMember = options.external
+        ? externalStep(train, rows[0]!, seeds[0]!, options)
+        : options.halves
+          ? halvedStep(train, rows[0]!, seeds[0]!, options)
+          : null;
+      const { losses, hitCounts } = oneMember
+        ? await oneMember.then((r) => ({ losses: [r.loss], hitCounts: [r.hits] }))
         : await wholeStep(train, rows, seeds, options);
       for (let m = 0; m < k; m++) {
         const loss = losses[m]!;

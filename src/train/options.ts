@@ -282,7 +282,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => 'auto',
     check: choice('engine', ENGINE_OPTIONS),
     phase: 'embed',
-    doc: 'frozen passes: `onnx` (ONNX Runtime), `tfjs`; `auto` = onnx unless the model cannot be lowered or the backend is a GPU',
+    doc: 'frozen passes and fine-tune steps: `onnx` (ONNX Runtime), `tfjs`; `auto` = onnx unless the model cannot be lowered (for steps: a layer the step graph does not cover, or BatchNorm that trains) or the backend is a GPU',
   },
   {
     key: 'threads',
@@ -745,11 +745,12 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     key: 'finetuneThreads',
     flag: 'finetune-threads',
     type: 'number',
-    defaultText: '2 on wasm/cpu with 2+ cores; whole steps on native TF',
+    defaultText:
+      'ONNX Runtime: --threads; tfjs: 2 on wasm/cpu with 2+ cores, whole steps on native TF',
     check: (v) => is.integerInRange('finetuneThreads', v, 1, 2),
     phase: 'finetune',
     needs: ['finetune'],
-    doc: "threads that compute a fine-tune step: its gradient is the sum of the batch's two halves' (each with its own dropout seed), and with 2 a worker thread computes the second half meanwhile; the figures are the same either way; steps are whole, on one thread, when BatchNorm trains (`--bn train`, `--head-bn`), and by default on native TensorFlow",
+    doc: "threads that compute a fine-tune step, the figures the same either way: ONNX Runtime's threads for steps on onnx; on tfjs, the step's gradient is the sum of the batch's two halves' (each with its own dropout seed), and with 2 a worker thread computes the second half meanwhile; tfjs steps are whole, on one thread, when BatchNorm trains (`--bn train`, `--head-bn`), and by default on native TensorFlow",
   },
   {
     key: 'finetuneSwaStart',

@@ -354,6 +354,7 @@ export async function trainFinetune(
       unfreezeFrom: result.firstUnfrozen,
       batchSize: result.batchSize,
       threads: result.threads,
+      steps: result.steps,
       trainableVariables: result.trainableVariables,
       ...(o.lrMult !== 1 ? { lrGroups: result.lrGroups } : {}),
       ...(result.candidates ? { candidates: result.candidates } : {}),

@@ -28,6 +28,7 @@ import {
   argmax,
   type Batches,
   type Evaluation,
+  type ExternalSteps,
   evaluateMembers,
   type FitHooks,
   type FitLoopState,
@@ -114,6 +115,8 @@ export interface StageShared {
   readonly batchNorm?: BatchNormState | null;
   /** Steps in two halves, the second perhaps in a worker (see FitOptions.halves). */
   readonly halves?: HalvedSteps;
+  /** Steps computed elsewhere, ONNX Runtime (see FitOptions.external). */
+  readonly external?: ExternalSteps;
 }
 
 /**
@@ -540,6 +543,7 @@ export async function runMembers(
       ...(shared.reseed ? { reseed: shared.reseed } : {}),
       ...(resume ? { resume: resume.loop } : {}),
       ...(shared.halves ? { halves: shared.halves } : {}),
+      ...(shared.external ? { external: shared.external } : {}),
     });
     // Early stopping without averaging (or before it): the best raw weights come back.
     const restore = (which: 'raw' | 'averaged') => {

@@ -74,6 +74,8 @@ test('fine-tune steps in halves: 1 and 2 threads give the same weights and figur
     data,
     backbone: tiny,
     backend: 'wasm',
+    // Halves are tfjs's steps (ONNX Runtime takes the whole batch).
+    engine: 'tfjs',
     valSplit: 0.25,
     epochs: 2,
     batchSize: 17,
@@ -194,6 +196,8 @@ test('a worker that dies mid-stage: one warning, the stage ends on one thread wi
     data,
     backbone: tiny,
     backend: 'wasm',
+    // Halves are tfjs's steps (ONNX Runtime takes the whole batch).
+    engine: 'tfjs',
     epochs: 1,
     batchSize: 8,
     finetuneEpochs: 2,
