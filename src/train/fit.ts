@@ -107,6 +107,8 @@ export interface FitOptions {
 /** Where a step's gradients come from instead of this thread's tfjs (see FitOptions.external). */
 export interface ExternalSteps {
   gradients(part: StepPart): Promise<PartOutcome<Float32Array>>;
+  /** Logits [n, classes] of rows [n, ...] in inference mode: validation runs there too. */
+  logits?(x: Float32Array, shape: readonly number[]): Promise<Float32Array>;
 }
 
 /**
@@ -328,7 +330,9 @@ export async function evaluateMembers(
   numClasses: number,
   members: number,
   stacked: boolean,
+  external?: ExternalSteps,
 ): Promise<Evaluation[]> {
+  const outside = members === 1 && !stacked ? external?.logits?.bind(external) : undefined;
   const probs = Array.from({ length: members }, () => new Float32Array(data.size * numClasses));
   const lossSum = new Float64Array(members);
   const correct = new Float64Array(members);
@@ -337,10 +341,20 @@ export async function evaluateMembers(
       { length: Math.min(batchSize, data.size - start) },
       (_, i) => start + i,
     );
+    let computed: Float32Array | null = null;
+    if (outside) {
+      const x = data.take(rows);
+      try {
+        computed = await outside(x.dataSync() as Float32Array, x.shape);
+      } finally {
+        x.dispose();
+      }
+    }
     const [p, l] = tf.tidy(() => {
       // Every member sees the same rows: a stacked forward takes them without the member axis.
-      const x = data.take(rows);
-      let logits = forward(x, false);
+      let logits = computed
+        ? tf.tensor(computed, [rows.length, numClasses])
+        : forward(data.take(rows), false);
       if (!stacked) logits = tf.expandDims(logits, 0);
       const labels = tf.tensor1d(
         rows.map((r) => data.labels[r]!),
@@ -680,7 +694,15 @@ export async function fit(
     }
     const evals =
       val && val.size > 0
-        ? await evaluateMembers(forward, val, Math.max(batchSize, 64), numClasses, k, stacked)
+        ? await evaluateMembers(
+            forward,
+            val,
+            Math.max(batchSize, 64),
+            numClasses,
+            k,
+            stacked,
+            options.external,
+          )
         : null;
     const seconds = (performance.now() - started) / 1000;
     const logs = members.map((member, m): EpochLogs | null => {

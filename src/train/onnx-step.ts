@@ -103,6 +103,8 @@ class Builder {
   constructor(
     private readonly trainable: ReadonlySet<tf.Variable>,
     readonly matmulDepthwiseMax: number,
+    /** Forward pass in inference mode only: no dropout, no backward pass. */
+    readonly inference: boolean,
   ) {}
 
   op(type: string, inputs: readonly string[], attrs: Parameters<GraphBuilder['op']>[2] = {}) {
@@ -592,7 +594,7 @@ function globalAverage(g: Builder, layer: Layer, x: Val): Val {
 }
 
 function dropout(g: Builder, x: Val, rate: number): Val {
-  if (!(rate > 0)) return x;
+  if (!(rate > 0) || g.inference) return x;
   if (x.spatial) throw new GradGraphUnsupported('dropout on a 4-D tensor');
   const mask = g.b.unique('dropout_mask');
   g.masks.push({ name: mask, width: x.channels, rate });
@@ -703,22 +705,26 @@ export interface GradGraphModel {
 }
 
 /**
- * Builds the step graph of a stage's model. Reads the frozen values now: build it when the
- * stage starts, after its BN and trainable settings are in place.
+ * Builds the step graph of a stage's model, or with `mode: 'forward'` its inference pass
+ * alone (logits only: no dropout, no loss, no gradients). Reads the frozen values now:
+ * build it when the stage starts, after its BN and trainable settings are in place.
  *
  * @throws GradGraphUnsupported when a layer or a trainable weight is not covered.
  */
-export function buildGradGraph(m: GradGraphModel): GradGraph {
+export function buildGradGraph(m: GradGraphModel, mode: 'step' | 'forward' = 'step'): GradGraph {
   const trainable = new Set(m.variables);
-  const g = new Builder(trainable, m.matmulDepthwiseMax ?? TOEPLITZ_MAX);
+  const inference = mode === 'forward';
+  const g = new Builder(trainable, m.matmulDepthwiseMax ?? TOEPLITZ_MAX, inference);
   const input = m.suffix.inputs[0]!;
   const rowShape = input.shape.slice(1) as number[];
   if (rowShape.length !== 3 || rowShape.some((d) => !(d > 0)))
     throw new GradGraphUnsupported(`the cut's shape [${input.shape}] is not a static map`);
   const [h, w, c] = rowShape as [number, number, number];
   g.inputs.push(valueInfo(GRAD_INPUT, ['N', h, w, c]));
-  g.inputs.push(valueInfo(GRAD_TARGET, ['N', m.numClasses]));
-  g.inputs.push(valueInfo(GRAD_ROW_SCALE, ['N', 1]));
+  if (!inference) {
+    g.inputs.push(valueInfo(GRAD_TARGET, ['N', m.numClasses]));
+    g.inputs.push(valueInfo(GRAD_ROW_SCALE, ['N', 1]));
+  }
 
   const run = (from: SymbolicTensor, to: SymbolicTensor, start: Val, stopAt?: string): Val => {
     const values = new Map<number, Val>([[from.id, start]]);
@@ -747,14 +753,16 @@ export function buildGradGraph(m: GradGraphModel): GradGraph {
   const logits = lowerLayer(g, classifier, [hidden]);
   g.b.opTo(GRAD_LOGITS, 'Identity', [logits.name]);
   g.outputs.push(valueInfo(GRAD_LOGITS, ['N', m.numClasses]));
-  // d(loss)/d(logits) of the rows' weighted softmax cross-entropy: (softmax − target) · scale.
-  const seed = g.op('Mul', [
-    g.op('Sub', [g.op('Softmax', [logits.name], { axis: { i: 1 } }), GRAD_TARGET]),
-    GRAD_ROW_SCALE,
-  ]);
-  g.backward(logits.name, seed);
+  if (!inference) {
+    // d(loss)/d(logits) of the rows' weighted softmax cross-entropy: (softmax − target) · scale.
+    const seed = g.op('Mul', [
+      g.op('Sub', [g.op('Softmax', [logits.name], { axis: { i: 1 } }), GRAD_TARGET]),
+      GRAD_ROW_SCALE,
+    ]);
+    g.backward(logits.name, seed);
+  }
 
-  const gradOutputs = m.variables.map((v) => {
+  const gradOutputs = (inference ? [] : m.variables).map((v) => {
     const grad = g.gradOf.get(v);
     if (!grad) throw new GradGraphUnsupported(`no gradient reaches ${v.name}`);
     const name = g.b.unique(`grad_${g.weightInput.get(v)}`);
@@ -795,15 +803,47 @@ export class OnnxSteps {
   private closed = false;
   private constructor(
     private readonly session: ort.InferenceSession,
+    private readonly forwardSession: ort.InferenceSession,
     private readonly graph: GradGraph,
+    private readonly forwardGraph: GradGraph,
     private readonly variables: readonly tf.Variable[],
     readonly threads: number,
   ) {}
 
-  /** Builds the graph and opens its session; GradGraphUnsupported when the model is not covered. */
+  /**
+   * Builds the step and inference graphs and opens their sessions; GradGraphUnsupported
+   * when the model is not covered.
+   */
   static async open(m: GradGraphModel, threads: number): Promise<OnnxSteps> {
     const graph = buildGradGraph(m);
-    return new OnnxSteps(await openOrtSession(graph.bytes, threads), graph, m.variables, threads);
+    const forward = buildGradGraph(m, 'forward');
+    const session = await openOrtSession(graph.bytes, threads);
+    const forwardSession = await openOrtSession(forward.bytes, threads).catch(async (err) => {
+      await session.release();
+      throw err;
+    });
+    return new OnnxSteps(session, forwardSession, graph, forward, m.variables, threads);
+  }
+
+  /** Each variable's current value, fed to its input of `graph`. */
+  private weightFeeds(
+    graph: GradGraph,
+    feeds: Record<string, ort.Tensor>,
+  ): Record<string, ort.Tensor> {
+    this.variables.forEach((v, i) => {
+      const name = graph.weightInputs[i]!;
+      feeds[name] = new ort.Tensor('float32', v.dataSync() as Float32Array, v.shape);
+    });
+    return feeds;
+  }
+
+  /** Logits [n, classes] of rows [n, ...rowShape] in inference mode, at the variables' current values. */
+  async logits(x: Float32Array, shape: readonly number[]): Promise<Float32Array> {
+    const feeds = this.weightFeeds(this.forwardGraph, {
+      [GRAD_INPUT]: new ort.Tensor('float32', x, [...shape]),
+    });
+    const out = await this.forwardSession.run(feeds);
+    return out[GRAD_LOGITS]!.data as Float32Array;
   }
 
   /**
@@ -838,14 +878,7 @@ export class OnnxSteps {
       for (let i = 0; i < values.length; i++) values[i] = random() < mask.rate ? 0 : keep;
       feeds[mask.name] = new ort.Tensor('float32', values, [n, mask.width]);
     }
-    this.variables.forEach((v, i) => {
-      feeds[graph.weightInputs[i]!] = new ort.Tensor(
-        'float32',
-        v.dataSync() as Float32Array,
-        v.shape,
-      );
-    });
-    const out = await this.session.run(feeds);
+    const out = await this.session.run(this.weightFeeds(graph, feeds));
     const logits = out[GRAD_LOGITS]!.data as Float32Array;
     let loss = 0;
     let hits = 0;
@@ -873,6 +906,6 @@ export class OnnxSteps {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.session.release();
+    await Promise.all([this.session.release(), this.forwardSession.release()]);
   }
 }

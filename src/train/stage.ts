@@ -426,7 +426,15 @@ export async function runMembers(
   };
   const evalBatch = Math.max(shared.batchSize, 64);
   const evaluate = () =>
-    evaluateMembers(shared.forward, val!, evalBatch, shared.numClasses, k, stacked);
+    evaluateMembers(
+      shared.forward,
+      val!,
+      evalBatch,
+      shared.numClasses,
+      k,
+      stacked,
+      shared.external,
+    );
   const fitMembers: FitMember[] = members.map((m, i) => {
     const state = states[i]!;
     const lrCallback = learningRateSchedule(

@@ -171,6 +171,22 @@ for (const [name, matmulDepthwiseMax] of [
   });
 }
 
+test("the inference graph's logits match tfjs's forward pass in inference mode (dropout off)", async () => {
+  const c = stage({ hidden: 5, dropout: 0.5 });
+  const steps = await OnnxSteps.open(graphModel(c, { addedDropout: 0.3 }), 2);
+  const p = part();
+  const got = await steps.logits(p.x, p.shape);
+  await steps.close();
+  const x = tf.tensor(p.x, [...p.shape]);
+  const want = tf.tidy(() => c.forward(x, false).dataSync());
+  assert.equal(got.length, ROWS * 3);
+  got.forEach((v, i) => {
+    assert.ok(Math.abs(v - want[i]!) < 1e-4, `logit ${i}: ${v} vs ${want[i]}`);
+  });
+  x.dispose();
+  c.dispose();
+});
+
 test('dropout masks come from the step seed: the same seed gives the same step, another seed another', async () => {
   const c = stage({ dropout: 0.5 });
   const graph = buildGradGraph(graphModel(c));
