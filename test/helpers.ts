@@ -2,9 +2,11 @@ import { spawn } from 'node:child_process';
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import { after, before } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import * as tf from '@tensorflow/tfjs';
 import sharp from 'sharp';
+import { initBackend } from '../src/backend/index.js';
 import { fileSaveHandler } from '../src/io/files.js';
 import { seededRandom } from '../src/util/random.js';
 
@@ -220,4 +222,26 @@ export async function colourWorkspace(
   const data = path.join(dir, 'data');
   await writeColourDataset(data, perClass, RGB_CLASSES);
   return { dir, cleanup, backbone, data };
+}
+
+/**
+ * A test file's colour workspace on the wasm backend: made before its tests, removed after.
+ * Its fields are filled in by the time a test runs: `dir`, `backbone` (the tiny one), `data`.
+ */
+export function useColourWorkspace(
+  name: string,
+  perClass = 8,
+): { dir: string; backbone: string; data: string } {
+  const ws = { dir: '', backbone: '', data: '' };
+  let cleanup: (() => Promise<void>) | null = null;
+  before(async () => {
+    await initBackend('wasm');
+    const made = await colourWorkspace(name, perClass);
+    Object.assign(ws, { dir: made.dir, backbone: made.backbone, data: made.data });
+    cleanup = made.cleanup;
+  });
+  after(async () => {
+    await cleanup?.();
+  });
+  return ws;
 }

@@ -39,13 +39,27 @@ export function registerWasmGradientKernels(): void {
     if (tf.getKernel(kernelName, BACKEND) !== undefined) continue;
     tf.registerKernel({ kernelName, backendName: BACKEND, kernelFunc: kernels[kernelName]! });
   }
-  overridePointwiseBackpropInput();
+  wrapNative(tf.Conv2DBackpropInput, pointwiseBackpropInput);
   overrideClipGradient();
-  overrideIdentity();
-  overrideLeadingSum();
+  wrapNative(tf.Identity, sharedIdentity);
+  wrapNative(tf.Sum, leadingSum);
 }
 
-let identityOverride = false;
+const wrapped = new Set<string>();
+
+/**
+ * Puts `wrap(native)` in place of wasm's own `kernelName`, once: the wrapper takes the
+ * cases it speeds up and hands the rest to the native kernel. Nothing happens without a
+ * native kernel to wrap.
+ */
+function wrapNative(kernelName: string, wrap: (native: tf.KernelFunc) => tf.KernelFunc): void {
+  if (wrapped.has(kernelName)) return;
+  const native = tf.getKernel(kernelName, BACKEND);
+  if (!native) return;
+  tf.unregisterKernel(kernelName, BACKEND);
+  tf.registerKernel({ ...native, kernelFunc: wrap(native.kernelFunc) });
+  wrapped.add(kernelName);
+}
 
 /**
  * wasm's Identity kernel copies its input, and tfjs runs it on every tensor an op saves
@@ -55,24 +69,14 @@ let identityOverride = false;
  * Identity does; no wasm kernel writes into its inputs, so a shared buffer never changes.
  * Strings keep the native kernel.
  */
-function overrideIdentity(): void {
-  if (identityOverride) return;
-  const native = tf.getKernel(tf.Identity, BACKEND);
-  if (!native) return;
-  tf.unregisterKernel(tf.Identity, BACKEND);
-  tf.registerKernel({
-    ...native,
-    kernelFunc: (args) => {
-      const x = (args.inputs as tf.IdentityInputs).x as tf.TensorInfo | undefined;
-      if (!x || x.dtype === 'string') return native.kernelFunc(args);
-      (args.backend as unknown as { incRef(dataId: tf.DataId): void }).incRef(x.dataId);
-      return { dataId: x.dataId, shape: x.shape, dtype: x.dtype };
-    },
-  });
-  identityOverride = true;
+function sharedIdentity(native: tf.KernelFunc): tf.KernelFunc {
+  return (args) => {
+    const x = (args.inputs as tf.IdentityInputs).x as tf.TensorInfo | undefined;
+    if (!x || x.dtype === 'string') return native(args);
+    (args.backend as unknown as { incRef(dataId: tf.DataId): void }).incRef(x.dataId);
+    return { dataId: x.dataId, shape: x.shape, dtype: x.dtype };
+  };
 }
-
-let sumOverride = false;
 
 /**
  * wasm's Sum over leading axes of a rank-3+ tensor (a bias's or a BatchNorm's gradient: a
@@ -82,15 +86,6 @@ let sumOverride = false;
  * gradients. (A matMul by ones is no faster: wasm packs its right operand on every call.)
  * Other reductions keep the native kernel as they are.
  */
-function overrideLeadingSum(): void {
-  if (sumOverride) return;
-  const native = tf.getKernel(tf.Sum, BACKEND);
-  if (!native) return;
-  tf.unregisterKernel(tf.Sum, BACKEND);
-  tf.registerKernel({ ...native, kernelFunc: leadingSum(native.kernelFunc) });
-  sumOverride = true;
-}
-
 function leadingSum(native: tf.KernelFunc): tf.KernelFunc {
   return (args) => {
     const x = (args.inputs as tf.SumInputs).x as tf.TensorInfo | undefined;
@@ -160,23 +155,12 @@ function clipGrad({ inputs, attrs, backend }: KernelArgs): tf.TensorInfo {
   return out;
 }
 
-let pointwiseOverride = false;
-
 /**
  * wasm's own Conv2DBackpropInput is a plain C++ loop, not XNNPACK: 718 ms of a 1.7 s
  * three-block MobileNetV2 training step (batch 16). For the 1×1 stride-1 convolutions
  * that make up most of MobileNetV2 it is one matMul, dx = dy · Wᵀ (measured: that step
  * 1.70 s → 1.02 s). Every other shape still goes to the native kernel.
  */
-function overridePointwiseBackpropInput(): void {
-  if (pointwiseOverride) return;
-  const native = tf.getKernel(tf.Conv2DBackpropInput, BACKEND);
-  if (!native) return;
-  tf.unregisterKernel(tf.Conv2DBackpropInput, BACKEND);
-  tf.registerKernel({ ...native, kernelFunc: pointwiseBackpropInput(native.kernelFunc) });
-  pointwiseOverride = true;
-}
-
 function pointwiseBackpropInput(native: tf.KernelFunc): tf.KernelFunc {
   return (args) => {
     const { inputs, attrs, backend } = args;

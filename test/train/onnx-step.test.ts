@@ -1,9 +1,8 @@
 import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
-import { initBackend } from '../../src/backend/index.js';
 import { buildHead, logitsView } from '../../src/head/build.js';
 import { inferenceModeBatchNorm } from '../../src/train/finetune.js';
 import { partGradients, type StepPart } from '../../src/train/fit.js';
@@ -14,20 +13,9 @@ import {
   OnnxSteps,
 } from '../../src/train/onnx-step.js';
 import { train } from '../../src/train/train.js';
-import { colourWorkspace } from '../helpers.js';
+import { useColourWorkspace } from '../helpers.js';
 
-let dir: string;
-let cleanup: () => Promise<void>;
-let tiny: string;
-let data: string;
-
-before(async () => {
-  await initBackend('wasm');
-  ({ dir, cleanup, backbone: tiny, data } = await colourWorkspace('onnx-step'));
-});
-after(async () => {
-  await cleanup();
-});
+const ws = useColourWorkspace('onnx-step');
 
 function values(n: number, seed: number): Float32Array {
   return Float32Array.from({ length: n }, (_, i) => Math.sin(i * 12.9898 + seed * 78.233) * 0.8);
@@ -243,8 +231,8 @@ test('layers the graph does not cover are named: a 3×3 conv, BatchNorm in the h
 
 test('train: fine-tune steps on ONNX Runtime by default, the same figures on 1 or 2 threads; tfjs when asked or not covered', async () => {
   const options = {
-    data,
-    backbone: tiny,
+    data: ws.data,
+    backbone: ws.backbone,
     backend: 'wasm' as const,
     valSplit: 0.25,
     epochs: 2,
@@ -259,7 +247,7 @@ test('train: fine-tune steps on ONNX Runtime by default, the same figures on 1 o
   };
   const metrics: string[] = [];
   for (const finetuneThreads of [1, 2]) {
-    const out = path.join(dir, `onnx-${finetuneThreads}`);
+    const out = path.join(ws.dir, `onnx-${finetuneThreads}`);
     const tensors = tf.memory().numTensors;
     const summary = await train({ ...options, out, finetuneThreads });
     assert.equal(tf.memory().numTensors, tensors);
@@ -270,12 +258,12 @@ test('train: fine-tune steps on ONNX Runtime by default, the same figures on 1 o
     );
   }
   assert.equal(metrics[1], metrics[0]);
-  const asked = await train({ ...options, out: path.join(dir, 'tfjs'), engine: 'tfjs' });
+  const asked = await train({ ...options, out: path.join(ws.dir, 'tfjs'), engine: 'tfjs' });
   assert.deepEqual(asked.stages['finetune']!.steps, { engine: 'tfjs', reason: '--engine tfjs' });
   // conv1 is a 3×3 stride-2 conv: not covered, so tfjs, with a warning when onnx was asked for
   const deep = await train({
     ...options,
-    out: path.join(dir, 'deep'),
+    out: path.join(ws.dir, 'deep'),
     unfreeze: 'from:conv1',
     engine: 'onnx',
   });
