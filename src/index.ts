@@ -275,12 +275,14 @@ export {
   splitBody,
   stageModel,
   stepPlan,
+  tfjsStepsReason,
   type Unfreeze,
 } from './train/finetune.js';
 export {
   ArrayBatches,
   type Batches,
   CHUNK_ROWS,
+  type ExternalSteps,
   evaluateBatches,
   evaluateMembers,
   type FitMember,
@@ -291,6 +293,13 @@ export {
   type PartOutcome,
   type StepPart,
 } from './train/fit.js';
+export {
+  buildGradGraph,
+  type GradGraph,
+  type GradGraphModel,
+  GradGraphUnsupported,
+  OnnxSteps,
+} from './train/onnx-step.js';
 export { OPTIMIZERS, type OptimizerName, StageOptimizer } from './train/optimizers.js';
 export {
   type OptionPhase,

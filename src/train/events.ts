@@ -93,8 +93,9 @@ export interface StageSummary {
   readonly unfreezeFrom?: string;
   readonly batchSize?: number;
   /**
-   * Fine-tune stage: threads that computed its steps (2: a worker thread took each step's
-   * second half; a worker that fails leaves a warning and the rest of the stage on one).
+   * Fine-tune stage: threads that computed its steps: ONNX Runtime's, or on tfjs 2 when a
+   * worker thread took each step's second half (a worker that fails leaves a warning and
+   * the rest of the stage on one).
    */
   readonly threads?: number;
   /**

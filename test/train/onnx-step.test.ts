@@ -3,8 +3,11 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
+import type { BackendInfo } from '../../src/backend/index.js';
+import { resolveEngineContext } from '../../src/engine/index.js';
 import { buildHead, logitsView } from '../../src/head/build.js';
-import { inferenceModeBatchNorm } from '../../src/train/finetune.js';
+import * as lib from '../../src/index.js';
+import { inferenceModeBatchNorm, tfjsStepsReason } from '../../src/train/finetune.js';
 import { partGradients, type StepPart } from '../../src/train/fit.js';
 import {
   buildGradGraph,
@@ -274,4 +277,20 @@ test('train: fine-tune steps on ONNX Runtime by default, the same figures on 1 o
     deep.warnings.some((w) => /fine-tune steps run on tfjs: conv1/.test(w)),
     deep.warnings.join('\n'),
   );
+});
+
+test('which engine takes the steps: --engine, a GPU under auto, BatchNorm on batch statistics; the library exports the pieces', () => {
+  const wasm = { tfBackend: 'wasm', gpu: false } as BackendInfo;
+  const gpu = { tfBackend: 'tensorflow', gpu: true } as BackendInfo;
+  const reason = (engine: 'auto' | 'onnx' | 'tfjs', backend: BackendInfo, bnTrains = false) =>
+    tfjsStepsReason(resolveEngineContext({ engine, backend }), bnTrains);
+  assert.equal(reason('auto', wasm), null);
+  assert.equal(reason('onnx', gpu), null);
+  assert.equal(reason('tfjs', wasm), '--engine tfjs');
+  assert.equal(reason('auto', gpu), 'the tfjs backend runs on a GPU');
+  assert.equal(reason('auto', wasm, true), 'BatchNorm trains on batch statistics');
+  assert.equal(lib.OnnxSteps, OnnxSteps);
+  assert.equal(lib.buildGradGraph, buildGradGraph);
+  assert.equal(lib.GradGraphUnsupported, GradGraphUnsupported);
+  assert.equal(lib.tfjsStepsReason, tfjsStepsReason);
 });
