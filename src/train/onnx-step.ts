@@ -502,7 +502,6 @@ function depthwiseAsMatMul(g: Builder, x: Val, kernel: tf.Variable, d: Depthwise
     }
   }
   const flatSelect = g.b.floats('dw_select', select, [taps, area * outArea]);
-  const flatSelectT = g.b.floats('dw_select_t', selectT, [taps, outArea * area]);
   // [kh, kw, C, 1] → [C, taps]
   const k = g.op('Transpose', [g.op('Reshape', [g.weight(kernel), g.i64([taps, ch])])], {
     perm: { ints: [1, 0] },
@@ -533,6 +532,8 @@ function depthwiseAsMatMul(g: Builder, x: Val, kernel: tf.Variable, d: Depthwise
         g.op('Reshape', [g.op('Transpose', [dk], { perm: { ints: [1, 0] } }), g.i64(kernel.shape)]),
       );
     }
+    // Made here: a graph without the backward pass would carry it unused.
+    const flatSelectT = g.b.floats('dw_select_t', selectT, [taps, outArea * area]);
     const back = g.op('Reshape', [g.op('MatMul', [k, flatSelectT]), g.i64([ch, outArea, area])]);
     const dxc = g.op('MatMul', [dyc, back]); // [C, N, H·W]
     g.addGrad(

@@ -3,6 +3,7 @@ import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
+import onnxProto from 'onnx-proto';
 import type { BackendInfo } from '../../src/backend/index.js';
 import { resolveEngineContext } from '../../src/engine/index.js';
 import { buildHead, logitsView } from '../../src/head/build.js';
@@ -175,6 +176,23 @@ test("the inference graph's logits match tfjs's forward pass in inference mode (
     assert.ok(Math.abs(v - want[i]!) < 1e-4, `logit ${i}: ${v} vs ${want[i]}`);
   });
   x.dispose();
+  c.dispose();
+});
+
+test('every initializer of the step and inference graphs is used (ONNX Runtime warns on stderr about one that is not)', () => {
+  const c = stage({ hidden: 5, dropout: 0.5 });
+  for (const mode of ['step', 'forward'] as const) {
+    for (const matmulDepthwiseMax of [undefined, 0]) {
+      const graph = buildGradGraph(
+        graphModel(c, matmulDepthwiseMax === undefined ? {} : { matmulDepthwiseMax }),
+        mode,
+      );
+      const model = onnxProto.onnx.ModelProto.decode(graph.bytes);
+      const used = new Set(model.graph!.node!.flatMap((n) => n.input ?? []));
+      const unused = model.graph!.initializer!.map((t) => t.name!).filter((n) => !used.has(n));
+      assert.deepEqual(unused, [], `${mode}, ${matmulDepthwiseMax}`);
+    }
+  }
   c.dispose();
 });
 
