@@ -201,8 +201,10 @@ function axisTaps(
 /**
  * applyAugment without rotation (flip, crop, brightness): the source coordinate of a
  * column depends on x alone and of a row on y alone, so both are worked out once per
- * axis instead of once per pixel. The same arithmetic, so the same pixels; 1.5–3× faster
- * at 224 (each augmented view of each image goes through here).
+ * axis (a column's two byte offsets and weights, a row's two offsets), instead of once per
+ * pixel. The same arithmetic, so the same pixels; 2–4× faster at 224 (each augmented view
+ * of each image goes through here). With brightness 1 the value is a blend of bytes, so it
+ * needs no clamp.
  */
 function applyAxisAligned(pixels: Uint8Array, size: number, plan: AugmentPlan): Uint8Array {
   const out = new Uint8Array(pixels.length);
@@ -210,24 +212,49 @@ function applyAxisAligned(pixels: Uint8Array, size: number, plan: AugmentPlan): 
   const xs = axisTaps(size, cx0, cw, plan.flip);
   const ys = axisTaps(size, cy0, ch, false);
   const gain = plan.brightness;
+  const left = new Int32Array(size);
+  const right = new Int32Array(size);
+  const keep = new Float64Array(size);
+  for (let x = 0; x < size; x++) {
+    left[x] = xs.lo[x]! * 3;
+    right[x] = xs.hi[x]! * 3;
+    keep[x] = 1 - xs.frac[x]!;
+  }
+  const stride = size * 3;
   for (let y = 0; y < size; y++) {
     const y0 = ys.lo[y]!;
     if (y0 < 0) continue;
     const ay = ys.frac[y]!;
-    const row0 = y0 * size;
-    const row1 = ys.hi[y]! * size;
-    for (let x = 0; x < size; x++) {
-      const x0 = xs.lo[x]!;
-      if (x0 < 0) continue;
-      const x1 = xs.hi[x]!;
-      const ax = xs.frac[x]!;
-      const o = (y * size + x) * 3;
+    const by = 1 - ay;
+    const top = y0 * stride;
+    const bottom = ys.hi[y]! * stride;
+    for (let x = 0, o = y * stride; x < size; x++, o += 3) {
+      if (xs.lo[x]! < 0) continue;
+      const a0 = top + left[x]!;
+      const a1 = top + right[x]!;
+      const b0 = bottom + left[x]!;
+      const b1 = bottom + right[x]!;
+      const p = keep[x]!;
+      const q = xs.frac[x]!;
+      if (gain === 1) {
+        // Unrolled: the hottest loop of an augmented epoch.
+        out[o] = Math.round(
+          (pixels[a0]! * p + pixels[a1]! * q) * by + (pixels[b0]! * p + pixels[b1]! * q) * ay,
+        );
+        out[o + 1] = Math.round(
+          (pixels[a0 + 1]! * p + pixels[a1 + 1]! * q) * by +
+            (pixels[b0 + 1]! * p + pixels[b1 + 1]! * q) * ay,
+        );
+        out[o + 2] = Math.round(
+          (pixels[a0 + 2]! * p + pixels[a1 + 2]! * q) * by +
+            (pixels[b0 + 2]! * p + pixels[b1 + 2]! * q) * ay,
+        );
+        continue;
+      }
       for (let k = 0; k < 3; k++) {
-        const p00 = pixels[(row0 + x0) * 3 + k]!;
-        const p01 = pixels[(row0 + x1) * 3 + k]!;
-        const p10 = pixels[(row1 + x0) * 3 + k]!;
-        const p11 = pixels[(row1 + x1) * 3 + k]!;
-        const v = (p00 * (1 - ax) + p01 * ax) * (1 - ay) + (p10 * (1 - ax) + p11 * ax) * ay;
+        const v =
+          (pixels[a0 + k]! * p + pixels[a1 + k]! * q) * by +
+          (pixels[b0 + k]! * p + pixels[b1 + k]! * q) * ay;
         out[o + k] = Math.max(0, Math.min(255, Math.round(v * gain)));
       }
     }

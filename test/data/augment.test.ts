@@ -129,6 +129,10 @@ test('flip, crop and brightness without rotation: the same pixels as the per-pix
       ...Array.from({ length: 20 }, (_, v) =>
         augmentPlan(['flip', 'crop', 'brightness'], 3, v, (v * 2654435761).toString(16)),
       ),
+      // Brightness 1 takes its own (unclamped) branch.
+      ...Array.from({ length: 10 }, (_, v) =>
+        augmentPlan(['flip', 'crop'], 5, v, (v * 2654435761).toString(16)),
+      ),
     ];
     for (const plan of plans) {
       assert.equal(plan.angle, 0);
