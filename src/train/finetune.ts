@@ -616,8 +616,9 @@ export async function runFineTune(
     [...(s.bn === 'train' ? split.layers : []), ...head.layers],
     (x) => forward(x, false),
   );
+  const bnTrains = batchNorm.layers.length > 0;
   let onnxSteps: OnnxSteps | null = null;
-  let reason = tfjsStepsReason(inputs.engine, batchNorm.layers.length > 0);
+  let reason = tfjsStepsReason(inputs.engine, bnTrains);
   if (reason === null) {
     try {
       onnxSteps = await OnnxSteps.open(
@@ -640,7 +641,7 @@ export async function runFineTune(
   }
   if (reason !== null && inputs.engine.engine === 'onnx')
     inputs.warn(`fine-tune steps run on tfjs: ${reason}`);
-  const plan = stepPlan(inputs.engine.backend, batchNorm.layers.length > 0, s.threads);
+  const plan = stepPlan(inputs.engine.backend, bnTrains, s.threads);
   const halved = !onnxSteps && plan.halved;
   const threads = onnxSteps ? onnxSteps.threads : plan.threads;
   // Started now: its tfjs and model load while the prefix pass runs.

@@ -491,7 +491,7 @@ async function halvedStep(
   seed: number,
   options: FitOptions,
 ): Promise<{ loss: number; hits: number }> {
-  const { forward, variables, numClasses, members, optimizer } = options;
+  const { forward, variables, numClasses, members } = options;
   if (members.length !== 1 || options.stacked) throw new Error('fit: halves need one member');
   const half = stepParts(train, rows, members[0]!);
   const reseed = options.reseed ?? (() => undefined);
@@ -514,20 +514,9 @@ async function halvedStep(
   try {
     if (secondRows.length) {
       const got = sent ? await sent : null;
-      outcomes.push(
-        got
-          ? { ...got, grads: got.grads.map((g, i) => tf.tensor(g, variables[i]!.shape)) }
-          : here(secondRows, seed2),
-      );
+      outcomes.push(got ? asTensors(got, variables) : here(secondRows, seed2));
     }
-    tf.tidy(() => {
-      const grads: tf.NamedTensorMap = {};
-      variables.forEach((v, i) => {
-        const [a, b] = outcomes.map((o) => o.grads[i]!);
-        grads[v.name] = b ? tf.add(a!, b) : a!;
-      });
-      optimizer.applyGradients(grads);
-    });
+    applyParts(options, outcomes);
     return {
       loss: outcomes.reduce((t, o) => t + o.loss, 0),
       hits: outcomes.reduce((t, o) => t + o.hits, 0),
@@ -571,7 +560,7 @@ async function externalStep(
   seed: number,
   options: FitOptions,
 ): Promise<{ loss: number; hits: number }> {
-  const { variables, members, optimizer } = options;
+  const { members } = options;
   if (members.length !== 1 || options.stacked)
     throw new Error('fit: external steps need one member');
   const x = train.take(rows);
@@ -586,14 +575,31 @@ async function externalStep(
   } finally {
     x.dispose();
   }
+  const outcome = asTensors(got, options.variables);
+  try {
+    applyParts(options, [outcome]);
+  } finally {
+    tf.dispose(outcome.grads as tf.Tensor[]);
+  }
+  return { loss: got.loss, hits: got.hits };
+}
+
+/** A part computed elsewhere with its gradients as tensors (the caller's to dispose). */
+function asTensors(got: PartOutcome<Float32Array>, variables: readonly tf.Variable[]): PartOutcome {
+  return { ...got, grads: got.grads.map((g, i) => tf.tensor(g, variables[i]!.shape)) };
+}
+
+/** Adds the parts' gradients variable by variable, in the parts' order, and applies the sums. */
+function applyParts(options: FitOptions, parts: readonly PartOutcome[]): void {
   tf.tidy(() => {
     const grads: tf.NamedTensorMap = {};
-    variables.forEach((v, i) => {
-      grads[v.name] = tf.tensor(got.grads[i]!, v.shape);
+    options.variables.forEach((v, i) => {
+      grads[v.name] = parts
+        .slice(1)
+        .reduce((sum, p) => tf.add(sum, p.grads[i]!), parts[0]!.grads[i]!);
     });
-    optimizer.applyGradients(grads);
+    options.optimizer.applyGradients(grads);
   });
-  return { loss: got.loss, hits: got.hits };
 }
 
 /** What a fit leaves: each member's epoch logs, and why a member stopped counting (null: it did not). */

@@ -76,8 +76,6 @@ export interface GradGraph {
   readonly gradOutputs: readonly string[];
   readonly masks: readonly MaskInput[];
   readonly numClasses: number;
-  /** [H, W, C] of a row at the cut. */
-  readonly rowShape: readonly number[];
 }
 
 /** The step has a layer (or weight) the graph does not cover; the message says which. */
@@ -632,7 +630,7 @@ function zeroPadding(layer: Layer, x: Val): Val {
   return { ...x, spatial: [h + t + b, w + l + r], pads: [t, b, l, r] };
 }
 
-/** One layer's nodes (forward and backward); `dropoutRate` is a Dropout layer's rate in the stage. */
+/** One layer's nodes, forward, with its backward recorded (a Dropout layer at its rate in the stage). */
 function lowerLayer(g: Builder, layer: Layer, xs: readonly Val[]): Val {
   const kind = layer.getClassName();
   const x = xs[0]!;
@@ -792,7 +790,6 @@ export function buildGradGraph(m: GradGraphModel, mode: 'step' | 'forward' = 'st
     gradOutputs,
     masks: g.masks,
     numClasses: m.numClasses,
-    rowShape,
   };
 }
 
@@ -838,7 +835,7 @@ export class OnnxSteps {
     return feeds;
   }
 
-  /** Logits [n, classes] of rows [n, ...rowShape] in inference mode, at the variables' current values. */
+  /** Logits [n, classes] of rows [n, H, W, C] at the cut in inference mode, at the variables' current values. */
   async logits(x: Float32Array, shape: readonly number[]): Promise<Float32Array> {
     const feeds = this.weightFeeds(this.forwardGraph, {
       [GRAD_INPUT]: new ort.Tensor('float32', x, [...shape]),

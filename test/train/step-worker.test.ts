@@ -2,10 +2,9 @@ import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
 import type { BackendInfo } from '../../src/backend/index.js';
-import { initBackend } from '../../src/backend/index.js';
 import { FinetuneError } from '../../src/errors.js';
 import { childThreadOptions, expandSweep } from '../../src/experiments/config.js';
 import * as lib from '../../src/index.js';
@@ -21,19 +20,24 @@ import {
 import { resolveTrainOptions, type TrainOptions } from '../../src/train/options.js';
 import { StepWorker } from '../../src/train/step-worker.js';
 import { train } from '../../src/train/train.js';
-import { colourWorkspace } from '../helpers.js';
+import { useColourWorkspace } from '../helpers.js';
 
-let dir: string;
-let cleanup: () => Promise<void>;
-let tiny: string;
-let data: string;
+const ws = useColourWorkspace('step-worker');
 
-before(async () => {
-  await initBackend('wasm');
-  ({ dir, cleanup, backbone: tiny, data } = await colourWorkspace('step-worker'));
-});
-after(async () => {
-  await cleanup();
+/**
+ * A fine-tune run of the tiny backbone from dw1 on the workspace's colours, with its steps
+ * on tfjs (halves are tfjs's; ONNX Runtime takes the whole batch), and `extra` on top.
+ */
+const halvesRun = (extra: Partial<TrainOptions>): TrainOptions => ({
+  data: ws.data,
+  backbone: ws.backbone,
+  backend: 'wasm',
+  engine: 'tfjs',
+  unfreeze: 'from:dw1',
+  finetuneLr: 0.01,
+  dropout: 0.3,
+  cache: false,
+  ...extra,
 });
 
 /** Counts what StepWorker.gradients answers while `body` runs: outcomes, and nulls (failures). */
@@ -70,28 +74,19 @@ test('fine-tune steps in halves: 1 and 2 threads give the same weights and figur
   // 18 training images in batches of 17 (halves of 9, in chunks of 8 and 1, and 8; then a
   // batch of one row, with no second half), dropout, label smoothing, balanced class weights
   // and a flip view per epoch: every part setting counts.
-  const options: TrainOptions = {
-    data,
-    backbone: tiny,
-    backend: 'wasm',
-    // Halves are tfjs's steps (ONNX Runtime takes the whole batch).
-    engine: 'tfjs',
+  const options = halvesRun({
     valSplit: 0.25,
     epochs: 2,
     batchSize: 17,
     finetuneEpochs: 3,
-    unfreeze: 'from:dw1',
-    finetuneLr: 0.01,
-    dropout: 0.3,
     labelSmoothing: 0.1,
     classWeights: 'balanced',
     augment: 'flip',
-    cache: false,
-  };
+  });
   const runs: { weights: Buffer; metrics: unknown[]; steps: number }[] = [];
   for (const finetuneThreads of [1, 2]) {
     const before = tf.memory().numTensors;
-    const out = path.join(dir, `threads-${finetuneThreads}`);
+    const out = path.join(ws.dir, `threads-${finetuneThreads}`);
     const { result, answered, failed } = await countWorkerSteps(() =>
       train({ ...options, out, finetuneThreads }),
     );
@@ -192,21 +187,8 @@ test("halves add up to the whole batch's step: class weights, label smoothing, o
 });
 
 test('a worker that dies mid-stage: one warning, the stage ends on one thread with the same weights', async () => {
-  const options: TrainOptions = {
-    data,
-    backbone: tiny,
-    backend: 'wasm',
-    // Halves are tfjs's steps (ONNX Runtime takes the whole batch).
-    engine: 'tfjs',
-    epochs: 1,
-    batchSize: 8,
-    finetuneEpochs: 2,
-    unfreeze: 'from:dw1',
-    finetuneLr: 0.01,
-    dropout: 0.3,
-    cache: false,
-  };
-  const one = path.join(dir, 'dies-reference');
+  const options = halvesRun({ epochs: 1, batchSize: 8, finetuneEpochs: 2 });
+  const one = path.join(ws.dir, 'dies-reference');
   await train({ ...options, out: one, finetuneThreads: 1 });
   const proto = StepWorker.prototype;
   const original = proto.gradients;
@@ -217,7 +199,7 @@ test('a worker that dies mid-stage: one warning, the stage ends on one thread wi
       await (this as unknown as { worker: { terminate(): Promise<number> } }).worker.terminate();
     return original.apply(this, args);
   };
-  const out = path.join(dir, 'dies');
+  const out = path.join(ws.dir, 'dies');
   const before = tf.memory().numTensors;
   let summary: Awaited<ReturnType<typeof train>>;
   try {
@@ -291,16 +273,16 @@ test('--finetune-threads: 1 or 2, only with a fine-tune stage, out of the option
   assert.notEqual(hash({}), hash({ finetuneEpochs: 3 }));
   const id = (finetuneThreads: number) =>
     expandSweep({
-      out: path.join(dir, 'sweep'),
-      base: { data, finetuneEpochs: 2, finetuneThreads },
+      out: path.join(ws.dir, 'sweep'),
+      base: { data: ws.data, finetuneEpochs: 2, finetuneThreads },
     })[0]!.id;
   assert.equal(id(1), id(2));
   // A grid over it would repeat one run: refused as such.
   assert.throws(
     () =>
       expandSweep({
-        out: path.join(dir, 'sweep'),
-        base: { data, finetuneEpochs: 2 },
+        out: path.join(ws.dir, 'sweep'),
+        base: { data: ws.data, finetuneEpochs: 2 },
         grid: { finetuneThreads: [1, 2] },
       }),
     /resolves to the same options as run 1/,
