@@ -9,6 +9,7 @@ import {
   readImageFile,
   toModelInput,
 } from './decode.js';
+import type { KeptPixels } from './pixel-store.js';
 
 /** A file that could not be used, and why. */
 export interface SkippedFile {
@@ -41,6 +42,12 @@ export interface EmbedOptions {
    * wherever it sits in a list.
    */
   transform?: (pixels: Uint8Array, key: string, size: number) => Uint8Array;
+  /**
+   * Decoded images kept from an earlier pass over the same list (by position): a kept image
+   * is neither read nor decoded again, and each image decoded here is kept. With a cache,
+   * a hit still skips the engine (the key is the one the image was kept with).
+   */
+  keep?: KeptPixels | null;
   /** Outputs on disk, by image content: hits skip decoding and the engine. */
   cache?: { readonly store: EmbeddingCache; readonly namespace: CacheNamespace } | null;
 }
@@ -150,17 +157,28 @@ export async function embedFiles(
     maxBytes,
     ...(options.maxPixels !== undefined ? { maxPixels: options.maxPixels } : {}),
   };
-  const prepare = async (file: string): Promise<Prepared> => {
+  const keep = options.keep ?? null;
+  const lookup = async (key: string): Promise<Prepared | null> => {
+    const values = cache ? await cache.store.get(cache.namespace, key, width) : null;
+    return values ? { kind: 'hit', values } : null;
+  };
+  const prepare = async (file: string, index: number): Promise<Prepared> => {
+    const keptKey = keep?.key(index) ?? null;
+    if (keptKey !== null) {
+      const hit = await lookup(keptKey);
+      if (hit) return hit;
+      const pixels = await keep!.pixels(index);
+      if (pixels) return { kind: 'pixels', pixels, key: keptKey };
+    }
     const read = await readImageFile(file, maxBytes);
     if (!read.ok) return { kind: 'skip', reason: read.reason };
     const bytes = read.bytes;
     const key = sha256(bytes);
-    if (cache) {
-      const values = await cache.store.get(cache.namespace, key, width);
-      if (values) return { kind: 'hit', values };
-    }
+    const hit = await lookup(key);
+    if (hit) return hit;
     const decoded = await decodeImage(bytes, decodeOptions);
     if (!decoded.ok) return { kind: 'skip', reason: decoded.reason };
+    await keep?.put(index, key, decoded.pixels);
     return { kind: 'pixels', pixels: decoded.pixels, key };
   };
 

@@ -12,6 +12,7 @@ import {
 } from '../data/augment.js';
 import type { CacheNamespace, EmbeddingCache } from '../data/cache.js';
 import { embedFiles } from '../data/embed.js';
+import { type KeptPixels, PixelStore } from '../data/pixel-store.js';
 import { PREPROCESS_CONTRACT } from '../data/preprocess.js';
 import { createFrozenModel, type EngineContext } from '../engine/index.js';
 import type { FrozenModel } from '../engine/types.js';
@@ -378,6 +379,8 @@ export async function prefixActivations(
     seed: number;
     batchSize: number;
     concurrency: number;
+    /** Decoded images kept between the views of one list (see embedFiles). */
+    keep?: KeptPixels;
     /** Cache and namespace of the plain view; the view id is filled in here. */
     cache: { readonly store: EmbeddingCache; readonly namespace: CacheNamespace } | null;
   },
@@ -393,6 +396,7 @@ export async function prefixActivations(
   const result = await embedFiles(files, prefix, {
     batchSize: options.batchSize,
     concurrency: options.concurrency,
+    ...(options.keep ? { keep: options.keep } : {}),
     cache: options.cache
       ? { store: options.cache.store, namespace: { ...options.cache.namespace, view: viewId } }
       : null,
@@ -696,8 +700,18 @@ export async function runFineTune(
   const cache = inputs.cache
     ? { store: inputs.cache, namespace: cacheNamespace(backbone, split.cutLayer) }
     : null;
+  // Augmented views of the training images, when there are two or more, are cut from their
+  // pixels as decoded for the first: each image is read and decoded once per stage.
+  const keep =
+    s.augment.length && Math.min(s.epochs, s.augmentViews) > 1
+      ? await PixelStore.open(backbone.inputSize ** 2 * 3, inputs.cache?.dir).catch((err) => {
+          inputs.warn(`augmented views decode every image again: ${(err as Error).message}`);
+          return null;
+        })
+      : null;
   const activations = async (files: readonly string[], view: number | null) =>
     prefixActivations(files, prefix, {
+      ...(view !== null && keep ? { keep } : {}),
       augment: s.augment,
       ...(s.crop ? { crop: s.crop } : {}),
       view,
@@ -706,7 +720,13 @@ export async function runFineTune(
       concurrency: s.decodeConcurrency,
       cache,
     });
+  const closeKeep = async (): Promise<void> => {
+    if (keep?.failure && !keep.isClosed)
+      inputs.warn(`augmented views stopped keeping decoded images: ${keep.failure}`);
+    await keep?.close();
+  };
   const cleanup = async (): Promise<void> => {
+    await closeKeep();
     await worker?.close();
     await onnxSteps?.close();
     model.restore();
@@ -821,6 +841,7 @@ export async function runFineTune(
       throw err;
     });
     // Its heap (a chunk's step) is not needed for what follows: test figures, the export.
+    await closeKeep();
     await worker?.close();
     await onnxSteps?.close();
     let kept: FineTuneResult['kept'] = `finetune-${stage.kept}`;

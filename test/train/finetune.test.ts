@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { readFile } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import * as tf from '@tensorflow/tfjs';
@@ -400,6 +400,11 @@ test('augmentViews: K views cycle over E > K epochs; by default every epoch has 
     const info = await new EmbeddingCache(cacheDir).info();
     const augmented = info.namespaces.filter((n) => n.layer !== 'features' && n.view !== 'plain');
     for (const n of augmented) assert.equal(n.entries, trainImages, n.view);
+    // The decoded images the views were cut from (kept in the cache folder) are gone.
+    assert.deepEqual(
+      (await readdir(cacheDir)).filter((e) => e.startsWith('pixels-')),
+      [],
+    );
     return augmented.map((n) => Number(/view(\d+)$/.exec(n.view)?.[1])).sort((a, b) => a - b);
   };
   // 5 epochs over 2 views: epochs 1–5 use views 0, 1, 0, 1, 0; only two are ever computed
