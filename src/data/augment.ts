@@ -164,11 +164,21 @@ export function applyAugment(pixels: Uint8Array, size: number, plan: AugmentPlan
         const p10 = pixels[(y1 * size + x0) * 3 + k]!;
         const p11 = pixels[(y1 * size + x1) * 3 + k]!;
         const v = (p00 * (1 - ax) + p01 * ax) * (1 - ay) + (p10 * (1 - ax) + p11 * ax) * ay;
-        out[o + k] = Math.max(0, Math.min(255, Math.round(v * plan.brightness)));
+        out[o + k] = Math.min(255, nearestByte(v * plan.brightness));
       }
     }
   }
   return out;
+}
+
+/**
+ * The nearest integer to `v` ≥ 0, halves up, as the resize of the preprocessing contract
+ * rounds (preprocess.ts): `v + 0.5` truncated. Math.round differs only where `v + 0.5`
+ * itself rounds up to an integer (v within half an ulp below a half) and took two thirds
+ * of the crop's time (2.3 against 0.8 ms an image at 224).
+ */
+function nearestByte(v: number): number {
+  return (v + 0.5) | 0;
 }
 
 /** Source taps of one output coordinate along an axis: −1 where it falls outside (zero fill). */
@@ -238,14 +248,14 @@ function applyAxisAligned(pixels: Uint8Array, size: number, plan: AugmentPlan): 
       const q = xs.frac[x]!;
       if (gain === 1) {
         // Unrolled: the hottest loop of an augmented epoch.
-        out[o] = Math.round(
+        out[o] = nearestByte(
           (pixels[a0]! * p + pixels[a1]! * q) * by + (pixels[b0]! * p + pixels[b1]! * q) * ay,
         );
-        out[o + 1] = Math.round(
+        out[o + 1] = nearestByte(
           (pixels[a0 + 1]! * p + pixels[a1 + 1]! * q) * by +
             (pixels[b0 + 1]! * p + pixels[b1 + 1]! * q) * ay,
         );
-        out[o + 2] = Math.round(
+        out[o + 2] = nearestByte(
           (pixels[a0 + 2]! * p + pixels[a1 + 2]! * q) * by +
             (pixels[b0 + 2]! * p + pixels[b1 + 2]! * q) * ay,
         );
@@ -255,7 +265,7 @@ function applyAxisAligned(pixels: Uint8Array, size: number, plan: AugmentPlan): 
         const v =
           (pixels[a0 + k]! * p + pixels[a1 + k]! * q) * by +
           (pixels[b0 + k]! * p + pixels[b1 + k]! * q) * ay;
-        out[o + k] = Math.max(0, Math.min(255, Math.round(v * gain)));
+        out[o + k] = Math.min(255, nearestByte(v * gain));
       }
     }
   }
