@@ -112,7 +112,7 @@ function perPixel(pixels: Uint8Array, size: number, plan: AugmentPlan): Uint8Arr
         const p10 = pixels[(y1 * size + x0) * 3 + k]!;
         const p11 = pixels[(y1 * size + x1) * 3 + k]!;
         const v = (p00 * (1 - ax) + p01 * ax) * (1 - ay) + (p10 * (1 - ax) + p11 * ax) * ay;
-        out[o + k] = Math.max(0, Math.min(255, Math.round(v * plan.brightness)));
+        out[o + k] = Math.max(0, Math.min(255, Math.floor(v * plan.brightness + 0.5)));
       }
     }
   }
