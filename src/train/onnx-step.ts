@@ -22,8 +22,9 @@ import type { PartOutcome, StepPart } from './fit.js';
  * Layers covered (`buildGradGraph` throws GradGraphUnsupported for any other, and the stage
  * keeps the tfjs step): Conv2D 1×1 with stride 1; DepthwiseConv2D with depth multiplier 1,
  * any kernel and stride, 'same' or 'valid', after a ZeroPadding2D or not; BatchNormalization
- * on the last axis in inference mode; ReLU (capped or not); Activation relu, relu6 and
- * linear; Add; GlobalAveragePooling2D; Dense (linear or relu); Dropout.
+ * on the last axis in inference mode (folded into a convolution without bias before it:
+ * see Fold); ReLU (capped or not); Activation relu, relu6 and linear; Add;
+ * GlobalAveragePooling2D; Dense (linear or relu); Dropout.
  *
  * Layout: a 4-D tensor [N, H, W, C] lives in the graph as the matrix [N·H·W, C], the same
  * memory as tfjs's NHWC, so a 1×1 convolution and both its gradients are single matrix
@@ -76,6 +77,8 @@ export interface GradGraph {
   readonly gradOutputs: readonly string[];
   readonly masks: readonly MaskInput[];
   readonly numClasses: number;
+  /** BatchNormalization layers folded into the convolution before them (see Fold). */
+  readonly folded: readonly string[];
 }
 
 /** The step has a layer (or weight) the graph does not cover; the message says which. */
@@ -97,6 +100,10 @@ class Builder {
   private readonly grads = new Map<string, string[]>();
   private readonly tape: { out: string; back: (dy: string) => void }[] = [];
   private readonly consts = new Map<string, string>();
+  /** Kernels a BatchNormalization is folded into (see foldBatchNorm), by kernel. */
+  readonly folds = new Map<tf.Variable, Fold>();
+  /** Names of the BN layers folded. */
+  readonly folded: string[] = [];
 
   constructor(
     private readonly trainable: ReadonlySet<tf.Variable>,
@@ -141,13 +148,20 @@ class Builder {
     return this.op('ReduceSum', [x, this.i64(axes)], { keepdims: { i: 0 } });
   }
 
+  /** Whether `v`'s gradient is wanted: it trains, or a folded BN's γ needs it (see Fold). */
   trains(v: tf.Variable): boolean {
-    return this.trainable.has(v);
+    return this.trainable.has(v) || (this.folds.get(v)?.needsKernelGrad ?? false);
   }
 
-  /** A weight: a graph input when it trains, else a constant of its current value. */
+  /**
+   * A weight: a graph input when it trains, else a constant of its current value; for a
+   * kernel with a BN folded in, the scaled kernel.
+   */
   weight(v: tf.Variable): string {
-    if (!this.trains(v)) return this.b.floats('const', v.dataSync() as Float32Array, v.shape);
+    const fold = this.folds.get(v);
+    if (fold) return fold.scaled;
+    if (!this.trainable.has(v))
+      return this.b.floats('const', v.dataSync() as Float32Array, v.shape);
     let name = this.weightInput.get(v);
     if (!name) {
       name = this.b.unique(`w_${v.name.replace(/[^A-Za-z0-9_]/g, '_')}`);
@@ -158,6 +172,18 @@ class Builder {
   }
 
   weightGrad(v: tf.Variable, grad: string): void {
+    const fold = this.folds.get(v);
+    if (fold) fold.kernelGrad(grad);
+    else this.ownGrad(v, grad);
+  }
+
+  /** Whether `v` itself is one of the variables that train. */
+  isVariable(v: tf.Variable): boolean {
+    return this.trainable.has(v);
+  }
+
+  /** Records `v`'s gradient (a folded kernel's included: see Fold). */
+  ownGrad(v: tf.Variable, grad: string): void {
     if (this.gradOf.has(v)) throw new GradGraphUnsupported(`weight ${v.name} is used twice`);
     this.gradOf.set(v, grad);
   }
@@ -543,6 +569,42 @@ function depthwiseAsMatMul(g: Builder, x: Val, kernel: tf.Variable, d: Depthwise
 }
 
 function batchNorm(g: Builder, layer: Layer, x: Val): Val {
+  const { mean, rstd, s, t, gamma, beta } = bnTerms(g, layer, x);
+  const y = g.op('Add', [g.op('Mul', [x.name, s]), t]);
+  g.record(y, (dy) => {
+    const sum = (v: string) => g.reduceSum(v, [0]);
+    if (gamma && g.trains(gamma)) {
+      const xhat = g.op('Mul', [g.op('Sub', [x.name, mean]), rstd]);
+      g.weightGrad(gamma, sum(g.op('Mul', [dy, xhat])));
+    }
+    if (beta && g.trains(beta)) g.weightGrad(beta, sum(dy));
+    g.addGrad(x.name, g.op('Mul', [dy, s]));
+  });
+  return { name: y, channels: x.channels, spatial: x.spatial };
+}
+
+/**
+ * A BatchNormalization (inference mode) folded into the convolution before it: the conv runs
+ * with K' = K · s (s per output channel) and t is added after, so the map never goes
+ * through BN's two elementwise passes forward nor its five backward. From d(K') = the conv's
+ * kernel gradient and Σ dy (over the rows, at BN's output):
+ *
+ *     dK = dK' · s,   dβ = Σ dy,   dγ = (Σ K · dK' − μ · Σ dy) / √(σ² + ε)
+ *
+ * the last because Σ_rows dy · conv(x, K) = Σ K · dK' (the conv is linear in K), and
+ * x̂ = (conv(x, K) − μ) / √(σ² + ε). Only these weight-sized terms remain.
+ */
+interface Fold {
+  /** The scaled kernel K', in the kernel's shape. */
+  readonly scaled: string;
+  /** Whether the conv must compute dK' when K itself does not train (γ trains). */
+  readonly needsKernelGrad: boolean;
+  /** Takes dK' from the conv's backward pass. */
+  kernelGrad(dScaled: string): void;
+}
+
+/** The batchNorm layer's scale s, shift t and 1/√(σ² + ε), with its weights. */
+function bnTerms(g: Builder, layer: Layer, x: Val) {
   const c = cfg(layer);
   const axis = Number(c['axis'] ?? -1);
   const rank = x.spatial ? 4 : 2;
@@ -558,17 +620,55 @@ function batchNorm(g: Builder, layer: Layer, x: Val): Val {
   const s = gamma ? g.op('Mul', [rstd, g.weight(gamma)]) : rstd;
   const ms = g.op('Mul', [mean, s]);
   const t = beta ? g.op('Sub', [g.weight(beta), ms]) : g.op('Neg', [ms]);
-  const y = g.op('Add', [g.op('Mul', [x.name, s]), t]);
-  g.record(y, (dy) => {
-    const sum = (v: string) => g.reduceSum(v, [0]);
-    if (gamma && g.trains(gamma)) {
-      const xhat = g.op('Mul', [g.op('Sub', [x.name, mean]), rstd]);
-      g.weightGrad(gamma, sum(g.op('Mul', [dy, xhat])));
-    }
-    if (beta && g.trains(beta)) g.weightGrad(beta, sum(dy));
-    g.addGrad(x.name, g.op('Mul', [dy, s]));
+  return { mean, rstd, s, t, gamma, beta };
+}
+
+/**
+ * Whether `bn` can fold into `conv` (see Fold): a Conv2D or DepthwiseConv2D without bias or
+ * activation whose output only `bn` reads.
+ */
+function foldable(conv: Layer, bn: Layer | undefined, readers: number): bn is Layer {
+  const kind = conv.getClassName();
+  if (kind !== 'Conv2D' && kind !== 'DepthwiseConv2D') return false;
+  if (bn?.getClassName() !== 'BatchNormalization' || readers !== 1) return false;
+  const c = cfg(conv);
+  return !c['useBias'] && (c['activation'] ?? 'linear') === 'linear';
+}
+
+/** Lowers `conv` with `bn` folded in (see Fold); the value is BN's output. */
+function convWithBatchNorm(g: Builder, conv: Layer, bn: Layer, x: Val): Val {
+  const depthwiseKind = conv.getClassName() === 'DepthwiseConv2D';
+  const kernel = weightOf(conv, depthwiseKind ? 'depthwise_kernel' : 'kernel')!;
+  const channels = kernel.shape[depthwiseKind ? 2 : 3]!;
+  const terms = bnTerms(g, bn, { name: '', channels, spatial: x.spatial });
+  const { mean, rstd, s, t, gamma, beta } = terms;
+  const k = g.weight(kernel);
+  // s on the kernel's channel axis: the last of [1, 1, ci, co]; the third of [kh, kw, C, 1].
+  const sk = depthwiseKind ? g.op('Reshape', [s, g.i64([channels, 1])]) : s;
+  const otherAxes = depthwiseKind ? [0, 1, 3] : [0, 1, 2];
+  let dySum: string | null = null;
+  const gammaTrains = gamma !== null && g.trains(gamma);
+  g.folds.set(kernel, {
+    scaled: g.op('Mul', [k, sk]),
+    needsKernelGrad: gammaTrains,
+    kernelGrad: (dScaled) => {
+      if (g.isVariable(kernel)) g.ownGrad(kernel, g.op('Mul', [dScaled, sk]));
+      if (gammaTrains) {
+        const kdk = g.reduceSum(g.op('Mul', [k, dScaled]), otherAxes);
+        g.ownGrad(gamma!, g.op('Mul', [g.op('Sub', [kdk, g.op('Mul', [mean, dySum!])]), rstd]));
+      }
+    },
   });
-  return { name: y, channels: x.channels, spatial: x.spatial };
+  g.folded.push(bn.name);
+  const y = lowerLayer(g, conv, [x]);
+  const out = g.op('Add', [y.name, t]);
+  g.record(out, (dy) => {
+    const betaTrains = beta !== null && g.trains(beta);
+    if (betaTrains || gammaTrains) dySum = g.reduceSum(dy, [0]);
+    if (betaTrains) g.weightGrad(beta, dySum!);
+    g.addGrad(y.name, dy);
+  });
+  return { ...y, name: out };
 }
 
 function globalAverage(g: Builder, layer: Layer, x: Val): Val {
@@ -727,17 +827,32 @@ export function buildGradGraph(m: GradGraphModel, mode: 'step' | 'forward' = 'st
 
   const run = (from: SymbolicTensor, to: SymbolicTensor, start: Val, stopAt?: string): Val => {
     const values = new Map<number, Val>([[from.id, start]]);
+    const order = walk(from, to);
+    const readers = new Map<number, number>();
+    for (const { ins } of order)
+      for (const t of ins) readers.set(t.id, (readers.get(t.id) ?? 0) + 1);
     let last = start;
-    for (const { layer, ins, out } of walk(from, to)) {
+    for (let i = 0; i < order.length; i++) {
+      const { layer, ins, out } = order[i]!;
       if (layer.name === stopAt) return values.get(ins[0]!.id)!;
       // The suffix's BN is in inference mode in the stage (inferenceModeBatchNorm); a head's is not.
       if (stopAt && layer.getClassName() === 'BatchNormalization')
         unsupported(layer, 'BatchNorm in the head trains on batch statistics');
-      last = lowerLayer(
-        g,
-        layer,
-        ins.map((t) => values.get(t.id)!),
-      );
+      const xs = ins.map((t) => values.get(t.id)!);
+      const next = order[i + 1];
+      if (
+        !stopAt &&
+        out.id !== to.id &&
+        next?.ins.length === 1 &&
+        next.ins[0]!.id === out.id &&
+        foldable(layer, next.layer, readers.get(out.id) ?? 0)
+      ) {
+        last = convWithBatchNorm(g, layer, next.layer, xs[0]!);
+        values.set(next.out.id, last);
+        i++;
+        continue;
+      }
+      last = lowerLayer(g, layer, xs);
       values.set(out.id, last);
     }
     return last;
@@ -790,6 +905,7 @@ export function buildGradGraph(m: GradGraphModel, mode: 'step' | 'forward' = 'st
     gradOutputs,
     masks: g.masks,
     numClasses: m.numClasses,
+    folded: g.folded,
   };
 }
 

@@ -27,9 +27,10 @@ function values(n: number, seed: number): Float32Array {
 
 /**
  * A body with every layer kind the step graph covers: 1×1 convs (with and without bias,
- * with relu6), BatchNorm with non-trivial statistics, capped ReLU, depthwise convs (stride 1
- * 'same' with bias; ZeroPadding2D then stride 2 'valid'; a 5×5 on 3×3 maps), a residual Add,
- * and global average pooling.
+ * with relu6), BatchNorm with non-trivial statistics (folded into a 1×1 conv and a depthwise
+ * one before it, or on its own after a conv with bias), capped ReLU, depthwise convs
+ * (stride 1 'same' with bias; ZeroPadding2D then stride 2 'valid'; a 5×5 on 3×3 maps), a
+ * residual Add, and global average pooling.
  */
 function body(): tf.LayersModel {
   const input = tf.input({ shape: [6, 6, 4], name: 'cut' });
@@ -61,6 +62,7 @@ function body(): tf.LayersModel {
   x = tf.layers
     .depthwiseConv2d({ kernelSize: 3, strides: 2, padding: 'valid', useBias: false, name: 'dw_s2' })
     .apply(x) as tf.SymbolicTensor;
+  x = bn(x, 'dw_s2_bn');
   x = tf.layers
     .depthwiseConv2d({ kernelSize: 5, padding: 'same', useBias: false, name: 'dw_5' })
     .apply(x) as tf.SymbolicTensor;
@@ -162,6 +164,18 @@ for (const [name, matmulDepthwiseMax] of [
     c.dispose();
   });
 }
+
+test('BatchNorm folds into the bias-free conv (1×1 or depthwise) before it, not after a conv with bias', () => {
+  const c = stage({ hidden: 5, dropout: 0 });
+  for (const mode of ['step', 'forward'] as const) {
+    assert.deepEqual(buildGradGraph(graphModel(c), mode).folded, [
+      'expand_bn',
+      'project_bn',
+      'dw_s2_bn',
+    ]);
+  }
+  c.dispose();
+});
 
 test("the inference graph's logits match tfjs's forward pass in inference mode (dropout off)", async () => {
   const c = stage({ hidden: 5, dropout: 0.5 });
