@@ -1,5 +1,5 @@
 import type { FileHandle } from 'node:fs/promises';
-import { mkdir, mkdtemp, open, rm, unlink } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, rm, statfs, unlink } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 
@@ -15,6 +15,16 @@ export interface KeptPixels {
   pixels(index: number): Promise<Uint8Array | null>;
   put(index: number, key: string, pixels: Uint8Array): Promise<void>;
 }
+
+/** A PixelStore not opened because the disk has too little room for it; the message says why. */
+export class PixelStoreRefused extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'PixelStoreRefused';
+  }
+}
+
+const gigabytes = (bytes: number): string => `${(bytes / 2 ** 30).toFixed(1)} GB`;
 
 /**
  * KeptPixels in one file of fixed-size records (image i at byte i × recordBytes), on disk
@@ -37,9 +47,25 @@ export class PixelStore implements KeptPixels {
     readonly recordBytes: number,
   ) {}
 
-  /** A store in a new folder under `parent` (default: the OS temporary folder). */
-  static async open(recordBytes: number, parent: string = os.tmpdir()): Promise<PixelStore> {
+  /**
+   * A store for up to `records` images in a new folder under `parent` (default: the OS
+   * temporary folder). Refused (PixelStoreRefused) when they would take more than half the
+   * space free there: the cache and the run folder need the disk more.
+   */
+  static async open(
+    recordBytes: number,
+    records: number,
+    parent: string = os.tmpdir(),
+  ): Promise<PixelStore> {
     await mkdir(parent, { recursive: true });
+    const need = recordBytes * records;
+    const fs = await statfs(parent).catch(() => null);
+    const free = fs ? fs.bavail * fs.bsize : Number.POSITIVE_INFINITY;
+    if (need > free / 2) {
+      throw new PixelStoreRefused(
+        `${records} decoded images would take ${gigabytes(need)}, more than half the ${gigabytes(free)} free in ${parent}`,
+      );
+    }
     const dir = await mkdtemp(path.join(parent, 'pixels-'));
     const name = path.join(dir, 'pixels.bin');
     const file = await open(name, 'w+');

@@ -704,7 +704,11 @@ export async function runFineTune(
   // pixels as decoded for the first: each image is read and decoded once per stage.
   const keep =
     s.augment.length && Math.min(s.epochs, s.augmentViews) > 1
-      ? await PixelStore.open(backbone.inputSize ** 2 * 3, inputs.cache?.dir).catch((err) => {
+      ? await PixelStore.open(
+          backbone.inputSize ** 2 * 3,
+          inputs.train.files.length,
+          inputs.cache?.dir,
+        ).catch((err) => {
           inputs.warn(`augmented views decode every image again: ${(err as Error).message}`);
           return null;
         })

@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { readdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import { PixelStore } from '../../src/data/pixel-store.js';
+import { PixelStore, PixelStoreRefused } from '../../src/data/pixel-store.js';
 import type { FrozenModel } from '../../src/engine/types.js';
 import { prefixActivations } from '../../src/train/finetune.js';
 import { tempDir, writeImage } from '../helpers.js';
@@ -33,7 +33,7 @@ const identity: FrozenModel = {
 
 test('PixelStore: images come back by position with their key; nothing is left on disk', async () => {
   const parent = path.join(dir, 'plain');
-  const store = await PixelStore.open(6, parent);
+  const store = await PixelStore.open(6, 6, parent);
   // Removed as soon as it is open (POSIX): nothing to leave behind, even on SIGKILL.
   if (posix) assert.deepEqual(await readdir(parent), []);
   await store.put(5, 'k5', Uint8Array.from([1, 2, 3, 4, 5, 6]));
@@ -56,8 +56,22 @@ test('PixelStore: images come back by position with their key; nothing is left o
   assert.deepEqual(await readdir(parent), []);
 });
 
+test('PixelStore: refused, naming the folder, when the images would take over half the free space', async () => {
+  const parent = path.join(dir, 'small');
+  await assert.rejects(
+    PixelStore.open(150_528, 1e12, parent),
+    (err: Error) =>
+      err instanceof PixelStoreRefused &&
+      /^1000000000000 decoded images would take [\d.]+ GB, more than half the [\d.]+ GB free in /.test(
+        err.message,
+      ) &&
+      err.message.endsWith(`free in ${parent}`),
+  );
+  assert.deepEqual(await readdir(parent), []);
+});
+
 test('PixelStore: a failed write turns keeping off and says why; what was kept stays', async () => {
-  const store = await PixelStore.open(2, path.join(dir, 'full'));
+  const store = await PixelStore.open(2, 2, path.join(dir, 'full'));
   await store.put(0, 'a', Uint8Array.from([1, 2]));
   // As a full disk answers.
   const file = (store as unknown as { file: { write: () => Promise<never> } }).file;
@@ -90,7 +104,7 @@ test('augmented views cut from kept pixels are the views of the files as first d
   };
   // The reference: view 1 decoded from the files, as without a store.
   const reference = await prefixActivations(files, identity, { ...options, view: 1 });
-  const store = await PixelStore.open(8 * 8 * 3, path.join(dir, 'views-store'));
+  const store = await PixelStore.open(8 * 8 * 3, files.length, path.join(dir, 'views-store'));
   try {
     const view0 = await prefixActivations(files, identity, { ...options, view: 0, keep: store });
     assert.deepEqual(view0.rows, [0, 1, 2, 4, 5, 6]);
