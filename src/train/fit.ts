@@ -159,7 +159,8 @@ interface LossSettings {
 /**
  * Each member's training loss [K] from logits [K, B, C] and labels [K, B]: the arithmetic of
  * tf.losses.softmaxCrossEntropy (label smoothing, then the mean over rows weighted by class
- * weight and divided by the rows of non-zero weight), with every setting per member.
+ * weight and divided by the rows of non-zero weight, or 0 when there are none), with every
+ * setting per member.
  */
 function memberLosses(
   logits: tf.Tensor,
@@ -175,7 +176,8 @@ function memberLosses(
   const summed = s.weights ? tf.sum(tf.mul(losses, s.weights), -1) : tf.sum(losses, -1);
   if (divisor !== undefined) return tf.div(summed, divisor) as tf.Tensor1D;
   if (!s.weights) return tf.div(summed, losses.shape[1]!) as tf.Tensor1D;
-  const nonZero = tf.cast(tf.sum(tf.notEqual(s.weights, 0), -1), 'float32');
+  // No row of non-zero weight: the loss is 0, as TensorFlow's safe mean gives it (not 0 / 0).
+  const nonZero = tf.maximum(tf.cast(tf.sum(tf.notEqual(s.weights, 0), -1), 'float32'), 1);
   return tf.div(summed, nonZero) as tf.Tensor1D;
 }
 
@@ -536,7 +538,11 @@ function stepParts(
   member: FitMember,
 ): (part: readonly number[], seed: number) => Omit<StepPart, 'x' | 'shape'> {
   const cw = member.classWeights;
-  const divisor = cw ? rows.filter((i) => cw[train.labels[i]!] !== 0).length : rows.length;
+  // At least 1: a batch with no row of non-zero weight has loss 0 (see memberLosses).
+  const divisor = Math.max(
+    1,
+    cw ? rows.filter((i) => cw[train.labels[i]!] !== 0).length : rows.length,
+  );
   return (part, seed) => {
     const labels = Int32Array.from(part, (i) => train.labels[i]!);
     return {

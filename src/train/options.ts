@@ -384,7 +384,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => 'none',
     check: choice('classWeights', ['balanced', 'none'] as const),
     phase: 'head',
-    doc: '`balanced`: n / (k · n_class), as Keras/sklearn',
+    doc: '`balanced`: n / (k · n_class), as Keras/sklearn; the loss is the weighted sum over the rows of non-zero weight, divided by their count (0 for a batch with none)',
   },
   {
     key: 'hidden',

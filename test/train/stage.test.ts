@@ -282,3 +282,34 @@ test('class weights: each row of the loss is weighted by its class weight (sum o
   const balanced = await firstLoss(weights);
   assert.notEqual(plain, balanced);
 });
+
+test('class weights: a batch with no row of non-zero weight has loss 0 and moves nothing, as TensorFlow gives it (not 0 / 0)', async () => {
+  const { x, y } = blobs(30, 7);
+  const rows = Array.from({ length: 30 }, (_, i) => i).filter((i) => y[i] === 2);
+  const xs = Float32Array.from(rows.flatMap((i) => Array.from(x.subarray(i * DIM, (i + 1) * DIM))));
+  const ys = Int32Array.from(rows, () => 2);
+  // Whole steps, and steps as the sum of two halves' gradients (each over the batch's divisor).
+  for (const halves of [undefined, { second: null }]) {
+    const tensors = tf.memory().numTensors;
+    const head = buildHead(DIM, K, { hidden: 0, dropout: 0, seed: 2 });
+    const before = values(head.getWeights());
+    const losses: number[] = [];
+    await runStage(
+      new ArrayBatches(xs, [DIM], ys),
+      null,
+      headStage(head, {
+        epochs: 2,
+        batchSize: 4,
+        classWeights: [1, 1, 0],
+        ...(halves ? { halves } : {}),
+        callbacks: [{ onBatchEnd: (_b, logs) => void losses.push(logs.loss) }],
+      }),
+    );
+    assert.ok(losses.length >= 2);
+    const zeros = losses.map(() => 0);
+    assert.deepEqual(losses, zeros, `halves: ${halves !== undefined}`);
+    assert.deepEqual(values(head.getWeights()), before);
+    head.dispose();
+    assert.equal(tf.memory().numTensors, tensors);
+  }
+});
