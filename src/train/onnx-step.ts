@@ -100,7 +100,7 @@ class Builder {
   private readonly grads = new Map<string, string[]>();
   private readonly tape: { out: string; back: (dy: string) => void }[] = [];
   private readonly consts = new Map<string, string>();
-  /** Kernels a BatchNormalization is folded into (see foldBatchNorm), by kernel. */
+  /** Kernels a BatchNormalization is folded into (see Fold, convWithBatchNorm), by kernel. */
   readonly folds = new Map<tf.Variable, Fold>();
   /** Names of the BN layers folded. */
   readonly folded: string[] = [];
@@ -569,7 +569,8 @@ function depthwiseAsMatMul(g: Builder, x: Val, kernel: tf.Variable, d: Depthwise
 }
 
 function batchNorm(g: Builder, layer: Layer, x: Val): Val {
-  const { mean, rstd, s, t, gamma, beta } = bnTerms(g, layer, x);
+  noPads(layer, x);
+  const { mean, rstd, s, t, gamma, beta } = bnTerms(g, layer, x.spatial !== null);
   const y = g.op('Add', [g.op('Mul', [x.name, s]), t]);
   g.record(y, (dy) => {
     const sum = (v: string) => g.reduceSum(v, [0]);
@@ -603,13 +604,12 @@ interface Fold {
   kernelGrad(dScaled: string): void;
 }
 
-/** The batchNorm layer's scale s, shift t and 1/√(σ² + ε), with its weights. */
-function bnTerms(g: Builder, layer: Layer, x: Val) {
+/** A BatchNormalization layer's scale s, shift t and 1/√(σ² + ε), with its weights, on a map or rows. */
+function bnTerms(g: Builder, layer: Layer, spatial: boolean) {
   const c = cfg(layer);
   const axis = Number(c['axis'] ?? -1);
-  const rank = x.spatial ? 4 : 2;
+  const rank = spatial ? 4 : 2;
   if (axis !== -1 && axis !== rank - 1) unsupported(layer, `axis ${axis}`);
-  noPads(layer, x);
   const eps = Number(c['epsilon'] ?? 1e-3);
   const mean = g.weight(weightOf(layer, 'moving_mean')!);
   const variance = g.weight(weightOf(layer, 'moving_variance')!);
@@ -640,8 +640,8 @@ function convWithBatchNorm(g: Builder, conv: Layer, bn: Layer, x: Val): Val {
   const depthwiseKind = conv.getClassName() === 'DepthwiseConv2D';
   const kernel = weightOf(conv, depthwiseKind ? 'depthwise_kernel' : 'kernel')!;
   const channels = kernel.shape[depthwiseKind ? 2 : 3]!;
-  const terms = bnTerms(g, bn, { name: '', channels, spatial: x.spatial });
-  const { mean, rstd, s, t, gamma, beta } = terms;
+  // The conv's output has no pads: only BN's axis is checked.
+  const { mean, rstd, s, t, gamma, beta } = bnTerms(g, bn, x.spatial !== null);
   const k = g.weight(kernel);
   // s on the kernel's channel axis: the last of [1, 1, ci, co]; the third of [kh, kw, C, 1].
   const sk = depthwiseKind ? g.op('Reshape', [s, g.i64([channels, 1])]) : s;
@@ -842,9 +842,7 @@ export function buildGradGraph(m: GradGraphModel, mode: 'step' | 'forward' = 'st
       const next = order[i + 1];
       if (
         !stopAt &&
-        out.id !== to.id &&
-        next?.ins.length === 1 &&
-        next.ins[0]!.id === out.id &&
+        next?.ins[0]?.id === out.id &&
         foldable(layer, next.layer, readers.get(out.id) ?? 0)
       ) {
         last = convWithBatchNorm(g, layer, next.layer, xs[0]!);
