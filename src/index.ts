@@ -102,7 +102,12 @@ export {
   lowerToOnnx,
   UnsupportedLayerError,
 } from './engine/onnx/lower.js';
-export { executionProviders, OnnxFrozenModel } from './engine/onnx/session.js';
+export {
+  executionProviders,
+  loadOnnxRuntime,
+  OnnxFrozenModel,
+  OnnxRuntimeUnavailable,
+} from './engine/onnx/session.js';
 export { WorkerPoolFrozenModel, type WorkerRecipe } from './engine/pool.js';
 export { TfjsFrozenModel } from './engine/tfjs.js';
 export type { EngineName, FrozenModel } from './engine/types.js';

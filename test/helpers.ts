@@ -117,10 +117,17 @@ export interface Run {
   stderr: string;
 }
 
-/** Runs the real CLI in `cwd`, with its cache under `cwd/.cache` (never the user's). */
-export function runCli(args: readonly string[], cwd: string): Promise<Run> {
+/**
+ * Runs the real CLI in `cwd`, with its cache under `cwd/.cache` (never the user's);
+ * `nodeArgs` go to node itself, before the CLI's path.
+ */
+export function runCli(
+  args: readonly string[],
+  cwd: string,
+  nodeArgs: readonly string[] = [],
+): Promise<Run> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], {
+    const child = spawn(process.execPath, [...nodeArgs, CLI, ...args], {
       cwd,
       env: { ...process.env, FINETUNE_DEBUG: '', XDG_CACHE_HOME: path.join(cwd, '.cache') },
     });

@@ -12,6 +12,8 @@ import {
   EXIT_CODES,
   executionProviders,
   initBackend,
+  loadOnnxRuntime,
+  OnnxRuntimeUnavailable,
   probeBackends,
   resolveEngineContext,
   stepPlan,
@@ -209,11 +211,11 @@ async function probeOnnxRuntime(): Promise<OnnxRuntimeReport> {
   }
   let ort: typeof import('onnxruntime-node');
   try {
-    ort = await import('onnxruntime-node');
+    ort = await loadOnnxRuntime();
   } catch (err) {
     return {
       loads: false,
-      reason: firstLine(err),
+      reason: err instanceof OnnxRuntimeUnavailable ? err.reason : firstLine(err),
       version: null,
       providers: null,
       providersFrom: 'onnxruntime-node does not load',
@@ -321,12 +323,6 @@ function problemsOf(backends: BackendReport, ortReport: OnnxRuntimeReport): Prob
       kind: 'internal',
     });
   }
-  if (!ortReport.loads) {
-    problems.push({
-      message: `onnxruntime-node does not load (${ortReport.reason})`,
-      kind: 'internal',
-    });
-  }
   if (ortReport.requestedError !== null) {
     problems.push({ message: ortReport.requestedError, kind: 'usage' });
   }
@@ -380,7 +376,7 @@ function render(report: ReturnType<typeof assemble>): string {
     ['  extensions', ext],
     [
       'engine',
-      `frozen passes on ${engine.auto} (--engine auto), ${engine.threads} ONNX Runtime threads, ${engine.workers} tfjs workers on wasm; fine-tune steps ${engine.auto === 'onnx' ? `on onnx (${engine.threads} threads) where the step graph covers the model, else ` : ''}on tfjs (${engine.finetuneThreads} thread${engine.finetuneThreads === 1 ? '' : 's'})`,
+      `frozen passes on ${engine.auto} (--engine auto${engine.autoWhy ? `: ${engine.autoWhy}` : ''}), ${engine.threads} ONNX Runtime threads, ${engine.workers} tfjs workers on wasm; fine-tune steps ${engine.auto === 'onnx' ? `on onnx (${engine.threads} threads) where the step graph covers the model, else ` : ''}on tfjs (${engine.finetuneThreads} thread${engine.finetuneThreads === 1 ? '' : 's'})`,
     ],
     ['cache', `${cache.dir} (${cacheState})`],
     ['  size', cacheSize],
@@ -400,7 +396,14 @@ function assemble(
   probed: BackendReport,
   onnxRuntime: OnnxRuntimeReport,
   cpu: CpuReport,
-  engine: { auto: 'onnx' | 'tfjs'; threads: number; workers: number; finetuneThreads: number },
+  engine: {
+    auto: 'onnx' | 'tfjs';
+    /** Why `auto` runs frozen passes on tfjs, else null. */
+    autoWhy: string | null;
+    threads: number;
+    workers: number;
+    finetuneThreads: number;
+  },
   cache: CacheReport,
   problems: Problem[],
 ) {
@@ -429,8 +432,15 @@ export async function handler(argv: Args): Promise<void> {
   // The engine defaults a run would use, resolved as a run resolves them (cpu stands in
   // when auto finds nothing, so the thread counts are still shown).
   const context = resolveEngineContext({ backend: await initBackend(probed.auto ?? 'cpu') });
+  // As createFrozenModel decides: onnx unless the backend is a GPU one or ONNX Runtime does not load.
+  const autoWhy = context.backend.gpu
+    ? 'the tfjs backend runs on a GPU'
+    : onnxRuntime.loads
+      ? null
+      : 'onnxruntime-node does not load';
   const engine = {
-    auto: context.backend.gpu ? ('tfjs' as const) : ('onnx' as const),
+    auto: autoWhy ? ('tfjs' as const) : ('onnx' as const),
+    autoWhy,
     threads: context.threads,
     workers: context.workers,
     // --finetune-threads' default on this backend.
@@ -440,8 +450,9 @@ export async function handler(argv: Args): Promise<void> {
   const problems = problemsOf(probed, onnxRuntime);
   const report = assemble(probed, onnxRuntime, cpu, engine, cache, problems);
   out.result(argv.json ? JSON.stringify(report, null, 2) : render(report));
-  // Missing optional backends are information; these make every run fail. Reported here
-  // rather than thrown: they are findings, and a stack trace of this handler says nothing.
+  // Missing optional backends are information, as is ONNX Runtime not loading (runs then
+  // compute on tfjs); these make every run fail. Reported here rather than thrown: they are
+  // findings, and a stack trace of this handler says nothing.
   const first = problems[0];
   if (first) {
     process.stderr.write(`finetune: doctor: ${problems.map((p) => p.message).join('; ')}\n`);

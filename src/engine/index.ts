@@ -4,7 +4,7 @@ import { FinetuneError } from '../errors.js';
 import { oneOfValues } from '../util/is.js';
 import type { EngineContext } from './context.js';
 import { lowerToOnnx, UnsupportedLayerError } from './onnx/lower.js';
-import { OnnxFrozenModel } from './onnx/session.js';
+import { loadOnnxRuntime, OnnxFrozenModel, OnnxRuntimeUnavailable } from './onnx/session.js';
 import { WorkerPoolFrozenModel, type WorkerRecipe } from './pool.js';
 import { TfjsFrozenModel } from './tfjs.js';
 import type { EngineName, FrozenModel } from './types.js';
@@ -60,7 +60,8 @@ export interface FrozenModelSource {
 
 /**
  * Picks the engine for a frozen forward pass. `auto` lowers to ONNX Runtime unless the
- * model cannot be lowered or the tfjs backend is a GPU one (then tfjs, with the reason).
+ * model cannot be lowered, the tfjs backend is a GPU one or onnxruntime-node does not load
+ * (then tfjs, with the reason).
  * Every engine returns rows in the order `source.rows` asks for.
  *
  * @example
@@ -82,34 +83,53 @@ export async function createFrozenModel(
   };
   if (requested === 'tfjs')
     return { model: await tfjs(), engine: 'tfjs', reason: null, lowered: null };
-  let why: string | null = null;
-  let bytes: Uint8Array | null = null;
-  let lowered: 'cache' | 'now' | null = null;
-  if (requested === 'auto' && context.backend.gpu) why = 'the tfjs backend runs on a GPU';
-  else if (source.onnx) bytes = source.onnx;
-  else if (!source.layersModel) why = 'graph models cannot be lowered to ONNX';
-  else {
-    try {
-      ({ bytes, from: lowered } = await loweredBytes(
-        source.layersModel,
-        source.cacheKey ?? null,
-        context,
-      ));
-    } catch (err) {
-      if (!(err instanceof UnsupportedLayerError)) throw err;
-      why = err.message;
-    }
+  const graph = await onnxGraph(source, context);
+  if ('why' in graph) {
+    if (requested === 'onnx') throw new FinetuneError(`Cannot use --engine onnx: ${graph.why}`);
+    return { model: await tfjs(), engine: 'tfjs', reason: graph.why, lowered: null };
   }
-  if (why || !bytes) {
-    if (requested === 'onnx') throw new FinetuneError(`Cannot use --engine onnx: ${why}`);
-    return { model: await tfjs(), engine: 'tfjs', reason: why, lowered: null };
-  }
-  const model = await OnnxFrozenModel.create(bytes, {
+  const model = await OnnxFrozenModel.create(graph.bytes, {
     inputSize: source.inputSize,
     threads: context.threads,
     rows,
   });
-  return { model, engine: 'onnx', reason: null, lowered };
+  return { model, engine: 'onnx', reason: null, lowered: graph.lowered };
+}
+
+/** The graph ONNX Runtime would run for `source`, or why ONNX Runtime is passed over. */
+async function onnxGraph(
+  source: FrozenModelSource,
+  context: EngineContext,
+): Promise<{ bytes: Uint8Array; lowered: 'cache' | 'now' | null } | { why: string }> {
+  if (context.engine === 'auto' && context.backend.gpu)
+    return { why: 'the tfjs backend runs on a GPU' };
+  // Before lowering: nothing is lowered for a runtime that cannot run it.
+  const missing = await onnxRuntimeMissing();
+  if (missing) return { why: missing };
+  if (source.onnx) return { bytes: source.onnx, lowered: null };
+  if (!source.layersModel) return { why: 'graph models cannot be lowered to ONNX' };
+  try {
+    const { bytes, from } = await loweredBytes(
+      source.layersModel,
+      source.cacheKey ?? null,
+      context,
+    );
+    return { bytes, lowered: from };
+  } catch (err) {
+    if (!(err instanceof UnsupportedLayerError)) throw err;
+    return { why: err.message };
+  }
+}
+
+/** Why ONNX Runtime cannot run here (onnxruntime-node does not load), or null. */
+async function onnxRuntimeMissing(): Promise<string | null> {
+  try {
+    await loadOnnxRuntime();
+    return null;
+  } catch (err) {
+    if (err instanceof OnnxRuntimeUnavailable) return err.message;
+    throw err;
+  }
 }
 
 /**

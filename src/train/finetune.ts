@@ -15,6 +15,7 @@ import { embedFiles } from '../data/embed.js';
 import { type KeptPixels, PixelStore } from '../data/pixel-store.js';
 import { PREPROCESS_CONTRACT } from '../data/preprocess.js';
 import { createFrozenModel, type EngineContext } from '../engine/index.js';
+import { OnnxRuntimeUnavailable } from '../engine/onnx/session.js';
 import type { FrozenModel } from '../engine/types.js';
 import { FinetuneError, invalidOption } from '../errors.js';
 import { stageHead } from '../head/build.js';
@@ -636,7 +637,7 @@ export async function runFineTune(
         s.threads ?? inputs.engine.threads,
       );
     } catch (err) {
-      if (!(err instanceof GradGraphUnsupported)) {
+      if (!(err instanceof GradGraphUnsupported || err instanceof OnnxRuntimeUnavailable)) {
         model.restore();
         throw err;
       }

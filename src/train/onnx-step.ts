@@ -1,8 +1,8 @@
 import type * as tf from '@tensorflow/tfjs';
 import onnxProto from 'onnx-proto';
-import * as ort from 'onnxruntime-node';
+import type * as ort from 'onnxruntime-node';
 import { GraphBuilder } from '../engine/onnx/lowerings.js';
-import { openOrtSession } from '../engine/onnx/session.js';
+import { float32Tensor, openOrtSession } from '../engine/onnx/session.js';
 import { HEAD_LOGITS } from '../head/build.js';
 import { seededRandom } from '../util/random.js';
 import type { PartOutcome, StepPart } from './fit.js';
@@ -944,7 +944,7 @@ export class OnnxSteps {
   ): Record<string, ort.Tensor> {
     this.variables.forEach((v, i) => {
       const name = graph.weightInputs[i]!;
-      feeds[name] = new ort.Tensor('float32', v.dataSync() as Float32Array, v.shape);
+      feeds[name] = float32Tensor(v.dataSync() as Float32Array, v.shape);
     });
     return feeds;
   }
@@ -952,7 +952,7 @@ export class OnnxSteps {
   /** Logits [n, classes] of rows [n, H, W, C] at the cut in inference mode, at the variables' current values. */
   async logits(x: Float32Array, shape: readonly number[]): Promise<Float32Array> {
     const feeds = this.weightFeeds(this.forwardGraph, {
-      [GRAD_INPUT]: new ort.Tensor('float32', x, [...shape]),
+      [GRAD_INPUT]: float32Tensor(x, [...shape]),
     });
     const out = await this.forwardSession.run(feeds);
     return out[GRAD_LOGITS]!.data as Float32Array;
@@ -979,16 +979,16 @@ export class OnnxSteps {
     const weights = part.rowWeights ?? new Float32Array(n).fill(1);
     const scale = Float32Array.from(weights, (w) => w / part.divisor);
     const feeds: Record<string, ort.Tensor> = {
-      [GRAD_INPUT]: new ort.Tensor('float32', part.x, [...part.shape]),
-      [GRAD_TARGET]: new ort.Tensor('float32', target, [n, k]),
-      [GRAD_ROW_SCALE]: new ort.Tensor('float32', scale, [n, 1]),
+      [GRAD_INPUT]: float32Tensor(part.x, [...part.shape]),
+      [GRAD_TARGET]: float32Tensor(target, [n, k]),
+      [GRAD_ROW_SCALE]: float32Tensor(scale, [n, 1]),
     };
     const random = seededRandom(part.seed);
     for (const mask of graph.masks) {
       const keep = 1 / (1 - mask.rate);
       const values = new Float32Array(n * mask.width);
       for (let i = 0; i < values.length; i++) values[i] = random() < mask.rate ? 0 : keep;
-      feeds[mask.name] = new ort.Tensor('float32', values, [n, mask.width]);
+      feeds[mask.name] = float32Tensor(values, [n, mask.width]);
     }
     const out = await this.session.run(this.weightFeeds(graph, feeds));
     const logits = out[GRAD_LOGITS]!.data as Float32Array;

@@ -282,7 +282,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     fallback: () => 'auto',
     check: choice('engine', ENGINE_OPTIONS),
     phase: 'embed',
-    doc: 'frozen passes and fine-tune steps: `onnx` (ONNX Runtime), `tfjs`; `auto` = onnx unless the model cannot be lowered (for steps: a layer the step graph does not cover, or BatchNorm that trains) or the backend is a GPU',
+    doc: 'frozen passes and fine-tune steps: `onnx` (ONNX Runtime), `tfjs`; `auto` = onnx unless the model cannot be lowered (for steps: a layer the step graph does not cover, or BatchNorm that trains), the backend is a GPU or onnxruntime-node does not load',
   },
   {
     key: 'threads',

@@ -1,8 +1,8 @@
 import onnxProto from 'onnx-proto';
-import * as ort from 'onnxruntime-node';
+import type * as ort from 'onnxruntime-node';
 import { FinetuneError, invalidOption } from '../../errors.js';
 import type { FrozenModel } from '../types.js';
-import { checkBatch, openOrtSession, sessionSize } from './session.js';
+import { checkBatch, float32Tensor, openOrtSession, sessionSize } from './session.js';
 
 /**
  * Static int8 quantisation of a lowered float graph, in the QDQ form ONNX Runtime's CPU
@@ -311,12 +311,7 @@ export class Calibrator implements FrozenModel {
     ];
     const session = await openOrtSession(onnx.ModelProto.encode(model).finish(), threads);
     const probe = await session.run({
-      [input]: new ort.Tensor('float32', new Float32Array(3 * inputSize ** 2), [
-        1,
-        3,
-        inputSize,
-        inputSize,
-      ]),
+      [input]: float32Tensor(new Float32Array(3 * inputSize ** 2), [1, 3, inputSize, inputSize]),
     });
     const outputSize = probe[output]!.dims.slice(1).reduce((a, d) => a * d, 1);
     return new Calibrator(session, tensors, input, output, inputSize, outputSize);
@@ -327,7 +322,7 @@ export class Calibrator implements FrozenModel {
     const s = this.inputSize;
     const pixels = batch.subarray(0, n * per);
     const out = await this.session.run({
-      [this.input]: new ort.Tensor('float32', pixels, [n, 3, s, s]),
+      [this.input]: float32Tensor(pixels, [n, 3, s, s]),
     });
     for (const name of this.tensors) {
       this.observe(name, name === this.input ? pixels : (out[name]!.data as Float32Array));

@@ -1,5 +1,5 @@
 import os from 'node:os';
-import * as ort from 'onnxruntime-node';
+import type * as ort from 'onnxruntime-node';
 import { FinetuneError, invalidOption } from '../../errors.js';
 import type { FrozenModel } from '../types.js';
 
@@ -38,6 +38,47 @@ export function executionProviders(value = process.env['FINETUNE_ORT_PROVIDERS']
   return list.length ? list : ['cpu'];
 }
 
+/** onnxruntime-node does not load on this machine; the message says why, in one line. */
+export class OnnxRuntimeUnavailable extends FinetuneError {
+  /** The loader's own first line, e.g. the binding file it could not find. */
+  readonly reason: string;
+  constructor(reason: string, cause: unknown) {
+    super(`ONNX Runtime does not load (${reason})`, { cause, exitCode: 1 });
+    this.reason = reason;
+  }
+}
+
+let runtime: typeof ort | null = null;
+let loading: Promise<typeof ort> | null = null;
+
+/**
+ * onnxruntime-node, imported on first use rather than with this module, so that a machine
+ * where its native binding does not load (no prebuilt binary for the platform, an install
+ * that failed or was skipped) still runs: `--engine auto` computes on tfjs and says why,
+ * and `finetune doctor` reports the reason. Rejects with OnnxRuntimeUnavailable.
+ */
+export function loadOnnxRuntime(): Promise<typeof ort> {
+  loading ??= import('onnxruntime-node').then(
+    (m) => {
+      runtime = m;
+      return m;
+    },
+    (err: unknown) => {
+      const why = String((err as Error)?.message ?? err)
+        .split('\n')[0]!
+        .trim();
+      throw new OnnxRuntimeUnavailable(why, err);
+    },
+  );
+  return loading;
+}
+
+/** A float32 tensor for a session's feeds; ONNX Runtime is loaded once any session is open. */
+export function float32Tensor(data: Float32Array, dims: readonly number[]): ort.Tensor {
+  if (!runtime) throw new FinetuneError('ONNX Runtime is used before it was loaded');
+  return new runtime.Tensor('float32', data, dims);
+}
+
 /**
  * Opens an ONNX Runtime session with the settings of every frozen pass (providers from
  * `FINETUNE_ORT_PROVIDERS`, all graph optimisations, `threads` intra-op threads). Shared by
@@ -47,8 +88,9 @@ export async function openOrtSession(
   onnxBytes: Uint8Array,
   threads: number,
 ): Promise<ort.InferenceSession> {
+  const { InferenceSession } = await loadOnnxRuntime();
   try {
-    return await ort.InferenceSession.create(onnxBytes, {
+    return await InferenceSession.create(onnxBytes, {
       executionProviders: executionProviders(),
       graphOptimizationLevel: 'all',
       executionMode: 'sequential',
@@ -124,7 +166,7 @@ export class OnnxFrozenModel implements FrozenModel {
     } else {
       // No static output shape in the graph: measure it on one blank image.
       const probe = new Float32Array(3 * inputSize * inputSize);
-      const tensor = new ort.Tensor('float32', probe, [1, 3, inputSize, inputSize]);
+      const tensor = float32Tensor(probe, [1, 3, inputSize, inputSize]);
       const out = await session.run({ [session.inputNames[0]!]: tensor });
       dims = out[session.outputNames[0]!]!.dims.slice(1);
     }
@@ -143,7 +185,7 @@ export class OnnxFrozenModel implements FrozenModel {
     const s = this.inputSize;
     // subarray: a view, no copy. onnxruntime-node runs the graph on the main thread in a
     // setImmediate callback, so the caller must leave `batch` alone until this resolves.
-    const input = new ort.Tensor('float32', batch.subarray(0, n * per), [n, 3, s, s]);
+    const input = float32Tensor(batch.subarray(0, n * per), [n, 3, s, s]);
     const out = await this.session.run({ [this.inputName]: input });
     const data = out[this.outputName]!.data as Float32Array;
     const rows = data.length === n * this.outputSize ? data : data.slice(0, n * this.outputSize);
