@@ -240,6 +240,23 @@ export async function decodeImage(
 ): Promise<DecodeResult> {
   const width = positiveInteger('width', opts.width);
   const height = positiveInteger('height', opts.height);
+  const decoded = await decodeRgb(input, opts);
+  if (!decoded.ok) return decoded;
+  return { ok: true, pixels: resizeRgb(decoded.rgb, decoded.width, decoded.height, width, height) };
+}
+
+export type DecodedRgb =
+  | { ok: true; rgb: Uint8Array; width: number; height: number }
+  | { ok: false; reason: string };
+
+/**
+ * `decodeImage` up to the resize: the image at its decoded size, `height × width × 3`
+ * interleaved 8-bit sRGB (orientation applied, alpha flattened), or why not.
+ */
+export async function decodeRgb(
+  input: string | Buffer,
+  opts: Pick<DecodeOptions, 'maxPixels' | 'maxBytes'> = {},
+): Promise<DecodedRgb> {
   const maxPixels = positiveInteger('maxPixels', opts.maxPixels ?? DEFAULT_MAX_PIXELS);
   const maxBytes = positiveInteger('maxBytes', opts.maxBytes ?? DEFAULT_MAX_BYTES);
 
@@ -286,7 +303,7 @@ export async function decodeImage(
       };
     }
     const rgb = info.channels === 4 ? flattenAlpha(data) : data;
-    return { ok: true, pixels: resizeRgb(rgb, info.width, info.height, width, height) };
+    return { ok: true, rgb, width: info.width, height: info.height };
   } catch (err) {
     const message = errorText(err);
     if (/pixel limit/i.test(message))
@@ -320,22 +337,12 @@ export function toModelInput(
   out: Float32Array,
   offset: number,
 ): void {
-  if (pre.mean.length !== 3) throw invalidOption('mean', '3 numbers (R, G, B)', pre.mean);
-  if (pre.std.length !== 3 || pre.std.some((s) => s === 0)) {
-    throw invalidOption('std', '3 non-zero numbers (R, G, B)', pre.std);
-  }
+  const [lut0, lut1, lut2] = modelInputTables(pre);
   const n = pixels.length;
   if (n % 3 !== 0) throw invalidOption('pixels', 'a length divisible by 3', n);
   if (!Number.isInteger(offset) || offset < 0 || offset + n > out.length) {
     throw invalidOption('offset', `an integer from 0 to ${out.length - n}`, offset);
   }
-  // A 256-entry table per channel computes the exact formula once per value rather
-  // than once per pixel, and turns the loop into plain lookups.
-  const [lut0, lut1, lut2] = [0, 1, 2].map((c) => channelTable(pre.mean[c]!, pre.std[c]!)) as [
-    Float32Array,
-    Float32Array,
-    Float32Array,
-  ];
   if (layout === 'nhwc') {
     for (let i = 0, o = offset; i < n; i += 3, o += 3) {
       out[o] = lut0[pixels[i]!]!;
@@ -354,6 +361,24 @@ export function toModelInput(
   } else {
     throw invalidOption('layout', "'nhwc' or 'nchw'", layout);
   }
+}
+
+/**
+ * `toModelInput`'s value of each byte, one 256-entry table per channel (`pre` checked): the
+ * exact formula computed once per value rather than once per pixel.
+ */
+export function modelInputTables(
+  pre: Preprocess,
+): readonly [Float32Array, Float32Array, Float32Array] {
+  if (pre.mean.length !== 3) throw invalidOption('mean', '3 numbers (R, G, B)', pre.mean);
+  if (pre.std.length !== 3 || pre.std.some((s) => s === 0)) {
+    throw invalidOption('std', '3 non-zero numbers (R, G, B)', pre.std);
+  }
+  return [
+    channelTable(pre.mean[0]!, pre.std[0]!),
+    channelTable(pre.mean[1]!, pre.std[1]!),
+    channelTable(pre.mean[2]!, pre.std[2]!),
+  ];
 }
 
 const tableCache = new Map<string, Float32Array>();

@@ -4,12 +4,14 @@ import { positiveInteger } from '../util/is.js';
 import type { CacheNamespace, EmbeddingCache } from './cache.js';
 import {
   DEFAULT_MAX_BYTES,
-  decodeImage,
+  decodeRgb,
   mapConcurrent,
   readImageFile,
   toModelInput,
 } from './decode.js';
 import type { KeptPixels } from './pixel-store.js';
+import { resizeRgb } from './preprocess.js';
+import { resizeToModelInput } from './resize-wasm.js';
 
 /** A file that could not be used, and why. */
 export interface SkippedFile {
@@ -85,6 +87,13 @@ export interface LazyFrozenModel {
 type Prepared =
   | { readonly kind: 'hit'; readonly values: Float32Array }
   | { readonly kind: 'pixels'; readonly pixels: Uint8Array; readonly key: string }
+  | {
+      readonly kind: 'decoded';
+      readonly rgb: Uint8Array;
+      readonly width: number;
+      readonly height: number;
+      readonly key: string;
+    }
   | { readonly kind: 'skip'; readonly reason: string };
 
 /**
@@ -152,8 +161,6 @@ export async function embedFiles(
     });
 
   const decodeOptions = {
-    width: size,
-    height: size,
     maxBytes,
     ...(options.maxPixels !== undefined ? { maxPixels: options.maxPixels } : {}),
   };
@@ -176,10 +183,16 @@ export async function embedFiles(
     const key = sha256(bytes);
     const hit = await lookup(key);
     if (hit) return hit;
-    const decoded = await decodeImage(bytes, decodeOptions);
+    const decoded = await decodeRgb(bytes, decodeOptions);
     if (!decoded.ok) return { kind: 'skip', reason: decoded.reason };
-    await keep?.put(index, key, decoded.pixels);
-    return { kind: 'pixels', pixels: decoded.pixels, key };
+    const { rgb, width: w, height: h } = decoded;
+    // An image no larger than the model's input waits for its batch as decoded, to be
+    // resized straight into it; a larger one is resized now, so what waits stays small.
+    if (!keep && !options.transform && rgb.length <= imageLength)
+      return { kind: 'decoded', rgb, width: w, height: h, key };
+    const pixels = resizeRgb(rgb, w, h, size, size);
+    await keep?.put(index, key, pixels);
+    return { kind: 'pixels', pixels, key };
   };
 
   let index = 0;
@@ -204,11 +217,25 @@ export async function embedFiles(
         progress();
         continue;
       }
-      const pixels = options.transform
-        ? options.transform(item.pixels, item.key, size)
-        : item.pixels;
       const m = await engine();
-      toModelInput(pixels, RAW, m.layout, buffers[current]!, batch.length * imageLength);
+      const at = batch.length * imageLength;
+      if (item.kind === 'decoded') {
+        resizeToModelInput(
+          item.rgb,
+          item.width,
+          item.height,
+          size,
+          RAW,
+          m.layout,
+          buffers[current]!,
+          at,
+        );
+      } else {
+        const pixels = options.transform
+          ? options.transform(item.pixels, item.key, size)
+          : item.pixels;
+        toModelInput(pixels, RAW, m.layout, buffers[current]!, at);
+      }
       batch.push({ index: i, key: item.key });
       if (batch.length === batchSize) {
         if (inFlight) await inFlight;

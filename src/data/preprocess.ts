@@ -28,9 +28,10 @@ export function flattenAlpha(rgba: ArrayLike<number>): Uint8Array {
  * Taps of one axis, as Pillow's `Image.resize(..., BILINEAR)` computes them: pixel centres
  * at i + 0.5 (half-pixel), the triangle filter widened by the scale when shrinking
  * (antialiasing: every source pixel contributes), taps outside the image dropped and the
- * rest renormalised. `(int)` in C truncates towards zero, hence Math.trunc.
+ * rest renormalised. `(int)` in C truncates towards zero, hence Math.trunc. Output o reads
+ * inputs start[o] … start[o] + count[o] − 1 with weights[o · width …].
  */
-function axisTaps(
+export function axisTaps(
   inSize: number,
   outSize: number,
 ): { start: Int32Array; count: Int32Array; weights: Float64Array; width: number } {

@@ -1,0 +1,77 @@
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { type Preprocess, toModelInput } from '../../src/data/decode.js';
+import { resizeRgb } from '../../src/data/preprocess.js';
+import { resizeToModelInput, WASM_RESIZE_MAX_BYTES } from '../../src/data/resize-wasm.js';
+import { seededRandom } from '../../src/util/random.js';
+
+const RAW: Preprocess = { mean: [0, 0, 0], std: [1 / 255, 1 / 255, 1 / 255] };
+const IMAGENET: Preprocess = { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
+
+function noise(width: number, height: number, seed: number): Uint8Array {
+  const random = seededRandom(seed);
+  // Runs of equal bytes and sharp edges as well as noise: sums that round near x.5 occur.
+  return Uint8Array.from({ length: width * height * 3 }, (_, i) =>
+    i % 7 === 0 ? 255 : i % 11 === 0 ? 0 : Math.floor(random() * 256),
+  );
+}
+
+/** Bit patterns, so -0, NaN or a last-bit difference would show. */
+function bits(x: Float32Array): Uint32Array {
+  return new Uint32Array(x.buffer, x.byteOffset, x.length);
+}
+
+describe('resizeToModelInput equals toModelInput(resizeRgb(…)) bit for bit', () => {
+  const sizes: [number, number, number][] = [
+    [28, 28, 224], // enlarging 8×, the sample set
+    [1, 1, 224],
+    [3, 2, 7],
+    [224, 224, 224], // same size
+    [500, 375, 224], // shrinking, antialiased
+    [37, 301, 224], // one axis each way
+    [1000, 10, 224],
+    [641, 479, 96],
+    [224, 223, 225],
+    [5, 5, 3],
+  ];
+  for (const [w, h, size] of sizes) {
+    test(`${w}×${h} → ${size}`, () => {
+      const rgb = noise(w, h, w * 1000 + h);
+      for (const pre of [RAW, IMAGENET]) {
+        for (const layout of ['nchw', 'nhwc'] as const) {
+          const n = size * size * 3;
+          // At an offset into a larger batch, as the embedding pass writes.
+          const want = new Float32Array(2 * n + 5);
+          const got = new Float32Array(2 * n + 5).fill(Number.NaN);
+          want.fill(Number.NaN);
+          toModelInput(resizeRgb(rgb, w, h, size, size), pre, layout, want, n + 5);
+          resizeToModelInput(rgb, w, h, size, pre, layout, got, n + 5);
+          assert.deepEqual(bits(got), bits(want), `${layout}, mean ${pre.mean[0]}`);
+        }
+      }
+    });
+  }
+
+  test('an image past the kernel bound (resized in JavaScript) gives the same floats', () => {
+    // 1 × 7000: its horizontal pass (7000 rows of 224 × 3 float64) is over the bound.
+    assert.ok(7000 * 224 * 3 * 8 > WASM_RESIZE_MAX_BYTES);
+    const rgb = noise(1, 7000, 7);
+    const want = new Float32Array(224 * 224 * 3);
+    const got = new Float32Array(224 * 224 * 3);
+    toModelInput(resizeRgb(rgb, 1, 7000, 224, 224), RAW, 'nchw', want, 0);
+    resizeToModelInput(rgb, 1, 7000, 224, RAW, 'nchw', got, 0);
+    assert.deepEqual(bits(got), bits(want));
+  });
+
+  test('bad arguments are refused, naming them', () => {
+    const rgb = noise(4, 4, 1);
+    const out = new Float32Array(8 * 8 * 3);
+    assert.throws(() => resizeToModelInput(rgb, 4, 4, 8, RAW, 'chw' as 'nchw', out, 0), /layout/);
+    assert.throws(() => resizeToModelInput(rgb, 4, 5, 8, RAW, 'nchw', out, 0), /4×5×3 = 60/);
+    assert.throws(() => resizeToModelInput(rgb, 4, 4, 8, RAW, 'nchw', out, 1), /offset/);
+    assert.throws(
+      () => resizeToModelInput(rgb, 4, 4, 8, { mean: [0, 0], std: [1, 1, 1] }, 'nchw', out, 0),
+      /mean/,
+    );
+  });
+});
