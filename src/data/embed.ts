@@ -10,8 +10,7 @@ import {
   toModelInput,
 } from './decode.js';
 import type { KeptPixels } from './pixel-store.js';
-import { resizeRgb } from './preprocess.js';
-import { resizeToModelInput } from './resize-wasm.js';
+import { resizeRgbFast, resizeToModelInput } from './resize-wasm.js';
 
 /** A file that could not be used, and why. */
 export interface SkippedFile {
@@ -190,7 +189,7 @@ export async function embedFiles(
     // resized straight into it; a larger one is resized now, so what waits stays small.
     if (!keep && !options.transform && rgb.length <= imageLength)
       return { kind: 'decoded', rgb, width: w, height: h, key };
-    const pixels = resizeRgb(rgb, w, h, size, size);
+    const pixels = resizeRgbFast(rgb, w, h, size, size);
     await keep?.put(index, key, pixels);
     return { kind: 'pixels', pixels, key };
   };

@@ -4,10 +4,11 @@ import { type Layout, modelInputTables, type Preprocess, toModelInput } from './
 import { axisTaps, resizeRgb } from './preprocess.js';
 
 /**
- * `toModelInput(resizeRgb(rgb, …), …)` in WebAssembly (resize.as.ts, SIMD): the contract's
- * float64 operations in the same order, then the same table lookups, so the same float32
- * values bit for bit (test/data/resize-wasm.test.ts compares them over many sizes), in
- * about a third of the JavaScript's time, without the resized bytes in between.
+ * The contract's resize (`resizeRgb`), and with it `toModelInput`'s conversion, in
+ * WebAssembly (resize.as.ts, SIMD): the same float64 operations in the same order, then the
+ * same rounding and table lookups, so the same bytes and float32 values bit for bit
+ * (test/data/resize-wasm.test.ts compares them over many sizes), in a third to a quarter of
+ * the JavaScript's time.
  */
 
 type Taps = ReturnType<typeof axisTaps>;
@@ -20,36 +21,39 @@ declare const WebAssembly: {
 
 interface Kernel {
   memory: { readonly buffer: ArrayBuffer; grow(pages: number): number };
-  horizontal(...args: number[]): void;
-  vertical(...args: number[]): void;
+  resize(...args: number[]): void;
 }
 
 // Resolved next to this file: dist/src/data/resize.wasm, built by `npm run build:wasm`.
 const WASM_URL = new URL('./resize.wasm', import.meta.url);
 
+let module: object | null = null;
 let kernel: Kernel | null = null;
 
 function instance(): Kernel {
   if (!kernel) {
-    const module = new WebAssembly.Module(readFileSync(WASM_URL));
-    const exports = new WebAssembly.Instance(module, {
-      env: {
-        abort: () => {
-          throw new Error('resize.wasm aborted');
-        },
-      },
-    }).exports;
-    kernel = exports as unknown as Kernel;
+    module ??= new WebAssembly.Module(readFileSync(WASM_URL));
+    const abort = (): never => {
+      throw new Error('resize.wasm aborted');
+    };
+    kernel = new WebAssembly.Instance(module, { env: { abort } }).exports as Kernel;
   }
   return kernel;
 }
 
 /**
- * Largest source plus horizontal pass (`height × size × 3` float64) the kernel takes, in
- * bytes; larger images go through the JavaScript, so the module's memory, which never
- * shrinks, stays under about this size.
+ * Largest image the kernel takes, in bytes of its memory (the source, a few rows of the
+ * horizontal pass and the output): a 12-megapixel photo needs about 37 MB. Larger images
+ * are resized by the JavaScript.
  */
-export const WASM_RESIZE_MAX_BYTES = 32 * 1024 * 1024;
+export const WASM_RESIZE_MAX_BYTES = 64 * 1024 * 1024;
+
+/**
+ * Memory kept between calls. A module's memory never shrinks, so after a larger image the
+ * instance is dropped (and its memory with it); the next call makes a new one, which costs
+ * microseconds.
+ */
+const KEEP_BYTES = 8 * 1024 * 1024;
 
 const tapsCache = new Map<string, Taps>();
 
@@ -64,10 +68,108 @@ function taps(inSize: number, outSize: number): Taps {
   return t;
 }
 
+const MODES = { bytes: 0, nhwc: 1, nchw: 2 } as const;
+
 /**
- * Resizes `rgb` (`width × height`, interleaved 8-bit RGB) to `size × size` by the
- * contract's kernel and writes it into `out` at `offset` as `toModelInput` would: exactly
- * `toModelInput(resizeRgb(rgb, width, height, size, size), pre, layout, out, offset)`.
+ * Runs the kernel, or returns false (nothing done) when the image is past
+ * WASM_RESIZE_MAX_BYTES; `take` reads the result from the kernel's memory.
+ */
+function run(
+  rgb: Uint8Array,
+  width: number,
+  height: number,
+  outWidth: number,
+  outHeight: number,
+  mode: keyof typeof MODES,
+  tables: readonly Float32Array[] | null,
+  take: (buffer: ArrayBuffer, at: number, length: number) => void,
+): boolean {
+  const h = taps(width, outWidth);
+  const v = taps(height, outHeight);
+  let ringRows = 1;
+  for (let o = 0; o < outHeight; o++) ringRows = Math.max(ringRows, v.count[o]!);
+  const stride = outWidth * 3;
+  const length = outWidth * outHeight * 3;
+  // Byte offsets, each 16-aligned (SIMD loads).
+  let end = 0;
+  const place = (bytes: number): number => {
+    const at = end;
+    end += Math.ceil(bytes / 16) * 16;
+    return at;
+  };
+  const lut = place(3 * 256 * 4);
+  const hStart = place(outWidth * 4);
+  const hCount = place(outWidth * 4);
+  const hWeights = place(h.weights.length * 8);
+  const vStart = place(outHeight * 4);
+  const vCount = place(outHeight * 4);
+  const vWeights = place(v.weights.length * 8);
+  const ring = place(ringRows * stride * 8);
+  const row = place(stride * 8);
+  const out = place(length * (mode === 'bytes' ? 1 : 4));
+  const src = place(rgb.length);
+  if (end > WASM_RESIZE_MAX_BYTES) return false;
+  const k = instance();
+  const have = k.memory.buffer.byteLength;
+  if (end > have) k.memory.grow(Math.ceil((end - have) / 65536));
+  const buffer = k.memory.buffer;
+  if (tables)
+    for (let c = 0; c < 3; c++) new Float32Array(buffer, lut + c * 1024, 256).set(tables[c]!);
+  new Int32Array(buffer, hStart, outWidth).set(h.start);
+  new Int32Array(buffer, hCount, outWidth).set(h.count);
+  new Float64Array(buffer, hWeights, h.weights.length).set(h.weights);
+  new Int32Array(buffer, vStart, outHeight).set(v.start);
+  new Int32Array(buffer, vCount, outHeight).set(v.count);
+  new Float64Array(buffer, vWeights, v.weights.length).set(v.weights);
+  new Uint8Array(buffer, src, rgb.length).set(rgb);
+  // biome-ignore format: the kernel's argument list, grouped as it reads
+  k.resize(
+    src, width,
+    hStart, hCount, hWeights, h.width, outWidth,
+    vStart, vCount, vWeights, v.width, outHeight,
+    ring, ringRows, row, MODES[mode], lut, out,
+  );
+  take(buffer, out, length);
+  if (buffer.byteLength > KEEP_BYTES) kernel = null;
+  return true;
+}
+
+/** Checks an interleaved RGB image's length; returns it as a plain Uint8Array view. */
+function rgbBytes(rgb: Uint8Array, width: number, height: number): Uint8Array {
+  if (rgb.length !== width * height * 3) {
+    throw new RangeError(
+      `Expected ${width}×${height}×3 = ${width * height * 3} values for pixels but received ${rgb.length}`,
+    );
+  }
+  return rgb;
+}
+
+/**
+ * Exactly `resizeRgb(rgb, width, height, outWidth, outHeight)` (8-bit RGB in and out), in
+ * WebAssembly when the image fits WASM_RESIZE_MAX_BYTES.
+ *
+ * @example const pixels = resizeRgbFast(decoded.rgb, decoded.width, decoded.height, 224, 224);
+ */
+export function resizeRgbFast(
+  rgb: Uint8Array,
+  width: number,
+  height: number,
+  outWidth: number,
+  outHeight: number,
+): Uint8Array {
+  const src = rgbBytes(rgb, width, height);
+  let pixels: Uint8Array | null = null;
+  const done = run(src, width, height, outWidth, outHeight, 'bytes', null, (buffer, at, n) => {
+    pixels = new Uint8Array(buffer, at, n).slice();
+  });
+  return done ? pixels! : resizeRgb(src, width, height, outWidth, outHeight);
+}
+
+/**
+ * Resizes `rgb` (`width × height`, interleaved 8-bit RGB) to `size × size` and writes it into
+ * `out` at `offset` as `toModelInput` would: exactly
+ * `toModelInput(resizeRgb(rgb, width, height, size, size), pre, layout, out, offset)`,
+ * without the resized bytes in between.
  *
  * @example resizeToModelInput(decoded.rgb, decoded.width, decoded.height, 224, RAW, 'nchw', batch, i * 150528);
  */
@@ -84,67 +186,14 @@ export function resizeToModelInput(
   if (layout !== 'nhwc' && layout !== 'nchw') {
     throw invalidOption('layout', "'nhwc' or 'nchw'", layout);
   }
-  if (rgb.length !== width * height * 3) {
-    throw new RangeError(
-      `Expected ${width}×${height}×3 = ${width * height * 3} values for pixels but received ${rgb.length}`,
-    );
-  }
+  const src = rgbBytes(rgb, width, height);
   const n = size * size * 3;
   if (!Number.isInteger(offset) || offset < 0 || offset + n > out.length) {
     throw invalidOption('offset', `an integer from 0 to ${out.length - n}`, offset);
   }
-  const stride = size * 3;
-  const tmpBytes = height * stride * 8;
-  if (rgb.length + tmpBytes > WASM_RESIZE_MAX_BYTES) {
-    toModelInput(resizeRgb(rgb, width, height, size, size), pre, layout, out, offset);
-    return;
-  }
   const tables = modelInputTables(pre);
-  const h = taps(width, size);
-  const v = taps(height, size);
-  // Byte offsets, each 16-aligned (SIMD loads).
-  let end = 0;
-  const place = (bytes: number): number => {
-    const at = end;
-    end += Math.ceil(bytes / 16) * 16;
-    return at;
-  };
-  const lut = place(3 * 256 * 4);
-  const hStart = place(size * 4);
-  const hCount = place(size * 4);
-  const hWeights = place(h.weights.length * 8);
-  const vStart = place(size * 4);
-  const vCount = place(size * 4);
-  const vWeights = place(v.weights.length * 8);
-  const row = place(stride * 8);
-  const target = place(n * 4);
-  const tmp = place(tmpBytes);
-  const src = place(rgb.length);
-  const k = instance();
-  const have = k.memory.buffer.byteLength;
-  if (end > have) k.memory.grow(Math.ceil((end - have) / 65536));
-  const buffer = k.memory.buffer;
-  for (let c = 0; c < 3; c++) new Float32Array(buffer, lut + c * 1024, 256).set(tables[c]!);
-  new Int32Array(buffer, hStart, size).set(h.start);
-  new Int32Array(buffer, hCount, size).set(h.count);
-  new Float64Array(buffer, hWeights, h.weights.length).set(h.weights);
-  new Int32Array(buffer, vStart, size).set(v.start);
-  new Int32Array(buffer, vCount, size).set(v.count);
-  new Float64Array(buffer, vWeights, v.weights.length).set(v.weights);
-  new Uint8Array(buffer, src, rgb.length).set(rgb);
-  k.horizontal(src, width, height, hStart, hCount, hWeights, h.width, size, tmp);
-  k.vertical(
-    tmp,
-    vStart,
-    vCount,
-    vWeights,
-    v.width,
-    size,
-    size,
-    lut,
-    layout === 'nchw' ? 1 : 0,
-    target,
-    row,
+  const done = run(src, width, height, size, size, layout, tables, (buffer, at) =>
+    out.set(new Float32Array(buffer, at, n), offset),
   );
-  out.set(new Float32Array(buffer, target, n), offset);
+  if (!done) toModelInput(resizeRgb(src, width, height, size, size), pre, layout, out, offset);
 }
