@@ -7,7 +7,7 @@ import { axisTaps, resizeRgb } from './preprocess.js';
  * The contract's resize (`resizeRgb`), and with it `toModelInput`'s conversion, in
  * WebAssembly (resize.as.ts, SIMD): the same float64 operations in the same order, then the
  * same rounding and table lookups, so the same bytes and float32 values bit for bit
- * (test/data/resize-wasm.test.ts compares them over many sizes), in a third to a quarter of
+ * (test/data/resize-wasm.test.ts compares them over many sizes), in a quarter to a half of
  * the JavaScript's time.
  */
 
