@@ -84,6 +84,21 @@ async function takeLock(lock: string, out: string): Promise<void> {
   throw new FinetuneError(`${out}: could not lock the run folder`);
 }
 
+/**
+ * With the lock held, no other writer works on `out`, so what a killed one left beside it
+ * goes: the config-only folder of a first checkpoint that was never moved in
+ * (`.NAME.checkpoint-*`, see checkpoint.ts) and, when `out` exists, earlier run folders it
+ * replaced but did not yet delete (`.NAME.old-*`). Without `out`, an `.old-*` folder may be
+ * the only copy of the earlier run, so it stays.
+ */
+async function removeDebris(parent: string, name: string, out: string): Promise<void> {
+  const debris = [`.${name}.checkpoint-`, ...((await exists(out)) ? [`.${name}.old-`] : [])];
+  for (const entry of await readdir(parent)) {
+    if (debris.some((prefix) => entry.startsWith(prefix)))
+      await rm(path.join(parent, entry), { recursive: true, force: true });
+  }
+}
+
 /** Checks that `out` can be a run folder: absent, empty, or an earlier run folder. */
 async function checkTarget(out: string): Promise<void> {
   let st: Awaited<ReturnType<typeof stat>>;
@@ -140,6 +155,7 @@ export async function openRunFolder(out: string): Promise<RunFolder> {
     );
   }
   pending.add(lock);
+  await removeDebris(parent, name, target);
   let staging: string;
   try {
     staging = await mkdtemp(path.join(parent, `.${name}.partial-`));

@@ -72,6 +72,34 @@ test('a second writer is refused while the first holds the lock; a dead writerâ€
   );
 });
 
+test('what a killed writer left beside the run folder goes when the next run opens it', async () => {
+  const out = path.join(dir, 'e');
+  await earlierRun(out);
+  // A first checkpoint's folder never moved in, and a replaced run folder not yet deleted.
+  await mkdir(path.join(dir, '.e.checkpoint-dead01'));
+  await writeFile(path.join(dir, '.e.checkpoint-dead01', 'config.json'), '{}');
+  await mkdir(path.join(dir, '.e.old-dead02'));
+  await writeFile(path.join(dir, '.e.old-dead02', 'summary.json'), '"older"');
+  const f = await openRunFolder(out);
+  assert.deepEqual(
+    (await readdir(dir)).filter((n) => n.startsWith('.e.')).sort(),
+    ['.e.lock', path.basename(f.staging)].sort(),
+  );
+  await f.abandon();
+  assert.equal(await readFile(path.join(out, 'summary.json'), 'utf8'), '"old"');
+
+  // Without the run folder, an .old-* folder may be the only copy of the earlier run: kept.
+  const lone = path.join(dir, 'f');
+  await mkdir(path.join(dir, '.f.old-dead03'));
+  await writeFile(path.join(dir, '.f.old-dead03', 'summary.json'), '"only copy"');
+  const g = await openRunFolder(lone);
+  await g.abandon();
+  assert.equal(
+    await readFile(path.join(dir, '.f.old-dead03', 'summary.json'), 'utf8'),
+    '"only copy"',
+  );
+});
+
 test('--out that cannot be a run folder fails at once, naming it', async () => {
   const file = path.join(dir, 'file.txt');
   await writeFile(file, 'x');
