@@ -340,9 +340,7 @@ export function toModelInput(
   const [lut0, lut1, lut2] = modelInputTables(pre);
   const n = pixels.length;
   if (n % 3 !== 0) throw invalidOption('pixels', 'a length divisible by 3', n);
-  if (!Number.isInteger(offset) || offset < 0 || offset + n > out.length) {
-    throw invalidOption('offset', `an integer from 0 to ${out.length - n}`, offset);
-  }
+  checkModelInputOffset(out, offset, n);
   if (layout === 'nhwc') {
     for (let i = 0, o = offset; i < n; i += 3, o += 3) {
       out[o] = lut0[pixels[i]!]!;
@@ -360,6 +358,13 @@ export function toModelInput(
     }
   } else {
     throw invalidOption('layout', "'nhwc' or 'nchw'", layout);
+  }
+}
+
+/** Checks that an image of `n` values fits in `out` from `offset` (toModelInput's `offset`). */
+export function checkModelInputOffset(out: Float32Array, offset: number, n: number): void {
+  if (!Number.isInteger(offset) || offset < 0 || offset + n > out.length) {
+    throw invalidOption('offset', `an integer from 0 to ${out.length - n}`, offset);
   }
 }
 

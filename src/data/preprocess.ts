@@ -179,8 +179,11 @@ function axisPlan(inSize: number, outSize: number): { taps: AxisTaps; runs: Axis
   return plan;
 }
 
-/** A plain Uint8Array view (not a Buffer or an Array) keeps the loops monomorphic. */
-function rgbView(rgb: ArrayLike<number>, width: number, height: number): Uint8Array {
+/**
+ * `rgb` checked to hold `width × height × 3` values, as a plain Uint8Array view (not a
+ * Buffer or an Array), which keeps the loops monomorphic; other array-likes are copied.
+ */
+export function rgbView(rgb: ArrayLike<number>, width: number, height: number): Uint8Array {
   if (rgb.length !== width * height * 3) {
     throw new RangeError(
       `Expected ${width}×${height}×3 = ${width * height * 3} values for pixels but received ${rgb.length}`,

@@ -1,7 +1,13 @@
 import { readFileSync } from 'node:fs';
 import { invalidOption } from '../errors.js';
-import { type Layout, modelInputTables, type Preprocess, toModelInput } from './decode.js';
-import { axisTaps, resizeRgb } from './preprocess.js';
+import {
+  checkModelInputOffset,
+  type Layout,
+  modelInputTables,
+  type Preprocess,
+  toModelInput,
+} from './decode.js';
+import { axisTaps, resizeRgb, rgbView } from './preprocess.js';
 
 /**
  * The contract's resize (`resizeRgb`), and with it `toModelInput`'s conversion, in
@@ -71,8 +77,8 @@ function taps(inSize: number, outSize: number): Taps {
 const MODES = { bytes: 0, nhwc: 1, nchw: 2 } as const;
 
 /**
- * Runs the kernel, or returns false (nothing done) when the image is past
- * WASM_RESIZE_MAX_BYTES; `take` reads the result from the kernel's memory.
+ * Runs the kernel; the result is `length` values at byte `at` of `buffer` (the kernel's
+ * memory). Null (nothing done) when the image is past WASM_RESIZE_MAX_BYTES.
  */
 function run(
   rgb: Uint8Array,
@@ -82,14 +88,12 @@ function run(
   outHeight: number,
   mode: keyof typeof MODES,
   tables: readonly Float32Array[] | null,
-  take: (buffer: ArrayBuffer, at: number, length: number) => void,
-): boolean {
+): { buffer: ArrayBuffer; at: number } | null {
   const h = taps(width, outWidth);
   const v = taps(height, outHeight);
   let ringRows = 1;
   for (let o = 0; o < outHeight; o++) ringRows = Math.max(ringRows, v.count[o]!);
   const stride = outWidth * 3;
-  const length = outWidth * outHeight * 3;
   // Byte offsets, each 16-aligned (SIMD loads).
   let end = 0;
   const place = (bytes: number): number => {
@@ -106,9 +110,9 @@ function run(
   const vWeights = place(v.weights.length * 8);
   const ring = place(ringRows * stride * 8);
   const row = place(stride * 8);
-  const out = place(length * (mode === 'bytes' ? 1 : 4));
+  const out = place(outWidth * outHeight * 3 * (mode === 'bytes' ? 1 : 4));
   const src = place(rgb.length);
-  if (end > WASM_RESIZE_MAX_BYTES) return false;
+  if (end > WASM_RESIZE_MAX_BYTES) return null;
   const k = instance();
   const have = k.memory.buffer.byteLength;
   if (end > have) k.memory.grow(Math.ceil((end - have) / 65536));
@@ -129,19 +133,9 @@ function run(
     vStart, vCount, vWeights, v.width, outHeight,
     ring, ringRows, row, MODES[mode], lut, out,
   );
-  take(buffer, out, length);
+  // The result stays readable through `buffer` after the instance is dropped.
   if (buffer.byteLength > KEEP_BYTES) kernel = null;
-  return true;
-}
-
-/** Checks an interleaved RGB image's length; returns it as a plain Uint8Array view. */
-function rgbBytes(rgb: Uint8Array, width: number, height: number): Uint8Array {
-  if (rgb.length !== width * height * 3) {
-    throw new RangeError(
-      `Expected ${width}×${height}×3 = ${width * height * 3} values for pixels but received ${rgb.length}`,
-    );
-  }
-  return rgb;
+  return { buffer, at: out };
 }
 
 /**
@@ -157,12 +151,11 @@ export function resizeRgbFast(
   outWidth: number,
   outHeight: number,
 ): Uint8Array {
-  const src = rgbBytes(rgb, width, height);
-  let pixels: Uint8Array | null = null;
-  const done = run(src, width, height, outWidth, outHeight, 'bytes', null, (buffer, at, n) => {
-    pixels = new Uint8Array(buffer, at, n).slice();
-  });
-  return done ? pixels! : resizeRgb(src, width, height, outWidth, outHeight);
+  const src = rgbView(rgb, width, height);
+  const done = run(src, width, height, outWidth, outHeight, 'bytes', null);
+  return done
+    ? new Uint8Array(done.buffer, done.at, outWidth * outHeight * 3).slice()
+    : resizeRgb(src, width, height, outWidth, outHeight);
 }
 
 /**
@@ -186,14 +179,10 @@ export function resizeToModelInput(
   if (layout !== 'nhwc' && layout !== 'nchw') {
     throw invalidOption('layout', "'nhwc' or 'nchw'", layout);
   }
-  const src = rgbBytes(rgb, width, height);
+  const src = rgbView(rgb, width, height);
   const n = size * size * 3;
-  if (!Number.isInteger(offset) || offset < 0 || offset + n > out.length) {
-    throw invalidOption('offset', `an integer from 0 to ${out.length - n}`, offset);
-  }
-  const tables = modelInputTables(pre);
-  const done = run(src, width, height, size, size, layout, tables, (buffer, at) =>
-    out.set(new Float32Array(buffer, at, n), offset),
-  );
-  if (!done) toModelInput(resizeRgb(src, width, height, size, size), pre, layout, out, offset);
+  checkModelInputOffset(out, offset, n);
+  const done = run(src, width, height, size, size, layout, modelInputTables(pre));
+  if (done) out.set(new Float32Array(done.buffer, done.at, n), offset);
+  else toModelInput(resizeRgb(src, width, height, size, size), pre, layout, out, offset);
 }
