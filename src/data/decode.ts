@@ -5,6 +5,7 @@ import { availableParallelism } from 'node:os';
 import sharp from 'sharp';
 import { invalidOption } from '../errors.js';
 import { positiveInteger } from '../util/is.js';
+import { decodeSmallPng } from './png.js';
 import { flattenAlpha, resizeRgb } from './preprocess.js';
 
 /**
@@ -282,6 +283,22 @@ export async function decodeRgb(
     };
   }
 
+  if (type === 'png') {
+    const small = decodeSmallPng(bytes, maxPixels);
+    if (small) return { ok: true, ...small };
+  }
+  return decodeWithSharp(bytes, type, maxPixels);
+}
+
+/**
+ * `decodeRgb`'s decoder for all formats (and every PNG `decodeSmallPng` leaves): sharp at
+ * full size, orientation applied, sRGB, alpha flattened onto black.
+ */
+export async function decodeWithSharp(
+  bytes: Buffer,
+  type: ImageType,
+  maxPixels: number,
+): Promise<DecodedRgb> {
   try {
     // Decoded at full size (no shrink-on-load, whose DCT scaling no client reproduces), then
     // resized by the contract's own kernel (preprocess.ts), which every client can run.
