@@ -94,6 +94,7 @@ export {
   type EngineContextOptions,
   type EngineOption,
   type FrozenModelSource,
+  onnxWorkers,
   resolveEngineContext,
 } from './engine/index.js';
 export {
@@ -108,7 +109,12 @@ export {
   OnnxFrozenModel,
   OnnxRuntimeUnavailable,
 } from './engine/onnx/session.js';
-export { WorkerPoolFrozenModel, type WorkerRecipe } from './engine/pool.js';
+export {
+  type OnnxWorkerRecipe,
+  type TfjsWorkerRecipe,
+  WorkerPoolFrozenModel,
+  type WorkerRecipe,
+} from './engine/pool.js';
 export { TfjsFrozenModel } from './engine/tfjs.js';
 export type { EngineName, FrozenModel } from './engine/types.js';
 export {

@@ -14,6 +14,7 @@ import {
   initBackend,
   loadOnnxRuntime,
   OnnxRuntimeUnavailable,
+  onnxWorkers,
   probeBackends,
   resolveEngineContext,
   stepPlan,
@@ -376,7 +377,7 @@ function render(report: ReturnType<typeof assemble>): string {
     ['  extensions', ext],
     [
       'engine',
-      `frozen passes on ${engine.auto} (--engine auto${engine.autoWhy ? `: ${engine.autoWhy}` : ''}), ${engine.threads} ONNX Runtime threads, ${engine.workers} tfjs workers on wasm; fine-tune steps ${engine.auto === 'onnx' ? `on onnx (${engine.threads} threads) where the step graph covers the model, else ` : ''}on tfjs (${engine.finetuneThreads} thread${engine.finetuneThreads === 1 ? '' : 's'})`,
+      `frozen passes on ${engine.auto} (--engine auto${engine.autoWhy ? `: ${engine.autoWhy}` : ''}), ${onnxWorkers(engine.threads) ? `${engine.threads} single-threaded ONNX Runtime sessions in worker threads` : `one ONNX Runtime session of ${engine.threads} thread${engine.threads === 1 ? '' : 's'}`}, ${engine.workers} tfjs workers on wasm; fine-tune steps ${engine.auto === 'onnx' ? `on onnx (${engine.threads} threads) where the step graph covers the model, else ` : ''}on tfjs (${engine.finetuneThreads} thread${engine.finetuneThreads === 1 ? '' : 's'})`,
     ],
     ['cache', `${cache.dir} (${cacheState})`],
     ['  size', cacheSize],

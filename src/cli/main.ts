@@ -54,7 +54,12 @@ function report(err: unknown): never {
   const hint =
     code === EXIT_CODES.internal && !debug ? ' (FINETUNE_DEBUG=1 prints the stack trace)' : '';
   process.stderr.write(`finetune: ${line}${hint}\n`);
-  if (debug && err instanceof Error) process.stderr.write(`${err.stack}\n`);
+  // The stack, then each cause's (an engine worker's error keeps its own stack there).
+  let shown: unknown = err;
+  for (let depth = 0; debug && shown instanceof Error && depth < 5; depth++) {
+    process.stderr.write(`${depth ? 'Caused by: ' : ''}${shown.stack}\n`);
+    shown = shown.cause;
+  }
   process.exit(code);
 }
 

@@ -16,7 +16,11 @@ export function withRunOptions<T>(y: Argv<T>) {
     })
     .option('backend', { type: 'string', choices: BACKEND_OPTIONS, describe: '[default: auto]' })
     .option('engine', { type: 'string', choices: ENGINE_OPTIONS, describe: '[default: auto]' })
-    .option('threads', { type: 'number', describe: 'ONNX Runtime threads [default: all cores]' })
+    .option('threads', {
+      type: 'number',
+      describe:
+        'ONNX Runtime threads: with 2 or more, that many single-threaded sessions in worker threads [default: all cores]',
+    })
     .option('batch-size', { type: 'number', describe: '[default: 16]' })
     .option('workers', {
       type: 'number',

@@ -67,9 +67,10 @@ export interface EmbedResult {
 }
 
 /**
- * Images in flight while embedding. More than the libuv pool's 4 threads pays off here
- * because ONNX Runtime runs a batch on the main thread: decodes queued beforehand keep
- * the pool busy meanwhile (sample set, 2 cores: 8 in flight ~170 images/s, 4 ~158).
+ * Images in flight while embedding. More than the libuv pool's 4 threads pays off when
+ * ONNX Runtime runs a batch on the main thread (one session, as with `--threads 1`):
+ * decodes queued beforehand keep the pool busy meanwhile (sample set, 2 cores: 8 in flight
+ * ~170 images/s, 4 ~158).
  */
 export const EMBED_CONCURRENCY = 8;
 

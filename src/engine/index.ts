@@ -4,8 +4,13 @@ import { FinetuneError } from '../errors.js';
 import { oneOfValues } from '../util/is.js';
 import type { EngineContext } from './context.js';
 import { lowerToOnnx, UnsupportedLayerError } from './onnx/lower.js';
-import { loadOnnxRuntime, OnnxFrozenModel, OnnxRuntimeUnavailable } from './onnx/session.js';
-import { WorkerPoolFrozenModel, type WorkerRecipe } from './pool.js';
+import {
+  executionProviders,
+  loadOnnxRuntime,
+  OnnxFrozenModel,
+  OnnxRuntimeUnavailable,
+} from './onnx/session.js';
+import { type TfjsWorkerRecipe, WorkerPoolFrozenModel } from './pool.js';
 import { TfjsFrozenModel } from './tfjs.js';
 import type { EngineName, FrozenModel } from './types.js';
 
@@ -49,7 +54,7 @@ export interface FrozenModelSource {
    */
   readonly cacheKey?: Omit<LoweredModelKey, 'lowering'> | null;
   /** How a worker thread builds the same model, for the tfjs engine's worker pool on wasm. */
-  readonly recipe?: WorkerRecipe;
+  readonly recipe?: TfjsWorkerRecipe;
   /**
    * Order of each row of a 4-D output: 'nhwc' (default) is what tfjs gives and tfjs
    * consumers read, whichever engine runs; 'nchw' leaves ONNX Runtime's rows as the graph
@@ -88,12 +93,28 @@ export async function createFrozenModel(
     if (requested === 'onnx') throw new FinetuneError(`Cannot use --engine onnx: ${graph.why}`);
     return { model: await tfjs(), engine: 'tfjs', reason: graph.why, lowered: null };
   }
-  const model = await OnnxFrozenModel.create(graph.bytes, {
-    inputSize: source.inputSize,
-    threads: context.threads,
-    rows,
-  });
+  const workers = onnxWorkers(context.threads);
+  const model =
+    workers > 0
+      ? await WorkerPoolFrozenModel.create(
+          { kind: 'onnx', onnx: graph.bytes, inputSize: source.inputSize, rows },
+          { workers },
+        )
+      : await OnnxFrozenModel.create(graph.bytes, {
+          inputSize: source.inputSize,
+          threads: context.threads,
+          rows,
+        });
   return { model, engine: 'onnx', reason: null, lowered: graph.lowered };
+}
+
+/**
+ * How many single-threaded ONNX Runtime sessions, each in a worker thread, run a frozen
+ * pass of `threads` threads (see WorkerPoolFrozenModel); 0: one session of `threads`
+ * threads in the calling thread, as with one thread or a GPU provider.
+ */
+export function onnxWorkers(threads: number): number {
+  return threads > 1 && executionProviders().every((p) => p === 'cpu') ? threads : 0;
 }
 
 /** The graph ONNX Runtime would run for `source`, or why ONNX Runtime is passed over. */

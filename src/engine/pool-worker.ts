@@ -9,7 +9,13 @@ import { cutPrefix } from '../backbones/prefix.js';
 import { initBackend } from '../backend/index.js';
 import { FinetuneError } from '../errors.js';
 import { loadClassifierModel } from '../export/model-dir.js';
-import type { PoolRequest, PoolWorkerData, PoolWorkerMessage, WorkerRecipe } from './pool.js';
+import {
+  type PoolRequest,
+  type PoolWorkerData,
+  type PoolWorkerMessage,
+  type TfjsWorkerRecipe,
+  workerError,
+} from './pool.js';
 
 interface Built {
   readonly inputSize: number;
@@ -24,15 +30,6 @@ function post(message: PoolWorkerMessage, transfer: ArrayBuffer[] = []): void {
   port!.postMessage(message, transfer);
 }
 
-function describe(err: unknown): { message: string; name: string; exitCode?: number } {
-  const e = err as { message?: unknown; name?: unknown; exitCode?: unknown };
-  return {
-    message: typeof e?.message === 'string' ? e.message : String(err),
-    name: typeof e?.name === 'string' ? e.name : 'Error',
-    ...(typeof e?.exitCode === 'number' ? { exitCode: e.exitCode } : {}),
-  };
-}
-
 /** Elements per image of a symbolic output (its shape without the batch dimension). */
 function rowSize(shape: readonly (number | null)[], what: string): number {
   const dims = shape.slice(1);
@@ -44,7 +41,7 @@ function rowSize(shape: readonly (number | null)[], what: string): number {
   return (dims as number[]).reduce((a, b) => a * b, 1);
 }
 
-async function build(recipe: WorkerRecipe): Promise<Built> {
+async function build(recipe: TfjsWorkerRecipe): Promise<Built> {
   if (recipe.kind === 'classifier') {
     const { model, file } = await loadClassifierModel(recipe.model);
     const shape = model.inputs[0]!.shape;
@@ -86,10 +83,12 @@ async function main(): Promise<void> {
   const { recipe, backend } = workerData as PoolWorkerData;
   let model: Built;
   try {
+    if (recipe.kind === 'onnx')
+      throw new Error('pool-worker.js runs tfjs recipes; see session-worker.js');
     await initBackend(backend);
     model = await build(recipe);
   } catch (err) {
-    post({ type: 'error', id: null, ...describe(err) });
+    post({ type: 'error', id: null, ...workerError(err) });
     return;
   }
   const { inputSize: s, outputSize } = model;
@@ -114,9 +113,12 @@ async function main(): Promise<void> {
       } finally {
         y.dispose();
       }
-      post({ type: 'result', id: req.id, data: out }, [out.buffer as ArrayBuffer]);
+      post({ type: 'result', id: req.id, data: out, input: req.data }, [
+        out.buffer as ArrayBuffer,
+        req.data.buffer as ArrayBuffer,
+      ]);
     } catch (err) {
-      post({ type: 'error', id: req.id, ...describe(err) });
+      post({ type: 'error', id: req.id, ...workerError(err) });
     }
   });
   post({ type: 'ready', inputSize: s, outputSize });

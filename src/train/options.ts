@@ -291,7 +291,7 @@ export const TRAIN_OPTIONS: readonly OptionRow[] = Object.freeze([
     defaultText: 'all cores',
     check: positiveInteger('threads'),
     phase: 'embed',
-    doc: 'ONNX Runtime threads',
+    doc: 'ONNX Runtime threads for frozen passes: with 2 or more (on the CPU), that many single-threaded sessions, each in a worker thread; with 1, one session in the main thread',
   },
   {
     key: 'workers',

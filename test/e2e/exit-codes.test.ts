@@ -278,19 +278,38 @@ InferenceSession.prototype.run = function (...args) {
   test('an engine failing mid-embedding: one line, exit 1, no unhandled rejection or stack', async () => {
     const images = await readdir(path.join(data, 'cyan'));
     assert.equal(images.length, 8);
+    // One session, in the main thread.
     const args = ['predict', '--model', run, data, '--engine', 'onnx', '--batch-size', '4'];
+    const inThread = [...args, '--threads', '1'];
     const nodeArgs = ['--import', await faultModule(2)];
-    const r = await runCliGuarded(args, dir, { nodeArgs });
+    const r = await runCliGuarded(inThread, dir, { nodeArgs });
     assert.equal(r.code, 1, r.stderr);
     assert.equal(r.stdout, '');
     assert.deepEqual(lines(r.stderr), [
       'finetune: ENOSPC: no space left on device, write (FINETUNE_DEBUG=1 prints the stack trace)',
     ]);
-    const debug = await runCliGuarded(args, dir, { nodeArgs, env: { FINETUNE_DEBUG: '1' } });
+    const debug = await runCliGuarded(inThread, dir, { nodeArgs, env: { FINETUNE_DEBUG: '1' } });
     assert.equal(debug.code, 1);
     assert.match(
       debug.stderr,
       /^finetune: ENOSPC: no space left on device, write\nError: ENOSPC.*\n\s+at /,
+    );
+    // Two single-threaded sessions in worker threads (the preload runs in each): the line
+    // names the worker, and the debug output ends with the worker's own stack.
+    const pooled = [...args, '--threads', '2'];
+    const p = await runCliGuarded(pooled, dir, { nodeArgs });
+    assert.equal(p.code, 1, p.stderr);
+    assert.equal(p.stdout, '');
+    assert.equal(lines(p.stderr).length, 1, p.stderr);
+    assert.match(
+      p.stderr,
+      /^finetune: ONNX Runtime worker [01] failed on a batch: ENOSPC: no space left on device, write \(FINETUNE_DEBUG=1 prints the stack trace\)\n$/,
+    );
+    const pDebug = await runCliGuarded(pooled, dir, { nodeArgs, env: { FINETUNE_DEBUG: '1' } });
+    assert.equal(pDebug.code, 1);
+    assert.match(
+      pDebug.stderr,
+      /\nCaused by: Error: ENOSPC: no space left on device, write\n\s+at /,
     );
   });
 

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
@@ -8,6 +8,7 @@ import * as tf from '@tensorflow/tfjs';
 import { type Backbone, loadBackbone } from '../../src/backbones/load.js';
 import { cutPrefix } from '../../src/backbones/prefix.js';
 import { initBackend } from '../../src/backend/index.js';
+import { lowerToOnnx } from '../../src/engine/onnx/lower.js';
 import { WorkerPoolFrozenModel, type WorkerRecipe } from '../../src/engine/pool.js';
 import { TfjsFrozenModel } from '../../src/engine/tfjs.js';
 import { FinetuneError } from '../../src/errors.js';
@@ -226,4 +227,55 @@ process.stdout.write(String(y.length));
   clearTimeout(timer);
   assert.equal(code, 0, `child did not exit cleanly: ${stderr}`);
   assert.equal(stdout, String(3 * 16));
+});
+
+test('ONNX Runtime workers: disposed or ended mid-run without aborting; a load failure in their words', async () => {
+  // A worker stopped inside ONNX Runtime's run aborts the whole process when the run
+  // returns (exit 134), so the pool lets a run in progress finish first.
+  const onnx = lowerToOnnx(backbone.model!);
+  const pool = await WorkerPoolFrozenModel.create(
+    { kind: 'onnx', onnx, inputSize: SIZE, rows: 'nhwc' },
+    { workers: 2 },
+  );
+  assert.deepEqual([pool.engine, pool.layout], ['onnx', 'nchw']);
+  const x = pixels(1024, SIZE, 3);
+  const running = pool.run(x, 1024);
+  const queued = pool.run(x, 1024);
+  running.catch(() => {});
+  queued.catch(() => {});
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  await pool.dispose();
+  await assert.rejects(running, /The ONNX Runtime worker pool was disposed/);
+  await assert.rejects(queued, /The ONNX Runtime worker pool was disposed/);
+  await assert.rejects(pool.run(x, 4), /The ONNX Runtime worker pool was disposed/);
+
+  // The process ending mid-run (a signal's handler, an error's exit) keeps its exit code.
+  const onnxFile = path.join(dir, 'backbone.onnx');
+  await writeFile(onnxFile, onnx);
+  const script = path.join(dir, 'exit-mid-run.mjs');
+  const poolModule = pathToFileURL(path.join(ROOT, 'dist', 'src', 'engine', 'pool.js')).href;
+  await writeFile(
+    script,
+    `import { readFileSync } from 'node:fs';
+import { WorkerPoolFrozenModel } from ${JSON.stringify(poolModule)};
+const onnx = new Uint8Array(readFileSync(${JSON.stringify(onnxFile)}));
+const p = await WorkerPoolFrozenModel.create({ kind: 'onnx', onnx, inputSize: ${SIZE}, rows: 'nhwc' }, { workers: 2 });
+p.run(new Float32Array(1024 * 3 * ${SIZE} * ${SIZE}), 1024).catch(() => {});
+setTimeout(() => process.exit(130), 100);
+`,
+  );
+  const child = spawnSync(process.execPath, [script], { encoding: 'utf8', timeout: 60_000 });
+  assert.equal(child.status, 130, child.stderr);
+  assert.equal(child.stderr, '');
+
+  // The session's own error, thrown in the worker, comes back as it is.
+  await assert.rejects(
+    WorkerPoolFrozenModel.create(
+      { kind: 'onnx', onnx: onnx.subarray(0, 100), inputSize: SIZE, rows: 'nhwc' },
+      { workers: 2 },
+    ),
+    (err: Error) =>
+      err instanceof FinetuneError &&
+      err.message.startsWith('ONNX Runtime could not load the lowered model'),
+  );
 });

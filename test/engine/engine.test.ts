@@ -13,6 +13,9 @@ import {
   type FrozenModelSource,
   resolveEngineContext,
 } from '../../src/engine/index.js';
+import { lowerToOnnx } from '../../src/engine/onnx/lower.js';
+import { OnnxFrozenModel } from '../../src/engine/onnx/session.js';
+import { WorkerPoolFrozenModel } from '../../src/engine/pool.js';
 import { train } from '../../src/train/train.js';
 import { tempDir, writeColourDataset, writeTinyBackbone } from '../helpers.js';
 
@@ -151,6 +154,66 @@ test('4-D rows come back in tfjs order (NHWC) from both engines', async () => {
     ),
     { message: "Expected one of nhwc, nchw for rows but received 'chw'" },
   );
+});
+
+test('with 2 threads, onnx runs as 2 single-threaded workers: the rows of one 2-thread session', async () => {
+  const body = tiny.model!;
+  const cut = body.getLayer('dw1').output as tf.SymbolicTensor;
+  const prefix = tf.model({ inputs: body.inputs, outputs: cut });
+  const row = (cut.shape.slice(1) as number[]).reduce((a, b) => a * b, 1);
+  const n = 5; // odd: chunks of 3 and 2
+  const x = inLayout(pixels(n, 32, 17), n, 32, 'nchw');
+  const copy = x.slice();
+  for (const [model, outputSize] of [
+    [body, tiny.featureSize],
+    [prefix, row],
+  ] as const) {
+    for (const rows of ['nhwc', 'nchw'] as const) {
+      const source: FrozenModelSource = {
+        layersModel: model,
+        inputSize: 32,
+        outputSize,
+        forward: (p) => model.predict(p) as tf.Tensor,
+        rows,
+      };
+      const pooled = await createFrozenModel(
+        source,
+        resolveEngineContext({ engine: 'onnx', backend, threads: 2 }),
+      );
+      const one = await OnnxFrozenModel.create(lowerToOnnx(model), {
+        inputSize: 32,
+        threads: 2,
+        rows,
+      });
+      try {
+        assert.ok(pooled.model instanceof WorkerPoolFrozenModel);
+        assert.equal(pooled.model.workers, 2);
+        assert.deepEqual(
+          [pooled.engine, pooled.model.engine, pooled.model.layout],
+          ['onnx', 'onnx', 'nchw'],
+        );
+        assert.equal(pooled.model.outputSize, outputSize);
+        const got = await pooled.model.run(x, n);
+        assert.deepEqual(x, copy, 'run must not detach or change the caller’s batch');
+        assert.deepEqual(got, await one.run(x, n));
+      } finally {
+        await pooled.model.dispose();
+        await one.dispose();
+      }
+    }
+  }
+  // One thread: one session, in this thread.
+  const single = await createFrozenModel(
+    {
+      layersModel: body,
+      inputSize: 32,
+      outputSize: tiny.featureSize,
+      forward: (p) => tiny.embed(p),
+    },
+    resolveEngineContext({ engine: 'onnx', backend, threads: 1 }),
+  );
+  assert.ok(single.model instanceof OnnxFrozenModel);
+  await single.model.dispose();
 });
 
 test('lowered body and prefix are found again in the cache; a damaged copy is lowered again', async () => {
