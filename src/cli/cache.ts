@@ -27,7 +27,7 @@ export function builder(y: Argv) {
       nargs: 1,
       requiresArg: true,
       describe:
-        'clear: only entries and lowered models last used longer ago than this, e.g. 30d, 12h, 45m',
+        'clear: only entries and lowered models last used longer ago than this, e.g. 30d, 12h, 45m (a pack of entries goes as a whole)',
     })
     .option('json', { type: 'boolean', describe: 'Print the result as JSON' });
 }

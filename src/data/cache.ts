@@ -1,22 +1,56 @@
-import { constants, type Dirent, type Stats } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import {
+  closeSync,
+  constants,
+  type Dirent,
+  fstatSync,
+  openSync,
+  readdirSync,
+  readSync,
+  type Stats,
+  utimesSync,
+} from 'node:fs';
 import { mkdir, open, readdir, readFile, rmdir, stat, unlink, utimes } from 'node:fs/promises';
 import { endianness, homedir } from 'node:os';
 import path from 'node:path';
+import { threadId } from 'node:worker_threads';
 import { FinetuneError, invalidOption } from '../errors.js';
 import { TMP_EXT, writeFileAtomic } from '../io/atomic.js';
 import { sha256 } from '../io/hash.js';
 import { nonEmptyString, nonNegativeInteger, positiveInteger } from '../util/is.js';
 
 /**
- * An on-disk, content-addressed store of embeddings: one file per (namespace, image bytes).
+ * An on-disk, content-addressed store of embeddings, keyed by (namespace, image bytes).
  *
- * Layout: `<dir>/embeddings/<namespaceId>/namespace.json` plus
- * `<dir>/embeddings/<namespaceId>/<key[0..2]>/<key>.bin`, where the key is the sha256 of the
- * image file's bytes. Everything that changes the embedding of the same bytes (backbone, its
+ * Layout: `<dir>/embeddings/<namespaceId>/namespace.json` plus pack files
+ * `<dir>/embeddings/<namespaceId>/<writer>.pack`, where a key is the sha256 of an image
+ * file's bytes. Everything that changes the embedding of the same bytes (backbone, its
  * weights, cut layer, input size, preprocessing, augmentation view) is in the namespace, so a
  * stale entry is never looked up rather than having to be detected.
  *
- * Entry file (little-endian):
+ * Each cache object that stores entries appends them to a pack of its own (named by time,
+ * pid, thread and a random part), one write per batch: a cold pass over 1,000 images creates
+ * one file, not 1,000. A pack only grows, by whole records written at its end, so a killed
+ * writer leaves at most one record cut short at the end of its pack, and nothing else ever
+ * writes there. Pack record (little-endian), records back to back from offset 0:
+ *
+ * | offset | size | field                                  |
+ * |--------|------|----------------------------------------|
+ * | 0      | 4    | magic `TFEP`                           |
+ * | 4      | 4    | element count n (uint32)               |
+ * | 8      | 32   | key (the sha256, raw)                  |
+ * | 40     | 8    | first 8 bytes of sha256(key ‖ payload) |
+ * | 48     | 4n   | float32 payload                        |
+ *
+ * A reader indexes a namespace's packs once per cache object, reading record headers only,
+ * and stops in a pack at a record cut short (it may be still being written: a later scan
+ * goes on from there) or at bytes that are not a record (nothing after them is read). On a
+ * miss it scans again for what other processes appended, at most once a second. A record is
+ * checked when read (magic, length, key, checksum); one that fails is a miss and is computed
+ * and stored again.
+ *
+ * Entries of the earlier format, one file each at `<namespaceId>/<key[0..2]>/<key>.bin`, are
+ * still read, counted and cleared; nothing new is written there:
  *
  * | offset | size | field                                  |
  * |--------|------|----------------------------------------|
@@ -38,9 +72,10 @@ import { nonEmptyString, nonNegativeInteger, positiveInteger } from '../util/is.
  * | 44     | m    | the key as canonical JSON                      |
  * | 44 + m | rest | the ONNX ModelProto bytes                      |
  *
- * Writers go to a unique `*.tmp` file in the same folder and `rename` it over the final name,
- * which is atomic on one filesystem: a reader opens either the old complete file or the new
- * complete file, never a half-written one, and a killed writer leaves only a `*.tmp`.
+ * Lowered models and `namespace.json` go to a unique `*.tmp` file in the same folder, renamed
+ * over the final name, which is atomic on one filesystem: a reader opens either the old
+ * complete file or the new complete file, never a half-written one, and a killed writer
+ * leaves only a `*.tmp`.
  */
 
 /** What an embedding depends on besides the image bytes; one namespace = one folder. */
@@ -65,9 +100,10 @@ export interface CacheNamespaceInfo {
   layer: string;
   inputSize: number;
   view: string;
+  /** Records in its packs plus entry files of the earlier format. */
   entries: number;
   bytes: number;
-  /** ISO time of the newest entry's last use (its mtime), or null without entries. */
+  /** ISO time of the newest last use (a pack's or entry file's mtime), or null without entries. */
   lastUsed: string | null;
 }
 
@@ -147,10 +183,21 @@ export interface EmbeddingCacheOptions {
 export interface CacheClearOptions {
   /** Only namespaces and lowered models of this backbone id. */
   backbone?: string;
-  /** Only entries and lowered models last used longer ago than this many milliseconds. */
+  /**
+   * Only packs, entry files and lowered models last used longer ago than this many
+   * milliseconds. A pack is one writer's entries, and a read of any of them is a use of all.
+   */
   olderThanMs?: number;
 }
 
+const PACK_MAGIC = 0x50454654; // 'TFEP' read as a little-endian uint32
+const PACK_HEADER_BYTES = 48;
+const PACK_EXT = '.pack';
+/** A record longer than this (1 GiB of floats) is not one this code wrote. */
+const MAX_RECORD_FLOATS = 1 << 28;
+/** A miss scans the namespace's packs again (for other writers' records) at most this often. */
+const RESCAN_MS = 1000;
+const SHARD_PATTERN = /^[0-9a-f]{2}$/;
 const MAGIC = 0x43454654; // 'TFEC' read as a little-endian uint32
 const VERSION = 1;
 const HEADER_BYTES = 20;
@@ -222,19 +269,20 @@ function checksum(payload: Uint8Array): Buffer {
   return Buffer.from(sha256(payload).slice(0, 2 * CHECKSUM_BYTES), 'hex');
 }
 
-/** Serialises one entry: header + little-endian float32 payload. */
-function encodeEntry(values: Float32Array): Buffer {
-  const out = Buffer.allocUnsafe(HEADER_BYTES + values.length * 4);
-  const payload = out.subarray(HEADER_BYTES);
-  if (LITTLE_ENDIAN) {
-    payload.set(new Uint8Array(values.buffer, values.byteOffset, values.byteLength));
-  } else {
-    for (let i = 0; i < values.length; i++) payload.writeFloatLE(values[i]!, i * 4);
-  }
-  out.writeUInt32LE(MAGIC, 0);
-  out.writeUInt32LE(VERSION, 4);
-  out.writeUInt32LE(values.length, 8);
-  checksum(payload).copy(out, 12);
+/** `values` as little-endian float32 bytes, written into `out`. */
+function writeFloats(values: Float32Array, out: Buffer): void {
+  if (LITTLE_ENDIAN) out.set(new Uint8Array(values.buffer, values.byteOffset, values.byteLength));
+  else for (let i = 0; i < values.length; i++) out.writeFloatLE(values[i]!, i * 4);
+}
+
+/**
+ * `length` floats from little-endian bytes. A copy rather than a view: a Buffer from the pool
+ * may sit at an offset that is not a multiple of 4, which a Float32Array view cannot start at.
+ */
+function readFloats(payload: Buffer, length: number): Float32Array {
+  const out = new Float32Array(length);
+  if (LITTLE_ENDIAN) new Uint8Array(out.buffer).set(payload.subarray(0, length * 4));
+  else for (let i = 0; i < length; i++) out[i] = payload.readFloatLE(i * 4);
   return out;
 }
 
@@ -245,12 +293,136 @@ function decodeEntry(bytes: Buffer, length: number): Float32Array | null {
   if (bytes.readUInt32LE(8) !== length) return null;
   const payload = bytes.subarray(HEADER_BYTES);
   if (!checksum(payload).equals(bytes.subarray(12, 12 + CHECKSUM_BYTES))) return null;
-  // Copy rather than view: a Buffer from the pool may sit at an offset that is not a multiple
-  // of 4, which a Float32Array view cannot start at.
-  const out = new Float32Array(length);
-  if (LITTLE_ENDIAN) new Uint8Array(out.buffer).set(payload);
-  else for (let i = 0; i < length; i++) out[i] = payload.readFloatLE(i * 4);
+  return readFloats(payload, length);
+}
+
+/** First CHECKSUM_BYTES of sha256(key ‖ payload): a record's checksum. */
+function recordChecksum(record: Buffer): Buffer {
+  const digest = sha256(record.subarray(8, 40), record.subarray(PACK_HEADER_BYTES));
+  return Buffer.from(digest.slice(0, 2 * CHECKSUM_BYTES), 'hex');
+}
+
+/** One pack record: header + little-endian float32 payload. */
+function encodeRecord(key: string, values: Float32Array): Buffer {
+  const out = Buffer.allocUnsafe(PACK_HEADER_BYTES + values.length * 4);
+  writeFloats(values, out.subarray(PACK_HEADER_BYTES));
+  out.writeUInt32LE(PACK_MAGIC, 0);
+  out.writeUInt32LE(values.length, 4);
+  out.write(key, 8, 32, 'hex');
+  recordChecksum(out).copy(out, 40);
   return out;
+}
+
+/** The payload of a whole, well-formed record of `key` with `length` floats, or null. */
+function decodeRecord(bytes: Buffer, key: string, length: number): Float32Array | null {
+  if (bytes.length !== PACK_HEADER_BYTES + length * 4) return null;
+  if (bytes.readUInt32LE(0) !== PACK_MAGIC || bytes.readUInt32LE(4) !== length) return null;
+  if (bytes.toString('hex', 8, 40) !== key) return null;
+  if (!recordChecksum(bytes).equals(bytes.subarray(40, PACK_HEADER_BYTES))) return null;
+  return readFloats(bytes.subarray(PACK_HEADER_BYTES), length);
+}
+
+/** A pack file name of its own: time first, so names sort by when the writer started. */
+function packName(): string {
+  const time = Date.now().toString(36).padStart(9, '0');
+  return `${time}-${process.pid}-${threadId}-${randomBytes(4).toString('hex')}${PACK_EXT}`;
+}
+
+/** Where a record of a pack starts, and its element count. */
+interface PackEntry {
+  readonly file: string;
+  readonly offset: number;
+  readonly length: number;
+}
+
+/** How far a pack has been indexed. */
+interface PackScan {
+  /** The end of the last whole record indexed: the next scan starts here. */
+  end: number;
+  /** Records indexed. */
+  records: number;
+  /** Bytes that are not a record were found at `end`: nothing more is read from this pack. */
+  bad: boolean;
+  /** The pack's mtime when last scanned or touched (its last use). */
+  mtimeMs: number;
+  size: number;
+}
+
+/** A namespace's packs as far as this object has indexed them. */
+interface NamespaceIndex {
+  readonly dir: string;
+  readonly entries: Map<string, PackEntry>;
+  readonly packs: Map<string, PackScan>;
+  /** Whether the folder has shard folders of the earlier one-file-per-entry format. */
+  loose: boolean;
+  scannedAt: number;
+}
+
+/**
+ * Indexes the records of a pack from `scan.end` on, calling `found` for each whole one.
+ * Synchronous: record headers at known offsets, one small read each (the asynchronous
+ * API would make each a round trip through libuv's thread pool). A pack that is gone
+ * leaves `scan` as it was; one that is not a regular file throws `NotAFile`, unread.
+ */
+function scanPack(
+  file: string,
+  scan: PackScan,
+  found: (key: string, offset: number, length: number) => void,
+): void {
+  let fd: number;
+  try {
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+    fd = openSync(file, constants.O_RDONLY | constants.O_NONBLOCK);
+  } catch (err) {
+    if (isMissing(err)) return;
+    throw err;
+  }
+  try {
+    const st = fstatSync(fd);
+    if (!st.isFile()) throw new NotAFile(file);
+    scan.mtimeMs = st.mtimeMs;
+    scan.size = st.size;
+    const header = Buffer.alloc(PACK_HEADER_BYTES);
+    while (!scan.bad && scan.end + PACK_HEADER_BYTES <= st.size) {
+      if (readSync(fd, header, 0, PACK_HEADER_BYTES, scan.end) !== PACK_HEADER_BYTES) break;
+      const length = header.readUInt32LE(4);
+      if (header.readUInt32LE(0) !== PACK_MAGIC || length > MAX_RECORD_FLOATS) {
+        scan.bad = true;
+        break;
+      }
+      const size = PACK_HEADER_BYTES + 4 * length;
+      if (scan.end + size > st.size) break; // cut short, or still being written
+      found(header.toString('hex', 8, 40), scan.end, length);
+      scan.records++;
+      scan.end += size;
+    }
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function newScan(): PackScan {
+  return { end: 0, records: 0, bad: false, mtimeMs: 0, size: 0 };
+}
+
+/**
+ * Appends `data` to `file` (a short write goes on from where it stopped, so a full disk
+ * ends in its own error); resolves to the offset it was written at.
+ */
+async function append(file: string, data: Buffer): Promise<number> {
+  const handle = await open(file, 'a');
+  try {
+    // The writer of a pack is its only writer, and writes one batch at a time.
+    const offset = (await handle.stat()).size;
+    for (let at = 0; at < data.length; ) {
+      const { bytesWritten } = await handle.write(data, at, data.length - at);
+      if (bytesWritten === 0) throw new Error(`wrote nothing at byte ${at} of ${data.length}`);
+      at += bytesWritten;
+    }
+    return offset;
+  } finally {
+    await handle.close();
+  }
 }
 
 /**
@@ -266,6 +438,12 @@ export class EmbeddingCache {
   private writesOff = false;
   /** Entries that are not regular files: never read or written again by this object. */
   private readonly unusable = new Set<string>();
+  /** Per namespace folder: its packs as indexed so far. */
+  private readonly indexes = new Map<string, NamespaceIndex>();
+  /** Per namespace folder: the pack this object appends to. */
+  private readonly writing = new Map<string, string>();
+  /** Pack writes, one at a time, so each knows the offset it lands at. */
+  private writes: Promise<void> = Promise.resolve();
 
   constructor(dir: string, options: EmbeddingCacheOptions = {}) {
     this.dir = path.resolve(nonEmptyString('cache-dir', dir));
@@ -329,18 +507,45 @@ export class EmbeddingCache {
     return sha256(imageBytes);
   }
 
-  /** Where the entry for `key` in `ns` lives (it may not exist). */
+  /** Where an entry file of the earlier format for `key` in `ns` lives (it may not exist). */
   entryPath(ns: CacheNamespace, key: string): string {
     checkKey(key);
     return path.join(this.namespaceDir(ns), key.slice(0, 2), `${key}${ENTRY_EXT}`);
   }
 
+  /** The pack this object appends `ns`'s entries to, or null before its first store. */
+  packPath(ns: CacheNamespace): string | null {
+    return this.writing.get(this.namespaceDir(ns)) ?? null;
+  }
+
   /**
-   * The cached embedding of `length` floats, or null on a miss. A damaged entry (bad magic,
-   * version, length or checksum) is deleted and reported as a miss, so it gets recomputed.
+   * The cached embedding of `length` floats, or null on a miss. A damaged record (bad
+   * magic, length, key or checksum) is a miss, and so is a damaged entry file of the
+   * earlier format, which is deleted.
    */
   async get(ns: CacheNamespace, key: string, length: number): Promise<Float32Array | null> {
     nonNegativeInteger('length', length);
+    checkKey(key);
+    const index = this.index(ns);
+    let entry = index.entries.get(key);
+    if (!entry && Date.now() - index.scannedAt >= RESCAN_MS) {
+      this.scan(index);
+      entry = index.entries.get(key);
+    }
+    if (entry) {
+      const values = this.readRecord(index, entry, key, length);
+      if (values) return values;
+      index.entries.delete(key);
+    }
+    return index.loose ? this.getFile(ns, key, length) : null;
+  }
+
+  /** An entry file of the earlier format; a damaged one is deleted. */
+  private async getFile(
+    ns: CacheNamespace,
+    key: string,
+    length: number,
+  ): Promise<Float32Array | null> {
     const file = this.entryPath(ns, key);
     const read = await this.read(file);
     if (!read) return null;
@@ -358,30 +563,172 @@ export class EmbeddingCache {
     return values;
   }
 
-  /** Stores `values` under `key` in `ns`, atomically (temp file + rename). */
-  async put(ns: CacheNamespace, key: string, values: Float32Array): Promise<void> {
-    if (!(values instanceof Float32Array)) throw invalidOption('values', 'a Float32Array', values);
-    const file = this.entryPath(ns, key);
-    if (!this.writable(file)) return;
-    const data = encodeEntry(values);
-    // Two tries: a concurrent `clear` may remove the (then empty) shard folder between our
-    // mkdir and our write.
-    for (let attempt = 0; ; attempt++) {
+  /** The namespace's index, made on first use. */
+  private index(ns: CacheNamespace): NamespaceIndex {
+    const dir = this.namespaceDir(ns);
+    let index = this.indexes.get(dir);
+    if (!index) {
+      index = { dir, entries: new Map(), packs: new Map(), loose: false, scannedAt: 0 };
+      this.indexes.set(dir, index);
+      this.scan(index);
+    }
+    return index;
+  }
+
+  /** Indexes what the namespace's packs gained since the last scan (other writers' records). */
+  private scan(index: NamespaceIndex): void {
+    index.scannedAt = Date.now();
+    let names: Dirent[];
+    try {
+      names = readdirSync(index.dir, { withFileTypes: true });
+    } catch (err) {
+      if (!isMissing(err)) {
+        const reason = `cannot read cache folder (${errorText(err)})`;
+        this.fail('read', index.dir, reason, 'computed instead of read from the cache', err);
+      }
+      return;
+    }
+    index.loose = names.some((d) => d.isDirectory() && SHARD_PATTERN.test(d.name));
+    for (const d of names) {
+      if (!d.name.endsWith(PACK_EXT)) continue;
+      const file = path.join(index.dir, d.name);
+      let pack = index.packs.get(file);
+      if (!pack) {
+        pack = newScan();
+        index.packs.set(file, pack);
+      }
+      if (pack.bad) continue;
       try {
-        const created = await mkdir(path.dirname(file), { recursive: true });
-        await this.describe(ns, created !== undefined);
-        await writeFileAtomic(file, data);
-        return;
+        scanPack(file, pack, (key, offset, length) =>
+          index.entries.set(key, { file, offset, length }),
+        );
       } catch (err) {
-        if (attempt === 0 && isMissing(err)) continue;
-        // Windows refuses to rename over a file another process has open; the entry is
-        // content-addressed, so an existing one already holds these values.
-        if ((err as NodeJS.ErrnoException).code === 'EPERM' && (await statOrNull(file))) return;
-        if (err instanceof FinetuneError) throw err;
-        this.writeFailed(file, err);
-        return;
+        // Never read again by this object: one warning.
+        pack.bad = true;
+        if (err instanceof NotAFile) {
+          this.fail(
+            'read',
+            file,
+            'not a regular file',
+            'what it would hold is computed, not cached',
+          );
+        } else {
+          const reason = `cannot read (${errorText(err)})`;
+          this.fail('read', file, reason, 'computed instead of read from the cache', err);
+        }
       }
     }
+  }
+
+  /** A record's payload, or null when it is gone or fails its checks. */
+  private readRecord(
+    index: NamespaceIndex,
+    entry: PackEntry,
+    key: string,
+    length: number,
+  ): Float32Array | null {
+    if (entry.length !== length) return null;
+    const bytes = Buffer.allocUnsafe(PACK_HEADER_BYTES + length * 4);
+    let got: number;
+    try {
+      const fd = openSync(entry.file, constants.O_RDONLY | constants.O_NONBLOCK);
+      try {
+        got = readSync(fd, bytes, 0, bytes.length, entry.offset);
+      } finally {
+        closeSync(fd);
+      }
+    } catch (err) {
+      if (!isMissing(err)) {
+        const reason = `cannot read (${errorText(err)})`;
+        this.fail('read', entry.file, reason, 'computed instead of read from the cache', err);
+      }
+      return null;
+    }
+    const values = got === bytes.length ? decodeRecord(bytes, key, length) : null;
+    if (values) this.touch(index, entry.file);
+    return values;
+  }
+
+  /** Marks a pack used (its mtime), at most once an hour: `clear --older-than` reads it. */
+  private touch(index: NamespaceIndex, file: string): void {
+    const pack = index.packs.get(file);
+    const now = Date.now();
+    if (!pack || now - pack.mtimeMs <= TOUCH_AFTER_MS) return;
+    pack.mtimeMs = now;
+    try {
+      utimesSync(file, now / 1000, now / 1000);
+    } catch {
+      // last use only informs `clear --older-than`
+    }
+  }
+
+  /** Stores `values` under `key` in `ns`: `putMany` with one entry. */
+  async put(ns: CacheNamespace, key: string, values: Float32Array): Promise<void> {
+    return this.putMany(ns, [{ key, values }]);
+  }
+
+  /**
+   * Stores entries of `ns` in one write at the end of this object's pack (made at the first
+   * store), so a batch costs one write however many images it holds. Concurrent calls are
+   * written one after the other.
+   */
+  async putMany(
+    ns: CacheNamespace,
+    entries: ReadonlyArray<{ readonly key: string; readonly values: Float32Array }>,
+  ): Promise<void> {
+    for (const { key, values } of entries) {
+      checkKey(key);
+      if (!(values instanceof Float32Array))
+        throw invalidOption('values', 'a Float32Array', values);
+    }
+    const dir = this.namespaceDir(ns);
+    if (entries.length === 0) return;
+    const records = entries.map(({ key, values }) => encodeRecord(key, values));
+    const data = records.length === 1 ? records[0]! : Buffer.concat(records);
+    // This object's records join the namespace's index as they are written.
+    const index = this.index(ns);
+    const write = async (): Promise<void> => {
+      // Two tries: a concurrent `clear` may remove the namespace folder under the pack.
+      for (let attempt = 0; !this.writesOff; attempt++) {
+        let file = this.writing.get(dir);
+        try {
+          if (!file) {
+            const created = await mkdir(dir, { recursive: true });
+            await this.describe(ns, created !== undefined);
+            file = path.join(dir, packName());
+            this.writing.set(dir, file);
+          }
+          let offset = await append(file, data);
+          let pack = index.packs.get(file);
+          if (!pack) {
+            pack = newScan();
+            index.packs.set(file, pack);
+          }
+          if (pack.end === offset) {
+            // What a scan would find: it need not read these records again.
+            pack.end += data.length;
+            pack.records += records.length;
+            pack.mtimeMs = Date.now();
+          }
+          records.forEach((record, i) => {
+            const { key, values } = entries[i]!;
+            index.entries.set(key, { file: file!, offset, length: values.length });
+            offset += record.length;
+          });
+          return;
+        } catch (err) {
+          if (attempt === 0 && isMissing(err)) {
+            this.writing.delete(dir);
+            continue;
+          }
+          if (err instanceof FinetuneError) throw err;
+          this.writeFailed(file ?? dir, err);
+        }
+      }
+    };
+    const done = this.writes.then(write);
+    this.writes = done.catch(() => {});
+    return done;
   }
 
   /** Where the lowered model for `key` lives (it may not exist). */
@@ -443,13 +790,13 @@ export class EmbeddingCache {
       let entries = 0;
       let bytes = 0;
       let last = -Infinity;
-      for (const { file, st } of await listEntries(nsDir, true)) {
+      for (const { file, st, entries: held } of await listEntries(nsDir, true)) {
         if (file.endsWith(TMP_EXT)) {
           temp.count++;
           temp.bytes += st.size;
           continue;
         }
-        entries++;
+        entries += held;
         bytes += st.size;
         last = Math.max(last, st.mtimeMs);
       }
@@ -533,7 +880,7 @@ export class EmbeddingCache {
         if (meta?.backboneId !== backbone) continue;
       }
       let kept = 0;
-      for (const { file, st } of await listEntries(nsDir, true)) {
+      for (const { file, st, entries } of await listEntries(nsDir, true)) {
         const isTmp = file.endsWith(TMP_EXT);
         const old = now - st.mtimeMs;
         const match = isTmp ? old > STRAY_TMP_MS : olderThanMs === undefined || old > olderThanMs;
@@ -549,12 +896,12 @@ export class EmbeddingCache {
         }
         bytes += st.size;
         if (isTmp) temp++;
-        else removed++;
+        else removed += entries;
       }
       await removeEmptyShards(nsDir);
       if (kept === 0) {
         // A concurrent put may be recreating this folder; its files make rmdir fail, which is
-        // fine, and put rewrites namespace.json when it has to create the shard folder.
+        // fine, and put rewrites namespace.json when it has to create the folder.
         await unlink(path.join(nsDir, NAMESPACE_FILE)).catch(() => {});
         await rmdir(nsDir).catch(() => {});
       }
@@ -578,6 +925,8 @@ export class EmbeddingCache {
       else lowered++;
     }
     await rmdir(this.loweredDir()).catch(() => {});
+    // What this object had indexed may be gone: the next lookup indexes afresh.
+    this.indexes.clear();
     return { removed, lowered, temp, bytes };
   }
 
@@ -759,26 +1108,38 @@ async function readNamespaceFile(nsDir: string): Promise<CacheNamespace | null> 
 }
 
 /**
- * The entry files (`*.bin`) of a namespace folder with their stats; with `withTmp` also the
- * temp files, in the shard folders and next to `namespace.json`. Files that vanish while
- * listing (a concurrent clear) are skipped.
+ * The packs and entry files (`*.bin`) of a namespace folder with their stats and how many
+ * entries each holds (a pack's whole records); with `withTmp` also the temp files, in the
+ * shard folders and next to `namespace.json` (0 entries). Files that vanish while listing
+ * (a concurrent clear) are skipped.
  */
-async function listEntries(nsDir: string, withTmp = false): Promise<{ file: string; st: Stats }[]> {
-  const out: { file: string; st: Stats }[] = [];
-  const add = async (file: string) => {
+async function listEntries(
+  nsDir: string,
+  withTmp = false,
+): Promise<{ file: string; st: Stats; entries: number }[]> {
+  const out: { file: string; st: Stats; entries: number }[] = [];
+  const add = async (file: string, entries: number) => {
     const st = await statOrNull(file);
-    if (st?.isFile()) out.push({ file, st });
+    if (st?.isFile()) out.push({ file, st, entries });
   };
   for (const d of await listDir(nsDir)) {
     if (d.isDirectory()) {
       const shard = path.join(nsDir, d.name);
       for (const f of await listDir(shard)) {
-        if (f.name.endsWith(ENTRY_EXT) || (withTmp && f.name.endsWith(TMP_EXT))) {
-          await add(path.join(shard, f.name));
-        }
+        if (f.name.endsWith(ENTRY_EXT)) await add(path.join(shard, f.name), 1);
+        else if (withTmp && f.name.endsWith(TMP_EXT)) await add(path.join(shard, f.name), 0);
       }
+    } else if (d.name.endsWith(PACK_EXT) && d.isFile()) {
+      const file = path.join(nsDir, d.name);
+      const scan = newScan();
+      try {
+        scanPack(file, scan, () => {});
+      } catch {
+        // unreadable: listed with its size, entries unknown
+      }
+      await add(file, scan.records);
     } else if (withTmp && d.name.endsWith(TMP_EXT)) {
-      await add(path.join(nsDir, d.name));
+      await add(path.join(nsDir, d.name), 0);
     }
   }
   return out;

@@ -90,15 +90,19 @@ test('a cache dir path under a regular file (cannot be created): one warning', a
   await expectOneWarning(path.join(file, 'cache'), /cannot write \(ENOTDIR/);
 });
 
-test('an entry that is a folder is computed, not read or written; one warning', async () => {
-  const cacheDir = path.join(dir, 'entry-dir');
+test('a pack that is a folder is computed, not read; one warning', async () => {
+  const cacheDir = path.join(dir, 'pack-dir');
   const warm = await trainWith(cacheDir);
   assert.deepEqual(warm.warnings, reference.warnings);
-  const entry = (await filesUnder(cacheDir, '.bin'))[0]!;
-  await rm(entry);
-  await mkdir(path.join(entry, 'inside'), { recursive: true });
-  const summary = await expectOneWarning(cacheDir, /\.bin: not a regular file/);
-  assert.equal(summary.cachedEmbeddings, 23);
+  const [pack] = await filesUnder(cacheDir, '.pack');
+  assert.ok(pack);
+  await rm(pack);
+  await mkdir(path.join(pack, 'inside'), { recursive: true });
+  const summary = await expectOneWarning(cacheDir, /\.pack: not a regular file/);
+  assert.equal(summary.cachedEmbeddings, 0);
+  // What was computed instead went to a pack of its own: the next run reads it.
+  const again = await expectOneWarning(cacheDir, /\.pack: not a regular file/);
+  assert.equal(again.cachedEmbeddings, 24);
 });
 
 test('a namespace folder that is a file: one warning', async () => {
@@ -107,7 +111,8 @@ test('a namespace folder that is a file: one warning', async () => {
   const [ns] = await readdir(path.join(cacheDir, 'embeddings'));
   await rm(path.join(cacheDir, 'embeddings', ns!), { recursive: true });
   await writeFile(path.join(cacheDir, 'embeddings', ns!), 'not a folder');
-  await expectOneWarning(cacheDir, /cannot write \(ENOTDIR/);
+  // Creating the namespace folder meets the file.
+  await expectOneWarning(cacheDir, /cannot write \(EEXIST/);
 });
 
 test('a damaged lowered model: one warning, lowered again and stored', async () => {
@@ -137,14 +142,16 @@ async function tmpfs(options: string): Promise<{ dir: string; done: () => Promis
   return { dir: mount, done: async () => void (await run('umount', [mount])) };
 }
 
-test('a full disk (ENOSPC on a 64 KiB tmpfs): one warning, no temp files left', async (t) => {
-  const fs = await tmpfs('size=64k');
+test('a full disk (ENOSPC on an 8 KiB tmpfs): one warning, no temp files left', async (t) => {
+  // Two pages: the lowered model and namespace.json fit, the pack's first write does not.
+  const fs = await tmpfs('size=8k');
   if (!fs) return t.skip('cannot mount a tmpfs here (needs root)');
   try {
-    await expectOneWarning(fs.dir, /cannot write \(ENOSPC/);
+    await expectOneWarning(fs.dir, /\.pack: cannot write \(ENOSPC/);
     assert.deepEqual(await filesUnder(fs.dir, '.tmp'), []);
     const info = await new EmbeddingCache(fs.dir).info();
-    assert.ok(info.entries > 0 && info.entries < 24, `${info.entries} entries`);
+    assert.equal(info.lowered.count, 1);
+    assert.equal(info.entries, 0);
     assert.equal(info.temp.count, 0);
   } finally {
     await fs.done();

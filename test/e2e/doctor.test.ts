@@ -72,7 +72,7 @@ describe('finetune doctor', () => {
       key,
       Float32Array.from({ length: 100 }, (_, i) => i),
     );
-    const entryBytes = (await stat(cache.entryPath(NS, key))).size;
+    const entryBytes = (await stat(cache.packPath(NS)!)).size;
 
     const r = await runCli(['doctor', '--json', '--cache-dir', cacheDir], dir);
     assert.equal(r.code, 0, r.stderr);
