@@ -101,8 +101,8 @@ type Prepared =
  * batch decodes while the engine runs the current one, and only the outputs are kept,
  * so memory does not grow with the number of images beyond one row each. With a cache,
  * a file whose bytes were seen before (same namespace) is neither decoded nor run, and
- * each batch's outputs are stored as soon as they exist, so an interrupted run loses at
- * most the batch in flight. Files that cannot be used (not a regular file, over
+ * each batch's outputs are stored (one write) as soon as they exist, while the engine runs
+ * the next batch, so an interrupted run loses at most the two batches in flight. Files that cannot be used (not a regular file, over
  * `maxBytes`, not decodable) are skipped and listed, never thrown. When a batch fails (the
  * engine, a cache write), the work in flight settles before the error is thrown: nothing
  * is left running, and no rejection goes unhandled.
@@ -140,25 +140,34 @@ export async function embedFiles(
   const progress = (): void =>
     options.onProgress?.({ done, total: files.length, skipped: skipped.length, cached });
 
+  // Each batch's cache write, settling while the engine runs the next batch: waiting for it
+  // before the next dispatch left both engine threads idle for the write's duration.
+  const writes: Promise<void>[] = [];
   const dispatch = (
     m: FrozenModel,
     buffer: Float32Array,
     items: { index: number; key: string }[],
   ): Promise<void> =>
-    m.run(buffer, items.length).then(async (out) => {
-      const puts: Promise<void>[] = [];
-      items.forEach(({ index, key }, i) => {
-        const row = out.subarray(i * width, (i + 1) * width);
-        slots.set(row, index * width);
+    m.run(buffer, items.length).then((out) => {
+      const rows = items.map(({ index, key }, i) => {
+        const values = out.subarray(i * width, (i + 1) * width);
+        slots.set(values, index * width);
         ok[index] = 1;
-        if (cache) puts.push(cache.store.put(cache.namespace, key, row.slice()));
+        return { key, values };
       });
-      // Every write settles before a failed one is reported, so none outlives the call.
-      const failed = (await Promise.allSettled(puts)).find((r) => r.status === 'rejected');
-      if (failed) throw failed.reason;
+      if (cache) {
+        // One write for the batch; the rows are copied before putMany returns.
+        const written = cache.store.putMany(cache.namespace, rows);
+        written.catch(() => {}); // observed when awaited below, never unhandled
+        writes.push(written);
+      }
       done += items.length;
       progress();
     });
+  /** Waits for the writes of all but the newest `keep` batches (throwing a failed one's error). */
+  const settleWrites = async (keep: number): Promise<void> => {
+    while (writes.length > keep) await writes.shift();
+  };
 
   const decodeOptions = {
     maxBytes,
@@ -239,6 +248,8 @@ export async function embedFiles(
       batch.push({ index: i, key: item.key });
       if (batch.length === batchSize) {
         if (inFlight) await inFlight;
+        // At most one batch's write behind the engine, so a slow disk holds it up.
+        await settleWrites(1);
         inFlight = dispatch(m, buffers[current]!, batch);
         // Observed at once: if it fails while the next batch decodes, the failure waits for
         // the `await` above (or the catch below) instead of being an unhandled rejection,
@@ -250,9 +261,12 @@ export async function embedFiles(
     }
     if (inFlight) await inFlight;
     if (batch.length) await dispatch(model!, buffers[current]!, batch);
+    await settleWrites(0);
   } catch (err) {
-    // Leaving the loop above already waited for the decodes in flight; now the engine.
+    // Leaving the loop above already waited for the decodes in flight; now the engine and
+    // the cache writes.
     if (inFlight) await inFlight.catch(() => {});
+    await Promise.allSettled(writes);
     throw err;
   }
 

@@ -224,7 +224,7 @@ describe('embedFiles', () => {
           activeGets--;
           return null;
         },
-        async put() {},
+        async putMany() {},
       } as unknown as EmbeddingCache;
       const cache = { store, namespace: {} as never };
       await assert.rejects(embedFiles(files, model, { batchSize: 4, cache }), (err: Error) => {
@@ -250,12 +250,12 @@ describe('embedFiles', () => {
         async get() {
           return null;
         },
-        async put() {
+        async putMany() {
           const call = ++puts;
           activePuts++;
           try {
-            await sleep(call === 6 ? 1 : 20);
-            if (call === 6) throw new Error('ENOSPC: no space left on device, write');
+            await sleep(call === 2 ? 1 : 20);
+            if (call === 2) throw new Error('ENOSPC: no space left on device, write');
           } finally {
             activePuts--;
           }
@@ -267,8 +267,54 @@ describe('embedFiles', () => {
         assert.equal(activePuts, 0, 'cache writes still running');
         return true;
       });
+      assert.ok(puts < files.length / 4, 'stopped early');
       await sleep(50);
       assert.deepEqual(unhandled, []);
+    },
+  );
+
+  test(
+    "a batch's cache write goes on while the engine runs the next; one write behind at most",
+    GUARD,
+    async () => {
+      const { model, state } = channelMeans({ delayMs: 10 });
+      const events: string[] = [];
+      const run = model.run.bind(model);
+      model.run = async (batch, n) => {
+        events.push(`run ${state.calls + 1}`);
+        return run(batch, n);
+      };
+      let writes = 0;
+      let active = 0;
+      let most = 0;
+      const stored: string[] = [];
+      const store = {
+        async get() {
+          return null;
+        },
+        async putMany(_ns: unknown, rows: { key: string; values: Float32Array }[]) {
+          const call = ++writes;
+          active++;
+          most = Math.max(most, active);
+          // The rows are the caller's to reuse once this returns: copied before any await.
+          stored.push(...rows.map((r) => `${r.key}:${Array.from(r.values).join(',')}`));
+          await sleep(60);
+          active--;
+          events.push(`written ${call}`);
+        },
+      } as unknown as EmbeddingCache;
+      const cache = { store, namespace: {} as never };
+      const r = await embedFiles(files, model, { batchSize: 4, cache });
+      assert.equal(r.rows.length, files.length);
+      assert.equal(writes, files.length / 4);
+      assert.equal(stored.length, files.length);
+      assert.equal(active, 0, 'returned before its writes ended');
+      assert.ok(events.indexOf('run 2') < events.indexOf('written 1'), events.join(', '));
+      assert.equal(most, 2, events.join(', '));
+      // Row i of the result is what was stored for file i.
+      for (const [i, line] of stored.entries()) {
+        assert.ok(line.endsWith(`:${Array.from(r.features.subarray(i * 3, i * 3 + 3)).join(',')}`));
+      }
     },
   );
 });
