@@ -345,7 +345,6 @@ interface PackScan {
   bad: boolean;
   /** The pack's mtime when last scanned or touched (its last use). */
   mtimeMs: number;
-  size: number;
 }
 
 /** A namespace's packs as far as this object has indexed them. */
@@ -381,7 +380,6 @@ function scanPack(
     const st = fstatSync(fd);
     if (!st.isFile()) throw new NotAFile(file);
     scan.mtimeMs = st.mtimeMs;
-    scan.size = st.size;
     const header = Buffer.alloc(PACK_HEADER_BYTES);
     while (!scan.bad && scan.end + PACK_HEADER_BYTES <= st.size) {
       if (readSync(fd, header, 0, PACK_HEADER_BYTES, scan.end) !== PACK_HEADER_BYTES) break;
@@ -402,7 +400,7 @@ function scanPack(
 }
 
 function newScan(): PackScan {
-  return { end: 0, records: 0, bad: false, mtimeMs: 0, size: 0 };
+  return { end: 0, records: 0, bad: false, mtimeMs: 0 };
 }
 
 /**
@@ -476,14 +474,19 @@ export class EmbeddingCache {
     try {
       return await readChecked(file);
     } catch (err) {
-      if (err instanceof NotAFile) {
-        this.unusable.add(file);
-        this.fail('read', file, 'not a regular file', 'what it would hold is computed, not cached');
-      } else {
-        const reason = `cannot read (${errorText(err)})`;
-        this.fail('read', file, reason, 'computed instead of read from the cache', err);
-      }
+      if (err instanceof NotAFile) this.unusable.add(file);
+      this.readFailed(file, err);
       return null;
+    }
+  }
+
+  /** Reports (or throws) a cache file that could not be read: what it holds is computed. */
+  private readFailed(file: string, err: unknown, what = 'cannot read'): void {
+    if (err instanceof NotAFile) {
+      this.fail('read', file, 'not a regular file', 'what it would hold is computed, not cached');
+    } else {
+      const reason = `${what} (${errorText(err)})`;
+      this.fail('read', file, reason, 'computed instead of read from the cache', err);
     }
   }
 
@@ -582,10 +585,7 @@ export class EmbeddingCache {
     try {
       names = readdirSync(index.dir, { withFileTypes: true });
     } catch (err) {
-      if (!isMissing(err)) {
-        const reason = `cannot read cache folder (${errorText(err)})`;
-        this.fail('read', index.dir, reason, 'computed instead of read from the cache', err);
-      }
+      if (!isMissing(err)) this.readFailed(index.dir, err, 'cannot read cache folder');
       return;
     }
     index.loose = names.some((d) => d.isDirectory() && SHARD_PATTERN.test(d.name));
@@ -605,17 +605,7 @@ export class EmbeddingCache {
       } catch (err) {
         // Never read again by this object: one warning.
         pack.bad = true;
-        if (err instanceof NotAFile) {
-          this.fail(
-            'read',
-            file,
-            'not a regular file',
-            'what it would hold is computed, not cached',
-          );
-        } else {
-          const reason = `cannot read (${errorText(err)})`;
-          this.fail('read', file, reason, 'computed instead of read from the cache', err);
-        }
+        this.readFailed(file, err);
       }
     }
   }
@@ -638,10 +628,7 @@ export class EmbeddingCache {
         closeSync(fd);
       }
     } catch (err) {
-      if (!isMissing(err)) {
-        const reason = `cannot read (${errorText(err)})`;
-        this.fail('read', entry.file, reason, 'computed instead of read from the cache', err);
-      }
+      if (!isMissing(err)) this.readFailed(entry.file, err);
       return null;
     }
     const values = got === bytes.length ? decodeRecord(bytes, key, length) : null;
@@ -681,12 +668,12 @@ export class EmbeddingCache {
       if (!(values instanceof Float32Array))
         throw invalidOption('values', 'a Float32Array', values);
     }
-    const dir = this.namespaceDir(ns);
+    // This object's records join the namespace's index as they are written.
+    const index = this.index(ns);
+    const dir = index.dir;
     if (entries.length === 0) return;
     const records = entries.map(({ key, values }) => encodeRecord(key, values));
     const data = records.length === 1 ? records[0]! : Buffer.concat(records);
-    // This object's records join the namespace's index as they are written.
-    const index = this.index(ns);
     const write = async (): Promise<void> => {
       // Two tries: a concurrent `clear` may remove the namespace folder under the pack.
       for (let attempt = 0; !this.writesOff; attempt++) {
